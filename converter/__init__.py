@@ -1,0 +1,1 @@
+"""Reading exported ViT graphs, exporting timm/HF models, and building engines."""

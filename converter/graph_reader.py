@@ -1,0 +1,697 @@
+"""Find the Vision Transformer inside an exported ONNX graph and describe it (`ViTGraph`).
+
+The reader anchors on what every ViT export has whatever the exporter: one Softmax per block
+between two activation MatMuls. From each Softmax it walks back through layout ops (Reshape,
+Transpose, Split, Slice, Gather, Squeeze, scale Muls) to the projections that feed Q, K and V,
+forward to the output projection and the residual Add, and from there through the FFN. Shapes
+come from one real run at batch 1 (converter.shapes), so head counts computed by Shape ops are
+read as the runtime sees them.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from vit2trt.converter.loading import load_onnx
+from vit2trt.converter.shapes import observe_shapes
+from vit2trt.converter.vit_graph import (
+    FFN, Attention, Block, BlockFlops, ExtraToken, GraphFlops, Head, HeadReshape, LayerScale,
+    Linear, PatchEmbed, ViTGraph,
+)
+from vit2trt.errors import NotAViTError
+
+# Ops that only move data around (or scale it) between a projection and the attention MatMuls.
+_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather",
+               "Identity", "Cast", "Flatten", "Mul", "Div"}
+_LINEAR_OPS = {"MatMul", "Gemm"}
+
+
+def read_vit(path: str | os.PathLike, img_size: Optional[int] = None) -> ViTGraph:
+    """Load `path` and describe the ViT in it; raises BadModelFileError or NotAViTError."""
+    model = load_onnx(path)
+    return describe_vit(model, str(path), img_size=img_size)
+
+
+def describe_vit(model: onnx.ModelProto, path: str = "<memory>", img_size: Optional[int] = None) -> ViTGraph:
+    return _Reader(model, path, img_size).read()
+
+
+class _Reader:
+    def __init__(self, model: onnx.ModelProto, path: str, img_size: Optional[int]):
+        self.model = model
+        self.path = path
+        self.graph = gs.import_onnx(model)
+        for i, node in enumerate(self.graph.nodes):
+            if not node.name:  # later stages address nodes by name
+                node.name = f"{node.op}@{node.outputs[0].name if node.outputs else i}"
+        self.order = {id(n): i for i, n in enumerate(self.graph.nodes)}
+        self._static: dict[str, bool] = {}
+        self.img_size = img_size
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.int_values: dict[str, np.ndarray] = {}
+
+    # ---------------------------------------------------------------- entry point
+    def read(self) -> ViTGraph:
+        input_var, input_shape = self._image_input()
+        softmaxes = [n for n in self.graph.nodes if n.op == "Softmax"]
+        if not softmaxes:
+            raise NotAViTError(self._not_vit("no attention (MatMul → Softmax → MatMul) was found"))
+        self._observe(input_shape)
+        blocks = []
+        for index, softmax in enumerate(softmaxes):
+            blocks.append(self._block(index, softmax))
+        for prev, nxt in zip(blocks, blocks[1:]):
+            if prev.output != nxt.input:
+                raise NotAViTError(self._not_vit(
+                    f"blocks {prev.index} and {nxt.index} are not chained (block {prev.index} ends in "
+                    f"'{prev.output}', block {nxt.index} starts from '{nxt.input}')"))
+        patch = self._patch_embed(input_var)
+        n_tokens = self._shape(blocks[0].attn.softmax, which="softmax_in")[-1]
+        num_patches = patch.grid[0] * patch.grid[1]
+        num_extra = n_tokens - num_patches
+        if num_extra < 0:
+            raise NotAViTError(self._not_vit(
+                f"attention sees {n_tokens} tokens but the patch embedding makes {num_patches}"))
+        extra, pos_embed, pos_covers_extra = self._token_prefix(patch, blocks[0].input, n_tokens)
+        if sum(t.count for t in extra) != num_extra:
+            found = ", ".join(f"{t.tensor} ({t.count})" for t in extra) or "none"
+            raise NotAViTError(self._not_vit(
+                f"attention sees {num_extra} tokens besides the {num_patches} patches, but the learned "
+                f"tokens concatenated before block 0 add up differently (found: {found})"))
+        head = self._head(blocks[-1].output)
+        if head.pooling == "token" and num_extra == 0:
+            raise NotAViTError(self._not_vit("token pooling without any extra token"))
+        flops = self._graph_flops(patch, blocks, head)
+        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        return ViTGraph(
+            path=self.path, opset=opset, input_name=input_var.name,
+            output_names=[o.name for o in self.graph.outputs],
+            in_chans=int(input_shape[1]), img_size=(int(input_shape[2]), int(input_shape[3])),
+            patch_size=patch.patch_size, embed_dim=patch.embed_dim, num_patches=num_patches,
+            num_extra_tokens=num_extra, extra_tokens=extra, pos_embed=pos_embed,
+            pos_embed_covers_extra_tokens=pos_covers_extra, pooling=head.pooling,
+            patch_embed=patch, blocks=blocks, head=head, flops=flops,
+        )
+
+    # ---------------------------------------------------------------- input and shapes
+    def _image_input(self):
+        inputs = [t for t in self.graph.inputs if isinstance(t, gs.Variable)]
+        if len(inputs) != 1:
+            raise NotAViTError(self._not_vit(
+                f"expected one image input, found {len(inputs)}: {[t.name for t in inputs]}"))
+        var = inputs[0]
+        shape = list(var.shape or [])
+        if len(shape) != 4:
+            raise NotAViTError(self._not_vit(f"input '{var.name}' has shape {shape}, expected [N, C, H, W]"))
+        for axis in (2, 3):
+            if not isinstance(shape[axis], int) or shape[axis] <= 0:
+                if self.img_size is None:
+                    raise NotAViTError(
+                        f"{self.path}: input '{var.name}' has a dynamic image size {shape}; "
+                        "pass --img-size to read it at a fixed size.")
+                shape[axis] = self.img_size
+        if not isinstance(shape[1], int) or shape[1] <= 0:
+            raise NotAViTError(self._not_vit(f"input '{var.name}' has no fixed channel count: {shape}"))
+        shape[0] = 1
+        return var, tuple(shape)
+
+    def _observe(self, input_shape):
+        wanted: list[str] = []
+        for node in self.graph.nodes:
+            tensors = []
+            if node.op in _LINEAR_OPS or node.op == "Conv":
+                tensors = [node.inputs[0], node.inputs[1], node.outputs[0]]
+            elif node.op == "Softmax":
+                tensors = [node.inputs[0]]
+            elif node.op == "Reshape":
+                tensors = [node.inputs[0], node.inputs[1], node.outputs[0]]
+            for t in tensors:
+                if isinstance(t, gs.Variable) and t.name and t.name not in wanted:
+                    wanted.append(t.name)
+        self.shapes, self.int_values = observe_shapes(self.model, wanted, input_shape)
+
+    def _shape(self, node_name_or_tensor, which=None) -> tuple[int, ...]:
+        if which == "softmax_in":
+            node = self._node(node_name_or_tensor)
+            return self._tensor_shape(node.inputs[0])
+        return self._tensor_shape(node_name_or_tensor)
+
+    def _tensor_shape(self, tensor) -> tuple[int, ...]:
+        if isinstance(tensor, gs.Constant):
+            return tuple(tensor.shape)
+        value = self.shapes.get(tensor.name)
+        if value is None:
+            raise NotAViTError(f"{self.path}: internal: no observed shape for tensor '{tensor.name}'")
+        return tuple(value)
+
+    def _node(self, name: str) -> gs.Node:
+        for node in self.graph.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    # ---------------------------------------------------------------- tensor helpers
+    @staticmethod
+    def _producer(tensor) -> Optional[gs.Node]:
+        return tensor.inputs[0] if tensor.inputs else None
+
+    def _const_value(self, tensor) -> Optional[np.ndarray]:
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        node = self._producer(tensor)
+        if node is None:
+            return None
+        if node.op == "Constant":
+            value = node.attrs.get("value")
+            if isinstance(value, gs.Constant):
+                return np.asarray(value.values)
+            for key in ("value_float", "value_int", "value_floats", "value_ints"):
+                if key in node.attrs:
+                    return np.asarray(node.attrs[key])
+            return None
+        if node.op == "Identity":
+            return self._const_value(node.inputs[0])
+        return None
+
+    def _is_static(self, tensor) -> bool:
+        """True for constants and tensors computed only from constants and Shape ops."""
+        if isinstance(tensor, gs.Constant):
+            return True
+        if tensor.name in self._static:
+            return self._static[tensor.name]
+        node = self._producer(tensor)
+        if node is None:
+            result = False  # a graph input
+        elif node.op in ("Shape", "Constant", "Size"):
+            result = True
+        else:
+            self._static[tensor.name] = False  # guards cycles in malformed graphs
+            result = all(self._is_static(t) for t in node.inputs if t is not None and t.name != "")
+        self._static[tensor.name] = result
+        return result
+
+    def _data_input(self, node: gs.Node):
+        """The one input of a layout/scale op that carries activations, or None."""
+        if node.op in ("Mul", "Div"):
+            dynamic = [t for t in node.inputs if not self._is_static(t)]
+            return dynamic[0] if len(dynamic) == 1 else None
+        return node.inputs[0] if node.inputs else None
+
+    def _linear_at(self, node: gs.Node) -> Optional[Linear]:
+        """The projection whose output `node` produces (MatMul/Gemm with constant weight ± bias Add)."""
+        if node.op == "Add":
+            consts = [t for t in node.inputs if self._const_value(t) is not None]
+            dynamic = [t for t in node.inputs if self._const_value(t) is None]
+            if len(consts) == 1 and len(dynamic) == 1:
+                inner = self._producer(dynamic[0])
+                if inner is not None and inner.op == "MatMul":
+                    lin = self._linear_from_matmul(inner, with_bias=False)
+                    bias = self._const_value(consts[0])
+                    if lin and bias is not None and bias.size == lin.out_features:
+                        lin.bias, lin.bias_node, lin.output = consts[0].name, node.name, node.outputs[0].name
+                        return lin
+            return None
+        if node.op in _LINEAR_OPS:
+            lin = self._linear_from_matmul(node, with_bias=False)
+            return lin
+        return None
+
+    def _linear_from_matmul(self, node: gs.Node, with_bias: bool = True) -> Optional[Linear]:
+        if node.op not in _LINEAR_OPS or len(node.inputs) < 2:
+            return None
+        weight_t = node.inputs[1]
+        weight = self._const_value(weight_t)
+        if weight is None or weight.ndim != 2 or self._const_value(node.inputs[0]) is not None:
+            return None
+        if node.op == "Gemm":
+            if int(node.attrs.get("transA", 0)):
+                return None
+            trans_b = int(node.attrs.get("transB", 0))
+            layout = "out_in" if trans_b else "in_out"
+            in_f, out_f = (weight.shape[1], weight.shape[0]) if trans_b else weight.shape
+            lin = Linear(node.name, weight_t.name, layout, int(in_f), int(out_f), output=node.outputs[0].name)
+            if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+                lin.bias, lin.bias_node = node.inputs[2].name, node.name
+            return lin
+        lin = Linear(node.name, weight_t.name, "in_out", int(weight.shape[0]), int(weight.shape[1]),
+                     output=node.outputs[0].name)
+        if with_bias:
+            out = node.outputs[0]
+            if len(out.outputs) == 1 and out.outputs[0].op == "Add":
+                with_b = self._linear_at(out.outputs[0])
+                if with_b is not None:
+                    return with_b
+        return lin
+
+    def _trace_back_to_linear(self, tensor):
+        """Walk back through layout ops to a projection; returns (Linear, nodes on the way)."""
+        path: list[gs.Node] = []
+        for _ in range(40):
+            node = self._producer(tensor)
+            if node is None:
+                return None, path
+            lin = self._linear_at(node)
+            if lin is not None:
+                return lin, path
+            if node.op not in _LAYOUT_OPS:
+                return None, path
+            data = self._data_input(node)
+            if data is None:
+                return None, path
+            path.append(node)
+            tensor = data
+        return None, path
+
+    def _single_consumer(self, tensor, ops: Iterable[str]) -> Optional[gs.Node]:
+        consumers = [n for n in tensor.outputs]
+        if len(consumers) == 1 and consumers[0].op in ops:
+            return consumers[0]
+        return None
+
+    def _layer_scale_and_residual(self, tensor):
+        """After a branch output: an optional constant Mul (layer scale), then the residual Add."""
+        scale = None
+        mul = self._single_consumer(tensor, {"Mul"})
+        if mul is not None:
+            other = [t for t in mul.inputs if t is not tensor]
+            value = self._const_value(other[0]) if other else None
+            if value is not None and value.size > 1:
+                scale = LayerScale(mul.name, other[0].name)
+                tensor = mul.outputs[0]
+        add = self._single_consumer(tensor, {"Add"})
+        if add is None:
+            return scale, None, None
+        others = [t for t in add.inputs if t is not tensor]
+        if len(others) != 1 or self._is_static(others[0]):
+            return scale, None, None
+        return scale, add, others[0]
+
+    # ---------------------------------------------------------------- blocks
+    def _block(self, index: int, softmax: gs.Node) -> Block:
+        where = f"block {index} (Softmax '{softmax.name}')"
+        scale, scale_nodes, scale_from_shape = 1.0, [], False
+        t = softmax.inputs[0]
+        qk = None
+        for _ in range(6):  # scale ops between the score MatMul and Softmax (HF divides here)
+            node = self._producer(t)
+            if node is None:
+                break
+            if node.op == "MatMul" and self._const_value(node.inputs[1]) is None:
+                qk = node
+                break
+            if node.op in ("Mul", "Div", "Cast", "Identity"):
+                if node.op in ("Mul", "Div"):
+                    scale, from_shape = self._fold_scale(node, scale)
+                    scale_from_shape |= from_shape
+                    scale_nodes.append(node.name)
+                t = self._data_input(node)
+                if t is None:
+                    break
+                continue
+            break
+        if qk is None:
+            raise NotAViTError(self._not_vit(f"{where}: no Q·Kᵀ MatMul feeds the Softmax"))
+        av = self._single_consumer(softmax.outputs[0], {"MatMul"})
+        if av is None or av.inputs[0] is not softmax.outputs[0]:
+            raise NotAViTError(self._not_vit(f"{where}: the Softmax output does not feed an A·V MatMul"))
+
+        lin_q, path_q = self._trace_back_to_linear(qk.inputs[0])
+        lin_k, path_k = self._trace_back_to_linear(qk.inputs[1])
+        lin_v, path_v = self._trace_back_to_linear(av.inputs[1])
+        missing = [n for n, l in (("Q", lin_q), ("K", lin_k), ("V", lin_v)) if l is None]
+        if missing:
+            raise NotAViTError(self._not_vit(f"{where}: no projection found for {', '.join(missing)}"))
+        for node in path_q + path_k:
+            if node.op in ("Mul", "Div"):
+                scale, from_shape = self._fold_scale(node, scale)
+                scale_from_shape |= from_shape
+                scale_nodes.append(node.name)
+
+        fused = lin_q.node == lin_k.node == lin_v.node
+        if not fused and len({lin_q.node, lin_k.node, lin_v.node}) != 3:
+            raise NotAViTError(self._not_vit(f"{where}: Q, K and V come from a mix of shared and separate projections"))
+
+        q_shape = self._tensor_shape(qk.inputs[0])
+        s_shape = self._tensor_shape(softmax.inputs[0])
+        v_shape = self._tensor_shape(av.inputs[1])
+        if len(s_shape) != 4:
+            raise NotAViTError(self._not_vit(
+                f"{where}: attention scores have shape {list(s_shape)}, expected [batch, heads, tokens, tokens]"))
+        heads, head_dim_qk, head_dim_v = s_shape[1], q_shape[-1], v_shape[-1]
+
+        # Output projection: follow the A·V result through layout ops to the next projection.
+        t, out_path, proj = av.outputs[0], [], None
+        for _ in range(8):
+            node = self._single_consumer(t, {"Transpose", "Reshape", "Flatten", "Identity", "Cast", "MatMul", "Gemm"})
+            if node is None:
+                break
+            if node.op in _LINEAR_OPS:
+                proj = self._linear_from_matmul(node)
+                break
+            out_path.append(node)
+            t = node.outputs[0]
+        if proj is None:
+            raise NotAViTError(self._not_vit(f"{where}: no output projection after the A·V MatMul"))
+
+        reshapes = []
+        seen = set()
+        for role, path, lin in (("q", path_q, lin_q), ("k", path_k, lin_k), ("v", path_v, lin_v)):
+            for node in path:
+                if node.op == "Reshape" and node.name not in seen and self._is_head_split(node, lin):
+                    seen.add(node.name)
+                    reshapes.append(self._head_reshape(node, "qkv" if fused else role))
+        for node in out_path:
+            if node.op == "Reshape" and self._is_head_merge(node):
+                reshapes.append(self._head_reshape(node, "merge"))
+        split_nodes = sorted({n.name for n in path_q + path_k + path_v if n.op in ("Split", "Slice", "Gather")},
+                             key=lambda name: self.order[id(self._node(name))])
+
+        attn_input = self._node(lin_v.node).inputs[0]
+        norm1 = self._producer(attn_input)
+        ls_attn, res_attn, block_input = self._layer_scale_and_residual(self._tensor_by_name(proj.output))
+        if res_attn is None:
+            raise NotAViTError(self._not_vit(f"{where}: no residual Add after the attention output projection"))
+        block_in = block_input.name
+
+        ffn, norm2, ls_ffn, res_ffn = self._ffn(index, res_attn)
+
+        attn = Attention(
+            layout="fused_qkv" if fused else "split_qkv", heads=heads, head_dim_qk=head_dim_qk,
+            head_dim_v=head_dim_v, qkv_bias=all(l.bias is not None for l in (lin_q, lin_k, lin_v)),
+            proj=proj, qkv=lin_q if fused else None, q=None if fused else lin_q,
+            k=None if fused else lin_k, v=None if fused else lin_v,
+            qk_matmul=qk.name, softmax=softmax.name, av_matmul=av.name,
+            scale=None if scale_from_shape else float(scale), scale_from_shape=scale_from_shape,
+            scale_nodes=scale_nodes, head_reshapes=reshapes, qkv_split_nodes=split_nodes,
+        )
+        n = s_shape[-1]
+        proj_macs = sum(n * l.in_features * l.out_features for l in {x.node: x for x in (lin_q, lin_k, lin_v, proj)}.values())
+        flops = BlockFlops(
+            attn_proj=proj_macs,
+            attn_matmul=heads * n * n * head_dim_qk + heads * n * n * head_dim_v,
+            ffn=n * ffn.fc1.in_features * ffn.fc1.out_features + n * ffn.fc2.in_features * ffn.fc2.out_features,
+        )
+        return Block(
+            index=index, input=block_in, output=res_ffn.outputs[0].name,
+            norm1=norm1.name if norm1 is not None and norm1.op == "LayerNormalization" else None,
+            norm2=norm2, attn=attn, ffn=ffn, layer_scale_attn=ls_attn, layer_scale_ffn=ls_ffn,
+            residual_attn=res_attn.name, residual_ffn=res_ffn.name, flops=flops,
+        )
+
+    def _fold_scale(self, node: gs.Node, scale: float):
+        others = [t for t in node.inputs if self._is_static(t)]
+        if len(others) != 1:
+            return scale, False
+        value = self._const_value(others[0])
+        if value is None or value.size != 1:
+            return scale, True  # computed from a shape at run time
+        value = float(np.asarray(value).reshape(-1)[0])
+        return (scale * value if node.op == "Mul" else scale / value), False
+
+    def _ffn(self, index: int, res_attn: gs.Node):
+        where = f"block {index} FFN"
+        r1 = res_attn.outputs[0]
+        fc1, norm2 = None, None
+        queue = deque((n, 0) for n in r1.outputs if n is not res_attn)
+        while queue and fc1 is None:
+            node, depth = queue.popleft()
+            lin = self._linear_from_matmul(node)
+            if lin is not None:
+                fc1 = lin
+                break
+            if node.op == "LayerNormalization":
+                norm2 = node.name
+            if node.op == "Add" and any(t is r1 for t in node.inputs):
+                continue  # the FFN residual itself
+            if depth < 3:
+                queue.extend((n, depth + 1) for t in node.outputs for n in t.outputs)
+        if fc1 is None:
+            raise NotAViTError(self._not_vit(f"{where}: no first FFN projection after the attention residual"))
+        t = self._tensor_by_name(fc1.output)
+        act_nodes: list[gs.Node] = []
+        fc2 = None
+        queue = deque(t.outputs)
+        visited = set()
+        while queue:
+            node = queue.popleft()
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            lin = self._linear_from_matmul(node)
+            if lin is not None:
+                fc2 = lin
+                break
+            act_nodes.append(node)
+            if len(act_nodes) > 24:
+                break
+            for out in node.outputs:
+                queue.extend(out.outputs)
+        if fc2 is None:
+            raise NotAViTError(self._not_vit(f"{where}: no second FFN projection after '{fc1.node}'"))
+        ls, res, other = self._layer_scale_and_residual(self._tensor_by_name(fc2.output))
+        if res is None or other is not r1:
+            raise NotAViTError(self._not_vit(f"{where}: no residual Add after '{fc2.node}'"))
+        ffn = FFN(fc1=fc1, fc2=fc2, hidden=fc1.out_features, activation=self._activation_name(act_nodes),
+                  activation_nodes=[n.name for n in act_nodes])
+        return ffn, norm2, ls, res
+
+    def _activation_name(self, nodes: list[gs.Node]) -> str:
+        ops = {n.op for n in nodes}
+        for node in nodes:
+            if node.op == "Gelu":
+                return "gelu_tanh" if node.attrs.get("approximate", "none") == "tanh" else "gelu"
+        if "Erf" in ops:
+            return "gelu"
+        if "Tanh" in ops:
+            return "gelu_tanh"
+        if "Sigmoid" in ops:
+            for node in nodes:
+                for t in node.inputs:
+                    v = self._const_value(t)
+                    if v is not None and v.size == 1 and abs(float(v.reshape(-1)[0]) - 1.702) < 1e-3:
+                        return "quick_gelu"
+            return "silu"
+        if "Relu" in ops:
+            return "relu"
+        return "+".join(sorted(ops)) or "identity"
+
+    def _tensor_by_name(self, name: str):
+        return self.graph.tensors()[name]
+
+    def _rank_change(self, node: gs.Node):
+        return len(self._tensor_shape(node.inputs[0])), len(self._tensor_shape(node.outputs[0]))
+
+    def _is_head_split(self, node: gs.Node, lin: Linear) -> bool:
+        """[batch, tokens, projection features] -> [..., heads, head_dim] (not a layout-only reshape)."""
+        before, after = self._rank_change(node)
+        return before == 3 and after >= 4 and self._tensor_shape(node.inputs[0])[-1] == lin.out_features
+
+    def _is_head_merge(self, node: gs.Node) -> bool:
+        before, after = self._rank_change(node)
+        return before >= 4 and after == 3
+
+    def _head_reshape(self, node: gs.Node, role: str) -> HeadReshape:
+        shape_t = node.inputs[1]
+        value = self._const_value(shape_t)
+        if value is None:
+            value = self.int_values.get(shape_t.name)
+        sources: list[str] = []
+        if self._const_value(shape_t) is not None:
+            sources.append(shape_t.name)
+        else:
+            producer = self._producer(shape_t)
+            if producer is not None and producer.op == "Concat":
+                sources = [t.name for t in producer.inputs if self._const_value(t) is not None]
+        observed = [int(v) for v in np.asarray(value).reshape(-1)] if value is not None else []
+        return HeadReshape(node=node.name, role=role, shape_input=shape_t.name, shape_value=observed,
+                           constant_sources=sources)
+
+    # ---------------------------------------------------------------- embedding and head
+    def _patch_embed(self, input_var) -> PatchEmbed:
+        for node in self.graph.nodes:
+            if node.op != "Conv" or self._const_value(node.inputs[1]) is None:
+                continue
+            weight = self._const_value(node.inputs[1])
+            kernel = tuple(int(k) for k in node.attrs.get("kernel_shape", weight.shape[2:]))
+            strides = tuple(int(s) for s in node.attrs.get("strides", (1, 1)))
+            if kernel != strides or len(kernel) != 2:
+                continue
+            out = self._tensor_shape(node.outputs[0])
+            bias = node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2].name else None
+            return PatchEmbed(node=node.name, weight=node.inputs[1].name, bias=bias, patch_size=kernel,
+                              in_chans=int(weight.shape[1]), embed_dim=int(weight.shape[0]),
+                              grid=(int(out[2]), int(out[3])))
+        raise NotAViTError(self._not_vit("no patch embedding (Conv with kernel = stride) was found"))
+
+    def _token_prefix(self, patch: PatchEmbed, block_input: str, n_tokens: int):
+        """Learned tokens concatenated to the patches, and the position embedding, before block 0."""
+        conv_out = self._node(patch.node).outputs[0]
+        from_patches = self._descendants(conv_out, stop=block_input)
+        extra: list[ExtraToken] = []
+        pos_embed, pos_covers = None, False
+        queue, seen = deque([self._tensor_by_name(block_input)]), set()
+        while queue:
+            t = queue.popleft()
+            node = self._producer(t)
+            if node is None or id(node) in seen or node.op == "Conv":
+                continue
+            seen.add(id(node))
+            if node.op == "Concat":
+                for inp in node.inputs:
+                    if inp.name in from_patches:
+                        queue.append(inp)
+                        continue
+                    param = self._learned_tensor(inp)
+                    if param is not None and param[1].ndim == 3:
+                        name, value = param
+                        extra.append(ExtraToken(self._token_kind(name, len(extra)), int(value.shape[1]), name))
+                continue
+            if node.op == "Add":
+                for inp in node.inputs:
+                    value = self._const_value(inp)
+                    if value is not None and value.ndim == 3 and value.shape[-1] == patch.embed_dim:
+                        pos_embed, pos_covers = inp.name, int(value.shape[1]) == n_tokens
+            for inp in node.inputs:
+                if inp.name in from_patches:
+                    queue.append(inp)
+        return extra, pos_embed, pos_covers
+
+    def _learned_tensor(self, tensor):
+        for _ in range(8):
+            value = self._const_value(tensor)
+            if value is not None:
+                return tensor.name, value
+            node = self._producer(tensor)
+            if node is None or node.op not in ("Expand", "Tile", "Identity", "Cast", "Reshape", "Unsqueeze"):
+                return None
+            tensor = node.inputs[0]
+        return None
+
+    @staticmethod
+    def _token_kind(name: str, position: int) -> str:
+        lowered = name.lower()
+        if "reg" in lowered:
+            return "register"
+        if "dist" in lowered:
+            return "distillation"
+        if "cls" in lowered or "class" in lowered:
+            return "class"
+        return "class" if position == 0 else "unknown"
+
+    def _descendants(self, tensor, stop: str) -> set[str]:
+        names, queue = {tensor.name}, deque([tensor])
+        while queue:
+            t = queue.popleft()
+            if t.name == stop:
+                continue
+            for node in t.outputs:
+                if node.op in ("Shape", "Size"):  # shape paths carry no token data
+                    continue
+                for out in node.outputs:
+                    if out.name not in names:
+                        names.add(out.name)
+                        queue.append(out)
+        return names
+
+    def _head(self, last_output: str) -> Head:
+        start = self._tensor_by_name(last_output)
+        nodes, queue, seen = [], deque([start]), set()
+        while queue:
+            t = queue.popleft()
+            for node in t.outputs:
+                if id(node) not in seen:
+                    seen.add(id(node))
+                    nodes.append(node)
+                    queue.extend(node.outputs)
+        nodes.sort(key=lambda n: self.order[id(n)])
+        pool_nodes, token_index = [], []
+        pooling = None
+        for node in nodes:
+            if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 1:
+                idx = self._const_value(node.inputs[1])
+                if idx is not None and not self._is_static(node.inputs[0]):
+                    pooling = pooling or "token"
+                    pool_nodes.append(node.name)
+                    token_index.extend(int(i) for i in np.asarray(idx).reshape(-1))
+            elif node.op == "ReduceMean":
+                axes = node.attrs.get("axes")
+                if axes is None and len(node.inputs) > 1:
+                    axes = self._const_value(node.inputs[1])
+                if axes is not None and [int(a) for a in np.asarray(axes).reshape(-1)] in ([1], [-2]):
+                    pooling = "avg"
+                    pool_nodes.append(node.name)
+            elif node.op == "Slice" and pooling is None and len(node.inputs) >= 4:
+                axes = self._const_value(node.inputs[3])
+                starts = self._const_value(node.inputs[1])
+                ends = self._const_value(node.inputs[2])
+                if axes is not None and [int(a) for a in np.asarray(axes).reshape(-1)] == [1] and starts is not None \
+                        and ends is not None and int(np.asarray(ends).reshape(-1)[0]) - int(np.asarray(starts).reshape(-1)[0]) == 1:
+                    pooling = "token"
+                    pool_nodes.append(node.name)
+                    token_index.append(int(np.asarray(starts).reshape(-1)[0]))
+        if pooling is None:
+            raise NotAViTError(self._not_vit("no pooling (class-token Gather or token mean) after the last block"))
+        first_pool = min(self.order[id(self._node(n))] for n in pool_nodes)
+        norms = [n for n in nodes if n.op == "LayerNormalization"]
+        final_norm = next((n.name for n in norms if self.order[id(n)] < first_pool), None)
+        fc_norm = next((n.name for n in norms if self.order[id(n)] > first_pool), None)
+        linears = [l for l in (self._linear_from_matmul(n) for n in nodes) if l is not None]
+        return Head(final_norm=final_norm, pooling=pooling, pool_nodes=pool_nodes, token_index=token_index,
+                    fc_norm=fc_norm, linears=linears, num_classes=linears[0].out_features if linears else 0)
+
+    # ---------------------------------------------------------------- FLOPs
+    def _graph_flops(self, patch: PatchEmbed, blocks: list[Block], head: Head) -> GraphFlops:
+        block_nodes = set()
+        for b in blocks:
+            a = b.attn
+            for lin in (a.qkv, a.q, a.k, a.v, a.proj, b.ffn.fc1, b.ffn.fc2):
+                if lin is not None:
+                    block_nodes.add(lin.node)
+            block_nodes.update((a.qk_matmul, a.av_matmul))
+        head_nodes = {l.node for l in head.linears}
+        per_part = {"patch": 0, "blocks": 0, "head": 0, "other": 0}
+        for node in self.graph.nodes:
+            if node.op not in ("MatMul", "Gemm", "Conv"):
+                continue
+            macs = self._node_macs(node)
+            if node.name == patch.node:
+                per_part["patch"] += macs
+            elif node.name in block_nodes:
+                per_part["blocks"] += macs
+            elif node.name in head_nodes:
+                per_part["head"] += macs
+            else:
+                per_part["other"] += macs
+        described = sum(b.flops.total for b in blocks)
+        if described != per_part["blocks"]:
+            raise NotAViTError(self._not_vit(
+                f"internal: block FLOPs from the description ({described}) differ from the graph's MatMuls "
+                f"({per_part['blocks']})"))
+        return GraphFlops(patch_embed=per_part["patch"], blocks=per_part["blocks"], head=per_part["head"],
+                          other=per_part["other"])
+
+    def _node_macs(self, node: gs.Node) -> int:
+        out = self._tensor_shape(node.outputs[0])
+        a = self._tensor_shape(node.inputs[0])
+        if node.op == "MatMul":
+            return int(np.prod(out)) * int(a[-1])
+        if node.op == "Gemm":
+            k = a[0] if int(node.attrs.get("transA", 0)) else a[1]
+            return int(np.prod(out)) * int(k)
+        weight = self._tensor_shape(node.inputs[1])
+        return int(np.prod(out)) * int(np.prod(weight[1:]))
+
+    # ---------------------------------------------------------------- messages
+    def _not_vit(self, missing: str) -> str:
+        counts: dict[str, int] = {}
+        for node in self.graph.nodes:
+            counts[node.op] = counts.get(node.op, 0) + 1
+        interesting = ["Conv", "MatMul", "Gemm", "Softmax", "LayerNormalization", "Concat"]
+        found = ", ".join(f"{counts.get(op, 0)} {op}" for op in interesting)
+        return (f"{self.path}: not a Vision Transformer this tool can read: {missing}. "
+                f"Found {len(self.graph.nodes)} nodes ({found}).")

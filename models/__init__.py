@@ -1,0 +1,1 @@
+"""PyTorch reference models and analytical cost models."""

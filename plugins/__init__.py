@@ -1,0 +1,1 @@
+"""Fused kernels (Triton) and their TensorRT plugin registration."""
