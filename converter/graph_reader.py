@@ -197,7 +197,7 @@ class _Reader:
 
     def _data_input(self, node: gs.Node):
         """The one input of a layout/scale op that carries activations, or None."""
-        if node.op in ("Mul", "Div"):
+        if node.op in ("Mul", "Div", "Add"):
             dynamic = [t for t in node.inputs if not self._is_static(t)]
             return dynamic[0] if len(dynamic) == 1 else None
         return node.inputs[0] if node.inputs else None
@@ -294,7 +294,7 @@ class _Reader:
     # ---------------------------------------------------------------- blocks
     def _block(self, index: int, softmax: gs.Node) -> Block:
         where = f"block {index} (Softmax '{softmax.name}')"
-        scale, scale_nodes, scale_from_shape = 1.0, [], False
+        scale, scale_nodes, scale_from_shape, mask_nodes = 1.0, [], False, []
         t = softmax.inputs[0]
         qk = None
         for _ in range(6):  # scale ops between the score MatMul and Softmax (HF divides here)
@@ -304,6 +304,12 @@ class _Reader:
             if node.op == "MatMul" and self._const_value(node.inputs[1]) is None:
                 qk = node
                 break
+            if node.op == "Add":  # a constant attention mask (HF exports add an all-zero one)
+                t = self._data_input(node)
+                if t is None:
+                    break
+                mask_nodes.append(node.name)
+                continue
             if node.op in ("Mul", "Div", "Cast", "Identity"):
                 if node.op in ("Mul", "Div"):
                     scale, from_shape = self._fold_scale(node, scale)
@@ -316,8 +322,13 @@ class _Reader:
             break
         if qk is None:
             raise NotAViTError(self._not_vit(f"{where}: no Q·Kᵀ MatMul feeds the Softmax"))
-        av = self._single_consumer(softmax.outputs[0], {"MatMul"})
-        if av is None or av.inputs[0] is not softmax.outputs[0]:
+        probs, av = softmax.outputs[0], None
+        for _ in range(4):  # HF casts the probabilities (to the same dtype) before A·V
+            av = self._single_consumer(probs, {"MatMul", "Cast", "Identity"})
+            if av is None or av.op == "MatMul":
+                break
+            probs = av.outputs[0]
+        if av is None or av.op != "MatMul" or av.inputs[0] is not probs:
             raise NotAViTError(self._not_vit(f"{where}: the Softmax output does not feed an A·V MatMul"))
 
         lin_q, path_q = self._trace_back_to_linear(qk.inputs[0])
@@ -387,7 +398,7 @@ class _Reader:
             k=None if fused else lin_k, v=None if fused else lin_v,
             qk_matmul=qk.name, softmax=softmax.name, av_matmul=av.name,
             scale=None if scale_from_shape else float(scale), scale_from_shape=scale_from_shape,
-            scale_nodes=scale_nodes, head_reshapes=reshapes, qkv_split_nodes=split_nodes,
+            scale_nodes=scale_nodes, mask_nodes=mask_nodes, head_reshapes=reshapes, qkv_split_nodes=split_nodes,
         )
         n = s_shape[-1]
         proj_macs = sum(n * l.in_features * l.out_features for l in {x.node: x for x in (lin_q, lin_k, lin_v, proj)}.values())

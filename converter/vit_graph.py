@@ -52,6 +52,7 @@ class Attention:
     scale: Optional[float] = None     # product of the constant scale factors on the score path
     scale_from_shape: bool = False    # scale computed at run time from q's shape (TorchScript SDPA)
     scale_nodes: list[str] = field(default_factory=list)
+    mask_nodes: list[str] = field(default_factory=list)       # constant Adds on the scores
     head_reshapes: list[HeadReshape] = field(default_factory=list)
     qkv_split_nodes: list[str] = field(default_factory=list)  # Split/Slice/Gather separating q, k, v
 
