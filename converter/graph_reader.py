@@ -23,7 +23,7 @@ from vit2trt.converter.vit_graph import (
     FFN, Attention, Block, BlockFlops, ExtraToken, GraphFlops, Head, HeadReshape, LayerScale,
     Linear, PatchEmbed, ViTGraph,
 )
-from vit2trt.errors import NotAViTError
+from vit2trt.errors import NotAViTError, Vit2TrtError
 
 # Ops that only move data around (or scale it) between a projection and the attention MatMuls.
 _LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather",
@@ -38,7 +38,14 @@ def read_vit(path: str | os.PathLike, img_size: Optional[int] = None) -> ViTGrap
 
 
 def describe_vit(model: onnx.ModelProto, path: str = "<memory>", img_size: Optional[int] = None) -> ViTGraph:
-    return _Reader(model, path, img_size).read()
+    try:
+        return _Reader(model, path, img_size).read()
+    except Vit2TrtError:
+        raise
+    except Exception as exc:  # a malformed graph must end in a message, never a crash
+        raise NotAViTError(
+            f"{path}: the graph could not be read as a ViT ({type(exc).__name__}: {str(exc)[:300]}); "
+            "rerun with --debug for the traceback.") from exc
 
 
 class _Reader:
@@ -520,7 +527,7 @@ class _Reader:
                 sources = [t.name for t in producer.inputs if self._const_value(t) is not None]
         observed = [int(v) for v in np.asarray(value).reshape(-1)] if value is not None else []
         return HeadReshape(node=node.name, role=role, shape_input=shape_t.name, shape_value=observed,
-                           constant_sources=sources)
+                           output_shape=list(self._tensor_shape(node.outputs[0])), constant_sources=sources)
 
     # ---------------------------------------------------------------- embedding and head
     def _patch_embed(self, input_var) -> PatchEmbed:

@@ -61,7 +61,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         files = ", ".join(sorted(set(missing)))
         raise BadModelFileError(
             f"{path}: the graph keeps its weights in external data file(s) {files}, which were not "
-            f"found in {base}. Copy them next to the .onnx file."
+            f"found in {base.resolve()}. Copy them next to the .onnx file."
         )
     try:
         external_data_helper.load_external_data_for_model(model, str(base))

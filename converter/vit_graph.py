@@ -30,7 +30,8 @@ class HeadReshape:
     node: str
     role: str                  # "qkv", "q", "k", "v" (split heads) or "merge" (heads back to D)
     shape_input: str           # tensor giving the target shape
-    shape_value: list[int]     # target shape observed at batch 1
+    shape_value: list[int]     # target shape observed at batch 1 (may hold -1 for heads, as in HF)
+    output_shape: list[int]    # shape of the result at batch 1
     constant_sources: list[str]  # initializers/Constant outputs that hold fixed dims of that shape
 
 

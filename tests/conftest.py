@@ -1,0 +1,61 @@
+"""Shared fixtures: small exports of the foundation matrix, cached for the whole session."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vit2trt.converter.export import export_model
+
+HF_TINY = {"num_hidden_layers": 2, "hidden_size": 192, "num_attention_heads": 3,
+           "intermediate_size": 768, "num_labels": 10}
+
+# (id, spec, constructor arguments). Depth is cut to 2 where the full depth adds nothing;
+# widths, patch and image sizes stay as named, since they are what the reader must find.
+MATRIX = [
+    ("vit_tiny", "timm:vit_tiny_patch16_224", {}),
+    ("vit_small", "timm:vit_small_patch16_224", {}),
+    ("vit_base", "timm:vit_base_patch16_224", {}),
+    ("vit_base_p32", "timm:vit_base_patch32_224", {}),
+    ("vit_small_384", "timm:vit_small_patch16_384", {}),
+    ("deit_small", "timm:deit_small_patch16_224", {}),
+    ("deit_small_distilled", "timm:deit_small_distilled_patch16_224", {}),
+    ("deit3_small_layerscale", "timm:deit3_small_patch16_224", {}),
+    ("vit_small_gap_no_cls", "timm:vit_small_patch16_224", {"class_token": False, "global_pool": "avg"}),
+    ("dinov2_reg4", "timm:vit_small_patch14_reg4_dinov2", {"img_size": 126, "num_classes": 10}),
+    ("vit_medium_gap_256", "timm:vit_medium_patch16_gap_256", {}),
+    ("vit_small_no_qkv_bias", "timm:vit_small_patch16_224", {"qkv_bias": False}),
+    ("hf_vit", "hf:ViTForImageClassification", HF_TINY),
+]
+EXPORTERS = ["torchscript", "dynamo"]
+
+
+def model_args(spec: str, args: dict) -> dict:
+    return dict(args, depth=2) if spec.startswith("timm:") else dict(args)
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    cache: dict[tuple, object] = {}
+
+    def get(spec: str, args: dict, exporter: str):
+        key = (spec, json.dumps(args, sort_keys=True), exporter)
+        if key not in cache:
+            folder = root / f"m{len(cache)}"
+            cache[key] = export_model(spec, folder / "model.onnx", exporter=exporter, model_args=args, seed=0)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def deit_tiny_ts(export_cache):
+    """A 2-block DeiT-Tiny, TorchScript export: the quick default for CLI tests."""
+    return export_cache("timm:deit_tiny_patch16_224", {"depth": 2, "num_classes": 10}, "torchscript")
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

@@ -1,0 +1,179 @@
+"""The `vit2trt` command line."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from vit2trt import __version__
+from vit2trt.errors import Vit2TrtError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    help="Compress exported Vision Transformers by ONNX graph surgery and build TensorRT engines.",
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"vit2trt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback when a command fails."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    _state["debug"] = debug
+
+
+@contextmanager
+def _user_errors():
+    """Input problems end with exit code 2 and one message; --debug shows the traceback."""
+    try:
+        yield
+    except Vit2TrtError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130)
+
+
+def _parse_model_args(pairs: List[str]) -> dict:
+    """--arg depth=2 --arg class_token=false -> {'depth': 2, 'class_token': False}."""
+    from vit2trt.errors import ExportError
+
+    parsed = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ExportError(f"--arg '{pair}' is not KEY=VALUE (for example --arg depth=6).")
+        lowered = raw.strip().lower()
+        if lowered in ("true", "false"):
+            parsed[key] = lowered == "true"
+        elif lowered in ("none", "null"):
+            parsed[key] = None
+        else:
+            try:
+                parsed[key] = json.loads(raw)
+            except ValueError:
+                parsed[key] = raw
+    return parsed
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="timm:<name> (e.g. timm:deit_small_patch16_224) or hf:ViTForImageClassification"),
+    out_path: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write (a reference record is written beside it)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Local checkpoint: .pth/.pt (with or without a 'model' key) or .safetensors. Without it: seeded random init."),
+    exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (opset 17) or dynamo (its default opset, external data)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Build the model for this input size."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random init and of the check input."),
+    arg: List[str] = typer.Option([], "--arg", help="Constructor argument KEY=VALUE, repeatable (e.g. --arg depth=6 --arg global_pool=avg)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: 17 for torchscript, the exporter's own for dynamo)."),
+):
+    """Export a timm or Hugging Face ViT to ONNX with a dynamic batch axis. Nothing is downloaded."""
+    with _user_errors():
+        from vit2trt.converter.export import export_model
+
+        with err.status(f"exporting {model} with the {exporter} exporter ..."):
+            result = export_model(model, out_path, weights=str(weights) if weights else None, exporter=exporter,
+                                  img_size=img_size, seed=seed, model_args=_parse_model_args(arg), opset=opset)
+        rel = result.max_abs_diff / max(result.max_abs_ref, 1e-12)
+        out.print(f"wrote {', '.join(str(p) for p in result.files)}")
+        out.print(f"ONNX Runtime vs PyTorch on a seeded batch of 2: max abs diff {result.max_abs_diff:.3g} "
+                  f"(relative to max |logit| {rel:.2g})")
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="An exported ViT .onnx file (external data next to it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full description as JSON."),
+    build: bool = typer.Option(True, "--build/--no-build", help="Check that TensorRT (RTX on a CPU machine) parses and builds the graph."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Image size to read a graph exported with a dynamic size."),
+):
+    """Describe the ViT inside an ONNX graph: tokens, every block's attention and FFN, the head, FLOPs."""
+    with _user_errors():
+        from vit2trt.converter.engine import build_engine
+        from vit2trt.converter.graph_reader import read_vit
+
+        with err.status(f"reading {model} ..."):
+            graph = read_vit(model, img_size=img_size)
+        if build:
+            with err.status("building a TensorRT engine ..."):
+                graph.build = build_engine(model)
+        if as_json:
+            print(graph.to_json())
+        else:
+            _print_description(graph)
+
+
+def _print_description(g) -> None:
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("model", f"{g.path}  (opset {g.opset})")
+    out.print("columns: qkv = fused/split projections, bias = qkv bias, LS = layer scale, "
+              "proj/attn/FFN = projection, attention-matmul and FFN GFLOPs", style="dim")
+    summary.add_row("input", f"{g.input_name} [N, {g.in_chans}, {g.img_size[0]}, {g.img_size[1]}]")
+    summary.add_row("patches", f"{g.patch_size[0]}x{g.patch_size[1]} -> {g.patch_embed.grid[0]}x{g.patch_embed.grid[1]} = "
+                    f"{g.num_patches} tokens, embed dim {g.embed_dim}")
+    extra = ", ".join(f"{t.kind} x{t.count} ({t.tensor})" for t in g.extra_tokens) or "none"
+    summary.add_row("extra tokens", f"{g.num_extra_tokens}: {extra}")
+    summary.add_row("position embed", f"{g.pos_embed or 'none'}"
+                    + (" (covers extra tokens)" if g.pos_embed and g.pos_embed_covers_extra_tokens else ""))
+    pool = f"class token {g.head.token_index}" if g.pooling == "token" else "mean over patch tokens"
+    summary.add_row("pooling", pool + (f", fc_norm {g.head.fc_norm}" if g.head.fc_norm else ""))
+    summary.add_row("final norm", g.head.final_norm or "none")
+    heads = " + ".join(l.node for l in g.head.linears) or "none"
+    summary.add_row("head", f"{g.head.num_classes} classes ({heads})")
+    out.print(summary)
+
+    table = Table(title=f"{g.depth} blocks (GFLOPs at batch 1)", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, padding=(0, 1), collapse_padding=True, show_edge=False)
+    for col in ("#", "qkv", "heads", "dim qk/v", "bias", "FFN", "act", "LS", "proj", "attn", "FFN", "block"):
+        table.add_column(col, justify="left" if col in ("qkv", "act") else "right", no_wrap=True)
+    for b in g.blocks:
+        a = b.attn
+        table.add_row(
+            str(b.index), a.layout.split("_")[0], str(a.heads), f"{a.head_dim_qk}/{a.head_dim_v}",
+            "yes" if a.qkv_bias else "no", str(b.ffn.hidden), b.ffn.activation,
+            "yes" if b.layer_scale_attn else "no", f"{b.flops.attn_proj / 1e9:.3f}",
+            f"{b.flops.attn_matmul / 1e9:.3f}", f"{b.flops.ffn / 1e9:.3f}", f"{b.flops.total / 1e9:.3f}")
+    out.print(table)
+    f = g.flops
+    out.print(f"GFLOPs (multiply-accumulates, batch 1): total {f.total / 1e9:.3f} = patch embed "
+              f"{f.patch_embed / 1e9:.3f} + blocks {f.blocks / 1e9:.3f} + head {f.head / 1e9:.4f}"
+              + (f" + other {f.other / 1e9:.3f}" if f.other else ""))
+    if g.build is not None:
+        b = g.build
+        if b.status == "built":
+            out.print(f"TensorRT ({b.backend}): parsed and built in {b.seconds:.1f} s, {b.message}")
+        elif b.status == "unavailable":
+            out.print(f"TensorRT: not checked, {b.message}")
+        else:
+            out.print(f"[bold red]TensorRT ({b.backend}): {b.status}[/]: {b.message}", highlight=False)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+    app(prog_name="vit2trt")
+
+
+if __name__ == "__main__":
+    main()
