@@ -40,7 +40,7 @@ def build_engine(
         return BuildReport(backend="none", status="unavailable",
                            message="no TensorRT module (install tensorrt-rtx, or tensorrt on a GPU machine)")
     start = time.perf_counter()
-    logger = trt.Logger(trt.Logger.ERROR)
+    logger = _collecting_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
@@ -49,7 +49,7 @@ def build_engine(
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        errors = "; ".join(_describe_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
         return BuildReport(backend, "failed", time.perf_counter() - start, f"ONNX parser: {errors[:600]}")
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
@@ -67,7 +67,8 @@ def build_engine(
     except Exception as exc:  # the bindings raise on some unsupported layers
         return BuildReport(backend, "failed", time.perf_counter() - start, f"builder: {exc}")
     if serialized is None:
-        return BuildReport(backend, "failed", time.perf_counter() - start, "builder returned no engine")
+        detail = " | ".join(logger.messages[-3:]) or "no message"
+        return BuildReport(backend, "failed", time.perf_counter() - start, f"builder returned no engine: {detail}")
     if engine_path is not None:
         engine_path = Path(engine_path)
         engine_path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,3 +77,29 @@ def build_engine(
         os.replace(fh.name, engine_path)
     return BuildReport(backend, "built", time.perf_counter() - start,
                        f"{serialized.nbytes / 2**20:.1f} MiB engine, batch 1..{max_batch}")
+
+
+def _describe_parser_error(error) -> str:
+    parts = []
+    for attr in ("node_operator", "node_name"):  # present since TensorRT 10
+        getter = getattr(error, attr, None)
+        value = getter() if callable(getter) else None
+        if value:
+            parts.append(f"{attr.split('_')[1]} {value}")
+    where = f" ({', '.join(parts)})" if parts else ""
+    return f"{error.desc()}{where}"
+
+
+def _collecting_logger(trt):
+    """Keep TensorRT's messages for the report instead of printing them over our own output."""
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[str] = []
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.messages.append(str(msg))
+
+    return CollectingLogger()

@@ -1,0 +1,96 @@
+"""Broken or foreign inputs end with exit code 2 and one message naming the problem."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vit2trt.cli import app
+
+runner = CliRunner()
+
+
+def _inspect(path, *extra):
+    return runner.invoke(app, ["inspect", str(path), "--no-build", *extra])
+
+
+def _assert_clean_failure(result, *needles):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[0].startswith("error:")
+    text = " ".join(result.output.split())
+    for needle in needles:
+        assert needle in text, text
+
+
+def test_file_that_is_not_onnx(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("these are not the weights you are looking for\n" * 20)
+    _assert_clean_failure(_inspect(path), "not a readable ONNX model")
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    _assert_clean_failure(_inspect(tmp_path / "empty.onnx"), "empty")
+    _assert_clean_failure(_inspect(tmp_path / "absent.onnx"), "no such file")
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.9])
+def test_truncated_file(tmp_path, deit_tiny_ts, fraction):
+    data = deit_tiny_ts.onnx_path.read_bytes()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    result = _inspect(path)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "truncated" in " ".join(result.output.split())
+
+
+def test_missing_external_data(tmp_path, export_cache):
+    result = export_cache("timm:deit_tiny_patch16_224", {"depth": 2, "num_classes": 10}, "dynamo")
+    path = tmp_path / "model.onnx"
+    shutil.copy(result.onnx_path, path)  # the .data file stays behind
+    _assert_clean_failure(_inspect(path), "external data", "model.onnx.data", "not found")
+
+
+def test_truncated_external_data(tmp_path, export_cache):
+    result = export_cache("timm:deit_tiny_patch16_224", {"depth": 2, "num_classes": 10}, "dynamo")
+    shutil.copy(result.onnx_path, tmp_path / "model.onnx")
+    data = (result.onnx_path.parent / "model.onnx.data").read_bytes()
+    (tmp_path / "model.onnx.data").write_bytes(data[: len(data) // 2])
+    result = _inspect(tmp_path / "model.onnx")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "truncated" in " ".join(result.output.split()) or "external data" in result.output
+
+
+def test_resnet_is_not_a_vit(tmp_path):
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    path = tmp_path / "resnet.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    _assert_clean_failure(_inspect(path), "not a Vision Transformer", "no attention", "20 Conv", "0 Softmax")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("not onnx")
+    result = runner.invoke(app, ["--debug", "inspect", str(path), "--no-build"])
+    assert result.exit_code != 0
+    assert result.exception is not None  # raised instead of a one-line message
+
+
+def test_cli_exit_code_from_a_real_process(tmp_path):
+    """The installed console script, not just the in-process runner, exits with 2."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "notes.onnx"
+    path.write_text("not onnx")
+    proc = subprocess.run([sys.executable, "-m", "vit2trt.cli", "inspect", str(path), "--no-build"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
