@@ -91,8 +91,12 @@ def _torch_export(model: torch.nn.Module, sample: torch.Tensor, path: Path, expo
         with warnings.catch_warnings(), contextlib.redirect_stdout(captured), torch.no_grad():
             warnings.simplefilter("ignore")
             if exporter == "torchscript":
+                # Above 2 GB the TorchScript exporter spills one file per tensor; export into a
+                # scratch folder and re-save below with a single external data file.
+                target = path.parent / "scratch" / path.name if big else path
+                target.parent.mkdir(exist_ok=True)
                 torch.onnx.export(
-                    model, (sample,), str(path), dynamo=False, opset_version=opset or TORCHSCRIPT_OPSET,
+                    model, (sample,), str(target), dynamo=False, opset_version=opset or TORCHSCRIPT_OPSET,
                     input_names=["input"], output_names=["logits"],
                     dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                 )
@@ -107,11 +111,11 @@ def _torch_export(model: torch.nn.Module, sample: torch.Tensor, path: Path, expo
         raise
     except Exception as exc:
         raise ExportError(f"torch.onnx ({exporter}) failed: {str(exc).splitlines()[0][:400]}") from exc
-    if exporter == "torchscript" and big and not any(p.name.endswith(".data") for p in path.parent.iterdir()):
-        import onnx  # re-save a >2 GB TorchScript export with its weights outside the protobuf
+    if exporter == "torchscript" and big:
+        import onnx
 
-        model_proto = onnx.load(str(path))
-        onnx.save(model_proto, str(path), save_as_external_data=True, location=path.name + ".data")
+        onnx.save(onnx.load(str(target)), str(path), save_as_external_data=True, location=path.name + ".data")
+        shutil.rmtree(target.parent)
 
 
 def _check_with_ort(model: torch.nn.Module, sample: torch.Tensor, path: Path) -> tuple[float, float]:

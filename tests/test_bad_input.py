@@ -94,3 +94,35 @@ def test_cli_exit_code_from_a_real_process(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_corrupted_bytes_never_crash(tmp_path, deit_tiny_ts, seed):
+    """Flipped bytes anywhere in the graph: a description (weights hit) or one clean error."""
+    import numpy as np
+
+    data = bytearray(deit_tiny_ts.onnx_path.read_bytes())
+    rng = np.random.default_rng(seed)
+    # Half the flips land in the graph structure (the protobuf's tail holds nodes after weights).
+    region = (len(data) - 40_000, len(data)) if seed % 2 else (0, len(data))
+    for pos in rng.integers(*region, size=8):
+        data[pos] ^= 0xFF
+    path = tmp_path / "flipped.onnx"
+    path.write_bytes(bytes(data))
+    result = _inspect(path)
+    assert result.exit_code in (0, 2), result.output
+    assert "Traceback" not in result.output
+    if result.exit_code == 2:
+        assert result.output.startswith("error:")
+
+
+def test_graph_with_a_broken_block_names_the_block(tmp_path, deit_tiny_ts):
+    """Turn block 1's FFN residual Add into a Max (valid graph, no residual): the message says so."""
+    import onnx
+
+    model = onnx.load(str(deit_tiny_ts.onnx_path))
+    residual = next(n for n in model.graph.node if n.name == "/blocks/blocks.1/Add_1")
+    residual.op_type = "Max"
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    _assert_clean_failure(_inspect(path), "block 1 FFN", "no residual Add", "Found")

@@ -134,3 +134,18 @@ def test_bad_export_requests(tmp_path, argv, needle):
     out_dir = tmp_path / "out"
     result = runner.invoke(app, ["export", *argv, "--out", str(out_dir / "m.onnx")])
     _assert_fails_cleanly(result, out_dir, needle)
+
+
+def test_large_torchscript_graphs_use_one_external_data_file(tmp_path, monkeypatch):
+    """Above 2 GB (threshold lowered here) the graph keeps its weights in model.onnx.data."""
+    from vit2trt.converter import export as export_module
+    from vit2trt.converter.graph_reader import read_vit
+
+    monkeypatch.setattr(export_module, "_TWO_GB", 1)
+    out = tmp_path / "out" / "model.onnx"
+    result = export_module.export_model("timm:vit_tiny_patch16_224", out, model_args={"depth": 2})
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == ["model.onnx", "model.onnx.data", "model.onnx.reference.json"]
+    assert out.stat().st_size < 200_000 < (out.parent / "model.onnx.data").stat().st_size
+    assert result.max_abs_diff < 1e-4
+    assert read_vit(out).depth == 2
