@@ -29,6 +29,7 @@ from vit2trt.errors import NotAViTError, Vit2TrtError
 _LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather",
                "Identity", "Cast", "Flatten", "Mul", "Div"}
 _LINEAR_OPS = {"MatMul", "Gemm"}
+_FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention"}
 
 
 def read_vit(path: str | os.PathLike, img_size: Optional[int] = None) -> ViTGraph:
@@ -67,7 +68,10 @@ class _Reader:
         input_var, input_shape = self._image_input()
         softmaxes = [n for n in self.graph.nodes if n.op == "Softmax"]
         if not softmaxes:
-            raise NotAViTError(self._not_vit("no attention (MatMul → Softmax → MatMul) was found"))
+            fused = sorted({n.op for n in self.graph.nodes if n.op in _FUSED_ATTENTION_OPS})
+            hint = (f"; the graph has fused {', '.join(fused)} ops, which vit2trt does not rewrite: export "
+                    "at opset 17-22 without runtime graph optimizations (vit2trt export does)") if fused else ""
+            raise NotAViTError(self._not_vit("no attention (MatMul → Softmax → MatMul) was found" + hint))
         self._observe(input_shape)
         blocks = []
         for index, softmax in enumerate(softmaxes):

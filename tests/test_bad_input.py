@@ -126,3 +126,12 @@ def test_graph_with_a_broken_block_names_the_block(tmp_path, deit_tiny_ts):
     path = tmp_path / "broken.onnx"
     onnx.save(model, str(path))
     _assert_clean_failure(_inspect(path), "block 1 FFN", "no residual Add", "Found")
+
+
+def test_fused_attention_graphs_are_refused_with_a_hint(tmp_path):
+    """Opset 23 turns SDPA into one ONNX Attention op; the reader says so and what to do."""
+    from vit2trt.converter.export import export_model
+
+    result = export_model("timm:deit_tiny_patch16_224", tmp_path / "m.onnx", exporter="dynamo", opset=23,
+                          model_args={"depth": 1, "num_classes": 10})
+    _assert_clean_failure(_inspect(result.onnx_path), "no attention", "fused Attention", "opset 17-22")
