@@ -260,8 +260,13 @@ class _Reader:
         return lin
 
     def _trace_back_to_linear(self, tensor):
-        """Walk back through layout ops to a projection; returns (Linear, nodes on the way)."""
+        """Walk back through layout ops to a projection; returns (Linear, nodes on the way).
+
+        Also remembers, for a fused projection, which chunk (q=0, k=1, v=2 in timm) the walk
+        left through: the index of the Split output, Gather index or Slice start nearest it.
+        """
         path: list[gs.Node] = []
+        self._last_chunk = None
         for _ in range(40):
             node = self._producer(tensor)
             if node is None:
@@ -274,9 +279,23 @@ class _Reader:
             data = self._data_input(node)
             if data is None:
                 return None, path
+            chunk = self._chunk_index(node, tensor)
+            if chunk is not None:
+                self._last_chunk = chunk
             path.append(node)
             tensor = data
         return None, path
+
+    def _chunk_index(self, node: gs.Node, out_tensor) -> Optional[int]:
+        if node.op == "Split":
+            return next(i for i, t in enumerate(node.outputs) if t is out_tensor)
+        if node.op == "Gather":
+            idx = self._const_value(node.inputs[1])
+            return int(np.asarray(idx).reshape(-1)[0]) if idx is not None and idx.size == 1 else None
+        if node.op == "Slice":
+            start = self._const_value(node.inputs[1])
+            return int(np.asarray(start).reshape(-1)[0]) if start is not None and start.size == 1 else None
+        return None
 
     def _single_consumer(self, tensor, ops: Iterable[str]) -> Optional[gs.Node]:
         consumers = [n for n in tensor.outputs]
@@ -343,8 +362,11 @@ class _Reader:
             raise NotAViTError(self._not_vit(f"{where}: the Softmax output does not feed an A·V MatMul"))
 
         lin_q, path_q = self._trace_back_to_linear(qk.inputs[0])
+        chunk_q = self._last_chunk
         lin_k, path_k = self._trace_back_to_linear(qk.inputs[1])
+        chunk_k = self._last_chunk
         lin_v, path_v = self._trace_back_to_linear(av.inputs[1])
+        chunk_v = self._last_chunk
         missing = [n for n, l in (("Q", lin_q), ("K", lin_k), ("V", lin_v)) if l is None]
         if missing:
             raise NotAViTError(self._not_vit(f"{where}: no projection found for {', '.join(missing)}"))
@@ -357,6 +379,14 @@ class _Reader:
         fused = lin_q.node == lin_k.node == lin_v.node
         if not fused and len({lin_q.node, lin_k.node, lin_v.node}) != 3:
             raise NotAViTError(self._not_vit(f"{where}: Q, K and V come from a mix of shared and separate projections"))
+        chunks = {}
+        if fused:
+            third = lin_q.out_features // 3
+            chunks = {role: (c // third if c is not None and c >= 3 else c)
+                      for role, c in (("q", chunk_q), ("k", chunk_k), ("v", chunk_v))}
+            if sorted(v for v in chunks.values() if v is not None) != [0, 1, 2]:
+                raise NotAViTError(self._not_vit(
+                    f"{where}: could not tell which part of the fused projection is Q, K and V (found {chunks})"))
 
         q_shape = self._tensor_shape(qk.inputs[0])
         s_shape = self._tensor_shape(softmax.inputs[0])
@@ -410,6 +440,7 @@ class _Reader:
             qk_matmul=qk.name, softmax=softmax.name, av_matmul=av.name,
             scale=None if scale_from_shape else float(scale), scale_from_shape=scale_from_shape,
             scale_nodes=scale_nodes, mask_nodes=mask_nodes, head_reshapes=reshapes, qkv_split_nodes=split_nodes,
+            qkv_chunks=chunks,
         )
         n = s_shape[-1]
         proj_macs = sum(n * l.in_features * l.out_features for l in {x.node: x for x in (lin_q, lin_k, lin_v, proj)}.values())

@@ -56,6 +56,7 @@ class Attention:
     mask_nodes: list[str] = field(default_factory=list)       # constant Adds on the scores
     head_reshapes: list[HeadReshape] = field(default_factory=list)
     qkv_split_nodes: list[str] = field(default_factory=list)  # Split/Slice/Gather separating q, k, v
+    qkv_chunks: dict[str, int] = field(default_factory=dict)  # fused: which third is q, k, v
 
 
 @dataclass

@@ -127,3 +127,9 @@ def test_full_depth_deit_tiny(export_cache):
     assert all(prev.output == nxt.input for prev, nxt in zip(g.blocks, g.blocks[1:]))
     assert g.flops.total == pytest.approx(analytic.total, rel=0.01)
     assert 1.2e9 < g.flops.total < 1.3e9
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_fused_qkv_chunk_order_is_read(export_cache, exporter):
+    g = read_vit(export_cache("timm:vit_small_patch16_224", {"depth": 2}, exporter).onnx_path)
+    assert all(b.attn.qkv_chunks == {"q": 0, "k": 1, "v": 2} for b in g.blocks)
