@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from vit2trt.converter.graph_utils import const_value, name_nodes
 from vit2trt.converter.loading import load_onnx
 from vit2trt.converter.shapes import observe_shapes
 from vit2trt.converter.vit_graph import (
@@ -54,9 +55,7 @@ class _Reader:
         self.model = model
         self.path = path
         self.graph = gs.import_onnx(model)
-        for i, node in enumerate(self.graph.nodes):
-            if not node.name:  # later stages address nodes by name
-                node.name = f"{node.op}@{node.outputs[0].name if node.outputs else i}"
+        name_nodes(self.graph)
         self.order = {id(n): i for i, n in enumerate(self.graph.nodes)}
         self._static: dict[str, bool] = {}
         self.img_size = img_size
@@ -171,23 +170,9 @@ class _Reader:
     def _producer(tensor) -> Optional[gs.Node]:
         return tensor.inputs[0] if tensor.inputs else None
 
-    def _const_value(self, tensor) -> Optional[np.ndarray]:
-        if isinstance(tensor, gs.Constant):
-            return np.asarray(tensor.values)
-        node = self._producer(tensor)
-        if node is None:
-            return None
-        if node.op == "Constant":
-            value = node.attrs.get("value")
-            if isinstance(value, gs.Constant):
-                return np.asarray(value.values)
-            for key in ("value_float", "value_int", "value_floats", "value_ints"):
-                if key in node.attrs:
-                    return np.asarray(node.attrs[key])
-            return None
-        if node.op == "Identity":
-            return self._const_value(node.inputs[0])
-        return None
+    @staticmethod
+    def _const_value(tensor) -> Optional[np.ndarray]:
+        return const_value(tensor)
 
     def _is_static(self, tensor) -> bool:
         """True for constants and tensors computed only from constants and Shape ops."""
@@ -324,7 +309,7 @@ class _Reader:
     # ---------------------------------------------------------------- blocks
     def _block(self, index: int, softmax: gs.Node) -> Block:
         where = f"block {index} (Softmax '{softmax.name}')"
-        scale, scale_nodes, scale_from_shape, mask_nodes = 1.0, [], False, []
+        scale, scale_nodes, scale_from_shape, mask_nodes, mask_inputs = 1.0, [], False, [], []
         t = softmax.inputs[0]
         qk = None
         for _ in range(6):  # scale ops between the score MatMul and Softmax (HF divides here)
@@ -339,6 +324,7 @@ class _Reader:
                 if t is None:
                     break
                 mask_nodes.append(node.name)
+                mask_inputs.extend(i.name for i in node.inputs if i is not t)
                 continue
             if node.op in ("Mul", "Div", "Cast", "Identity"):
                 if node.op in ("Mul", "Div"):
@@ -440,7 +426,7 @@ class _Reader:
             qk_matmul=qk.name, softmax=softmax.name, av_matmul=av.name,
             scale=None if scale_from_shape else float(scale), scale_from_shape=scale_from_shape,
             scale_nodes=scale_nodes, mask_nodes=mask_nodes, head_reshapes=reshapes, qkv_split_nodes=split_nodes,
-            qkv_chunks=chunks,
+            qkv_chunks=chunks, mask_inputs=mask_inputs,
         )
         n = s_shape[-1]
         proj_macs = sum(n * l.in_features * l.out_features for l in {x.node: x for x in (lin_q, lin_k, lin_v, proj)}.values())

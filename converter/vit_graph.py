@@ -54,6 +54,7 @@ class Attention:
     scale_from_shape: bool = False    # scale computed at run time from q's shape (TorchScript SDPA)
     scale_nodes: list[str] = field(default_factory=list)
     mask_nodes: list[str] = field(default_factory=list)       # constant Adds on the scores
+    mask_inputs: list[str] = field(default_factory=list)      # the masks they add
     head_reshapes: list[HeadReshape] = field(default_factory=list)
     qkv_split_nodes: list[str] = field(default_factory=list)  # Split/Slice/Gather separating q, k, v
     qkv_chunks: dict[str, int] = field(default_factory=dict)  # fused: which third is q, k, v

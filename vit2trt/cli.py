@@ -123,6 +123,40 @@ def inspect(
             _print_description(graph)
 
 
+@app.command()
+def convert(
+    model: Path = typer.Argument(..., help="An exported ViT .onnx file."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: model.onnx, decisions.json, report.json, model.engine."),
+    method: str = typer.Option("toast", "--method", help="Compression method (toast)."),
+    head_sparsity: Optional[float] = typer.Option(None, "--head-sparsity", help="ToaSt SCWP: fraction of every head's QK and V dims to remove, e.g. 0.9 (all blocks but the first)."),
+    build: bool = typer.Option(True, "--build/--no-build", help="Build a TensorRT engine of the result."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the check inputs."),
+):
+    """Compress a ViT graph by surgery. toast: strip zeroed QK/VO dims and FFN channels (the main path
+    after masked fine-tuning) and, with --head-sparsity, prune head dims by SCWP."""
+    with _user_errors():
+        from vit2trt.converter.convert import ConvertOptions, convert as run_convert
+
+        options = ConvertOptions(method=method, head_sparsity=head_sparsity, build=build, seed=seed,
+                                 overwrite=overwrite)
+        with err.status("converting ...") as status:
+            result = run_convert(model, out_dir, options, progress=lambda msg: status.update(f"{msg} ..."))
+        ratio = result.flops_before / max(result.flops_after, 1)
+        out.print(f"wrote {result.out_dir}/ (model.onnx, decisions.json, report.json"
+                  + (", model.engine)" if result.build and result.build.status == "built" else ")"))
+        out.print(f"GFLOPs {result.flops_before / 1e9:.3f} -> {result.flops_after / 1e9:.3f} ({ratio:.2f}x fewer)")
+        a = result.agreement
+        line = f"agreement with the original on {a['inputs']}: relative error {a['relative_error']:.2g}"
+        if "top1_agreement" in a:
+            line += f", top-1 agreement {a['top1_agreement'] * 100:.0f}%"
+        out.print(line)
+        if result.build is not None:
+            out.print(f"TensorRT ({result.build.backend}): {result.build.status} {result.build.message}")
+        for note in result.notes:
+            out.print(f"note: {note}", style="yellow")
+
+
 def _print_description(g) -> None:
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")

@@ -1,0 +1,155 @@
+"""`vit2trt convert`: run the passes of a method, check the result, write OUT atomically."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from vit2trt.converter.engine import build_engine
+from vit2trt.converter.graph_reader import describe_vit
+from vit2trt.converter.loading import load_onnx
+from vit2trt.converter.vit_graph import BuildReport, ViTGraph
+from vit2trt.errors import Vit2TrtError
+from vit2trt.passes.scwp import scwp
+from vit2trt.passes.strip_zeros import strip_dead_structure
+from vit2trt.passes.structured_prune import BlockKeep
+
+METHODS = ("toast",)
+_TWO_GB = 2**31
+
+
+@dataclass
+class ConvertOptions:
+    method: str = "toast"
+    head_sparsity: Optional[float] = None
+    skip_blocks: tuple[int, ...] = (0,)
+    build: bool = True
+    check_batch: int = 8
+    seed: int = 0
+    overwrite: bool = False
+
+
+@dataclass
+class ConvertResult:
+    out_dir: Path
+    onnx_path: Path
+    decisions: dict
+    flops_before: int
+    flops_after: int
+    agreement: dict
+    build: Optional[BuildReport]
+    notes: list[str] = field(default_factory=list)
+
+
+def compose_keeps(first: list[BlockKeep], second: list[BlockKeep]) -> list[BlockKeep]:
+    """Express `second` (indices into what `first` kept) in indices of the original model."""
+    by_index = {k.index: k for k in first}
+    out = {k.index: BlockKeep(k.index, k.qk_keep, k.v_keep, k.ffn_keep) for k in first}
+    for k in second:
+        base = by_index.get(k.index)
+        merged = out.setdefault(k.index, BlockKeep(k.index))
+        for attr in ("qk_keep", "v_keep"):
+            new = getattr(k, attr)
+            if new is None:
+                continue
+            old = getattr(base, attr) if base else None
+            setattr(merged, attr, [[old[h][j] for j in dims] if old else list(dims) for h, dims in enumerate(new)])
+        if k.ffn_keep is not None:
+            old = base.ffn_keep if base else None
+            merged.ffn_keep = [old[c] for c in k.ffn_keep] if old else list(k.ffn_keep)
+    return [out[i] for i in sorted(out)]
+
+
+def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: ConvertOptions,
+            progress: Callable[[str], None] = lambda msg: None) -> ConvertResult:
+    if options.method not in METHODS:
+        raise Vit2TrtError(f"unknown method '{options.method}'; available: {', '.join(METHODS)}.")
+    if options.head_sparsity is not None and not 0.0 <= options.head_sparsity < 1.0:
+        raise Vit2TrtError(f"--head-sparsity must be in [0, 1), got {options.head_sparsity}.")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
+        raise Vit2TrtError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
+    progress("reading the graph")
+    original = load_onnx(model_path)
+    vit = describe_vit(original, str(model_path))
+    model, current, passes, keeps = original, vit, [], []
+    notes: list[str] = []
+
+    progress("stripping zeroed structure")
+    result, strip_keeps = strip_dead_structure(model, current)
+    passes.append(result.report)
+    if strip_keeps:
+        model, keeps = result.model, strip_keeps
+        current = describe_vit(model, "stripped graph")
+    if options.head_sparsity:
+        progress(f"SCWP at head sparsity {options.head_sparsity:g}")
+        result, scwp_keeps = scwp(model, current, options.head_sparsity, options.skip_blocks)
+        passes.append(result.report)
+        if scwp_keeps:
+            model, keeps = result.model, compose_keeps(keeps, scwp_keeps)
+            current = describe_vit(model, "pruned graph")
+            notes.append("SCWP pruned weights without fine-tuning: ToaSt fine-tunes afterwards (about 300 epochs "
+                         "for DeiT) to recover accuracy; the agreement below is before any fine-tuning.")
+    if not keeps:
+        notes.append("nothing was pruned: no zeroed structure was found and no --head-sparsity was given.")
+
+    progress("checking against the original graph")
+    agreement = _agreement(original, model, vit, options.check_batch, options.seed)
+    decisions = {
+        "method": options.method,
+        "source": Path(model_path).name,
+        "settings": {"head_sparsity": options.head_sparsity, "skip_blocks": list(options.skip_blocks)},
+        "passes": passes,
+        "blocks": [k.to_dict() for k in keeps],
+        "flops": {"before": vit.flops.total, "after": current.flops.total},
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build = None
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".vit2trt-convert-") as tmp:
+        tmp = Path(tmp)
+        onnx_path = tmp / "model.onnx"
+        if model.ByteSize() >= _TWO_GB:
+            onnx.save(model, str(onnx_path), save_as_external_data=True, location="model.onnx.data")
+        else:
+            onnx.save(model, str(onnx_path))
+        (tmp / "decisions.json").write_text(json.dumps(decisions, indent=1, sort_keys=True) + "\n")
+        if options.build:
+            progress("building a TensorRT engine")
+            build = build_engine(onnx_path, engine_path=tmp / "model.engine")
+            if build.status == "failed":
+                raise Vit2TrtError(f"the compressed graph did not build with {build.backend}: {build.message}")
+        (tmp / "report.json").write_text(json.dumps(
+            {"agreement": agreement, "flops": decisions["flops"], "notes": notes,
+             "build": None if build is None else build.__dict__}, indent=1, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        tmp.mkdir()  # TemporaryDirectory expects to remove something
+    return ConvertResult(out_dir, out_dir / "model.onnx", decisions, vit.flops.total, current.flops.total,
+                         agreement, build, notes)
+
+
+def _agreement(original: onnx.ModelProto, compressed: onnx.ModelProto, vit: ViTGraph, batch: int, seed: int) -> dict:
+    """ONNX Runtime outputs of both graphs on the same seeded inputs."""
+    x = np.random.default_rng(seed).standard_normal((batch, vit.in_chans, *vit.img_size)).astype(np.float32)
+    outs = []
+    for model in (original, compressed):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+    ref, got = outs
+    diff = float(np.abs(ref - got).max())
+    result = {"inputs": f"{batch} seeded random images", "max_abs_diff": diff,
+              "relative_error": diff / max(float(np.abs(ref).max()), 1e-12)}
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        result["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
+    return result

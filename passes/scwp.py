@@ -1,0 +1,66 @@
+"""ToaSt's coupled structured weight pruning (SCWP) inside every attention head.
+
+No head is removed; each keeps a smaller internal dimension. Index j of a head goes from W_Q and
+W_K together (QK coupling) and from W_V together with the output projection's input row j (VO
+coupling). A dim's importance is the L2 distance of its concatenated rows ([W_Q | W_K] or
+[W_V | W_projᵀ]) to the head's geometric median, approximated as in the official code by the
+coordinate-wise median; the dims nearest the median are the most redundant and go first.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from vit2trt.converter.graph_utils import name_nodes
+from vit2trt.converter.vit_graph import ViTGraph
+from vit2trt.errors import Vit2TrtError
+from vit2trt.passes.base import PassResult
+from vit2trt.passes.structured_prune import BlockKeep, attention_weights, prune_structure
+
+
+def kept_count(head_dim: int, sparsity: float) -> int:
+    return max(1, int(round(head_dim * (1.0 - sparsity))))
+
+
+def _rank_dims(rows: np.ndarray, keep: int) -> list[int]:
+    """Keep the `keep` rows farthest from the coordinate-wise median (ties: lower index)."""
+    median = np.median(rows, axis=0)
+    distance = np.linalg.norm(rows.astype(np.float64) - median, axis=1)
+    order = np.argsort(-distance, kind="stable")
+    return sorted(int(j) for j in order[:keep])
+
+
+def scwp_keep(model: onnx.ModelProto, vit: ViTGraph, head_sparsity: float,
+              skip_blocks: tuple[int, ...] = (0,)) -> list[BlockKeep]:
+    if not 0.0 <= head_sparsity < 1.0:
+        raise Vit2TrtError(f"--head-sparsity must be in [0, 1), got {head_sparsity}.")
+    graph = gs.import_onnx(model)
+    name_nodes(graph)
+    tensors = graph.tensors()
+    keeps = []
+    for block in vit.blocks:
+        if block.index in skip_blocks or head_sparsity == 0.0:
+            continue
+        w = attention_weights(tensors, block.attn)
+        n_qk, n_v = kept_count(w.head_dim_qk, head_sparsity), kept_count(w.head_dim_v, head_sparsity)
+        qk_keep, v_keep = [], []
+        for h in range(w.heads):
+            qk = slice(h * w.head_dim_qk, (h + 1) * w.head_dim_qk)
+            v = slice(h * w.head_dim_v, (h + 1) * w.head_dim_v)
+            qk_rows = np.concatenate([w.wq[:, qk].T, w.wk[:, qk].T], axis=1)   # [dim, 2D]
+            vo_rows = np.concatenate([w.wv[:, v].T, w.wproj[v, :]], axis=1)    # [dim, 2D]
+            qk_keep.append(_rank_dims(qk_rows, n_qk))
+            v_keep.append(_rank_dims(vo_rows, n_v))
+        keeps.append(BlockKeep(block.index, qk_keep, v_keep, None))
+    return keeps
+
+
+def scwp(model: onnx.ModelProto, vit: ViTGraph, head_sparsity: float,
+         skip_blocks: tuple[int, ...] = (0,)) -> tuple[PassResult, list[BlockKeep]]:
+    keeps = scwp_keep(model, vit, head_sparsity, skip_blocks)
+    if not keeps:
+        return PassResult(model, {"pass": "scwp", "blocks": []}), keeps
+    result = prune_structure(model, vit, keeps)
+    result.report.update({"pass": "scwp", "head_sparsity": head_sparsity, "skipped_blocks": list(skip_blocks)})
+    return result, keeps

@@ -1,0 +1,188 @@
+"""Physically remove attention dimensions and FFN channels, given what to keep.
+
+The one place where pruning decisions become smaller weights. Attention of a pruned block is
+rebuilt in a canonical form — separate Q, K, V projections, Reshape to [0, 0, heads, dim] (0 copies
+batch and tokens, so the batch stays dynamic), explicit score scale — whatever exporter made the
+original. QK and V head dims may differ; the softmax scale stays the original one.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from vit2trt.converter.graph_utils import const_value, name_nodes
+from vit2trt.converter.vit_graph import Attention, Linear, ViTGraph
+from vit2trt.errors import Vit2TrtError
+from vit2trt.passes.base import PassResult
+
+
+@dataclass
+class BlockKeep:
+    """What one block keeps; None keeps everything of that kind."""
+    index: int
+    qk_keep: Optional[list[list[int]]] = None   # per head, kept Q/K dims (equal count per head)
+    v_keep: Optional[list[list[int]]] = None    # per head, kept V dims (= proj input rows)
+    ffn_keep: Optional[list[int]] = None        # kept FFN hidden channels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AttentionWeights:
+    """Attention weights in (in, out) layout, columns ordered [head, dim]."""
+    heads: int
+    head_dim_qk: int
+    head_dim_v: int
+    wq: np.ndarray
+    bq: Optional[np.ndarray]
+    wk: np.ndarray
+    bk: Optional[np.ndarray]
+    wv: np.ndarray
+    bv: Optional[np.ndarray]
+    wproj: np.ndarray          # (heads * head_dim_v, embed_dim)
+
+
+def _tensor(graph_tensors: dict, name: Optional[str]):
+    return graph_tensors[name] if name else None
+
+
+def linear_weight(tensors: dict, lin: Linear) -> np.ndarray:
+    w = const_value(tensors[lin.weight])
+    return np.asarray(w).T if lin.weight_layout == "out_in" else np.asarray(w)
+
+
+def linear_bias(tensors: dict, lin: Linear) -> Optional[np.ndarray]:
+    return None if lin.bias is None else np.asarray(const_value(tensors[lin.bias])).reshape(-1)
+
+
+def attention_weights(tensors: dict, attn: Attention) -> AttentionWeights:
+    h, dqk, dv = attn.heads, attn.head_dim_qk, attn.head_dim_v
+    if attn.layout == "fused_qkv":
+        w, b = linear_weight(tensors, attn.qkv), linear_bias(tensors, attn.qkv)
+        width = {"q": h * dqk, "k": h * dqk, "v": h * dv}
+        order = sorted(attn.qkv_chunks, key=attn.qkv_chunks.get)
+        starts, pos = {}, 0
+        for role in order:
+            starts[role] = pos
+            pos += width[role]
+        part = {r: w[:, starts[r]:starts[r] + width[r]] for r in "qkv"}
+        bias = {r: (None if b is None else b[starts[r]:starts[r] + width[r]]) for r in "qkv"}
+    else:
+        part = {r: linear_weight(tensors, getattr(attn, r)) for r in "qkv"}
+        bias = {r: linear_bias(tensors, getattr(attn, r)) for r in "qkv"}
+    return AttentionWeights(h, dqk, dv, part["q"], bias["q"], part["k"], bias["k"], part["v"], bias["v"],
+                            linear_weight(tensors, attn.proj))
+
+
+def _columns(keep: list[list[int]], head_dim: int) -> np.ndarray:
+    return np.array([h * head_dim + j for h, dims in enumerate(keep) for j in dims], dtype=np.int64)
+
+
+def _check_keep(keep: Optional[list[list[int]]], heads: int, head_dim: int, what: str, block: int):
+    if keep is None:
+        return [list(range(head_dim))] * heads
+    if len(keep) != heads or len({len(k) for k in keep}) != 1 or not keep[0]:
+        raise Vit2TrtError(f"block {block}: {what} keep lists must give the same non-zero count for each of "
+                           f"{heads} heads, got counts {[len(k) for k in keep]}.")
+    for dims in keep:
+        if len(set(dims)) != len(dims) or min(dims) < 0 or max(dims) >= head_dim:
+            raise Vit2TrtError(f"block {block}: {what} keep indices must be distinct and in [0, {head_dim}).")
+    return [sorted(int(j) for j in dims) for dims in keep]
+
+
+def prune_structure(model: onnx.ModelProto, vit: ViTGraph, keeps: list[BlockKeep]) -> PassResult:
+    graph = gs.import_onnx(model)
+    name_nodes(graph)
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+    done = []
+    for keep in sorted(keeps, key=lambda k: k.index):
+        block = vit.blocks[keep.index]
+        record = {"index": keep.index}
+        if keep.qk_keep is not None or keep.v_keep is not None:
+            record.update(_rebuild_attention(graph, tensors, nodes, block, keep, dtype))
+        if keep.ffn_keep is not None:
+            record.update(_prune_ffn(graph, tensors, nodes, block, keep, dtype))
+        done.append(record)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=True)
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    out.producer_name, out.producer_version = "vit2trt", model.producer_version
+    return PassResult(out, {"blocks": done})
+
+
+def _const(name: str, value: np.ndarray, dtype=None) -> gs.Constant:
+    value = np.ascontiguousarray(value if dtype is None else value.astype(dtype))
+    return gs.Constant(name, values=value)
+
+
+def _rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype) -> dict:
+    attn = block.attn
+    w = attention_weights(tensors, attn)
+    qk_keep = _check_keep(keep.qk_keep, w.heads, w.head_dim_qk, "QK", block.index)
+    v_keep = _check_keep(keep.v_keep, w.heads, w.head_dim_v, "V", block.index)
+    qk_cols, v_cols = _columns(qk_keep, w.head_dim_qk), _columns(v_keep, w.head_dim_v)
+    h, dqk, dv = w.heads, len(qk_keep[0]), len(v_keep[0])
+    scale = attn.scale if attn.scale is not None else attn.head_dim_qk ** -0.5
+    prefix = f"vit2trt/blocks.{block.index}/attn"
+    first = attn.qkv or attn.q
+    x = nodes[first.node].inputs[0]
+
+    def node(op, inputs, name, attrs=None, rank_hint=None):
+        out = gs.Variable(f"{prefix}/{name}_out", dtype=dtype if op not in ("Shape",) else np.int64)
+        graph.nodes.append(gs.Node(op, name=f"{prefix}/{name}", inputs=inputs, outputs=[out], attrs=attrs or {}))
+        return out
+
+    def projection(role, weight, bias, cols, dim, perm):
+        y = node("MatMul", [x, _const(f"{prefix}/{role}.weight", weight[:, cols], dtype)], f"{role}/MatMul")
+        if bias is not None:
+            y = node("Add", [y, _const(f"{prefix}/{role}.bias", bias[cols], dtype)], f"{role}/Add")
+        shape = _const(f"{prefix}/{role}.heads_shape", np.array([0, 0, h, dim], dtype=np.int64))
+        y = node("Reshape", [y, shape], f"{role}/Reshape")
+        return node("Transpose", [y], f"{role}/Transpose", {"perm": perm})
+
+    q = projection("q", w.wq, w.bq, qk_cols, dqk, [0, 2, 1, 3])
+    k = projection("k", w.wk, w.bk, qk_cols, dqk, [0, 2, 3, 1])
+    v = projection("v", w.wv, w.bv, v_cols, dv, [0, 2, 1, 3])
+    scores = node("MatMul", [q, k], "scores/MatMul")
+    scores = node("Mul", [scores, _const(f"{prefix}/scale", np.array(scale, dtype=dtype))], "scores/Mul")
+    for i, mask_name in enumerate(attn.mask_inputs):  # constant masks stay as they were
+        scores = node("Add", [scores, tensors[mask_name]], f"scores/mask_{i}")
+    probs = node("Softmax", [scores], "Softmax", {"axis": -1})
+    ctx = node("MatMul", [probs, v], "context/MatMul")
+    ctx = node("Transpose", [ctx], "context/Transpose", {"perm": [0, 2, 1, 3]})
+    ctx = node("Reshape", [ctx, _const(f"{prefix}/context.shape", np.array([0, 0, h * dv], dtype=np.int64))],
+               "context/Reshape")
+    proj = nodes[attn.proj.node]
+    if proj.op != "MatMul":
+        raise Vit2TrtError(f"block {block.index}: output projection '{proj.name}' is a {proj.op}, expected MatMul.")
+    proj.inputs[0] = ctx
+    proj.inputs[1] = _const(f"{prefix}/proj.weight", w.wproj[v_cols, :], dtype)
+    return {"heads": h, "head_dim_qk": [w.head_dim_qk, dqk], "head_dim_v": [w.head_dim_v, dv], "scale": scale}
+
+
+def _prune_ffn(graph, tensors, nodes, block, keep: BlockKeep, dtype) -> dict:
+    ffn = block.ffn
+    channels = sorted(int(c) for c in keep.ffn_keep)
+    if not channels or len(set(channels)) != len(channels) or channels[0] < 0 or channels[-1] >= ffn.hidden:
+        raise Vit2TrtError(f"block {block.index}: FFN keep list must hold distinct channels in [0, {ffn.hidden}).")
+    cols = np.array(channels, dtype=np.int64)
+    prefix = f"vit2trt/blocks.{block.index}/ffn"
+    fc1, fc2 = nodes[ffn.fc1.node], nodes[ffn.fc2.node]
+    if fc1.op != "MatMul" or fc2.op != "MatMul":
+        raise Vit2TrtError(f"block {block.index}: FFN projections must be MatMul nodes to prune them.")
+    fc1.inputs[1] = _const(f"{prefix}/fc1.weight", linear_weight(tensors, ffn.fc1)[:, cols], dtype)
+    if ffn.fc1.bias is not None:
+        add = nodes[ffn.fc1.bias_node]
+        slot = next(i for i, t in enumerate(add.inputs) if t.name == ffn.fc1.bias)
+        add.inputs[slot] = _const(f"{prefix}/fc1.bias", linear_bias(tensors, ffn.fc1)[cols], dtype)
+    fc2.inputs[1] = _const(f"{prefix}/fc2.weight", linear_weight(tensors, ffn.fc2)[cols, :], dtype)
+    return {"ffn_hidden": [ffn.hidden, len(channels)]}
