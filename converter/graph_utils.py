@@ -32,3 +32,12 @@ def name_nodes(graph: gs.Graph) -> None:
     for i, node in enumerate(graph.nodes):
         if not node.name:
             node.name = f"{node.op}@{node.outputs[0].name if node.outputs else i}"
+
+
+def forget_inner_shapes(graph: gs.Graph) -> None:
+    """Drop recorded shapes of inner tensors after surgery (dynamo exports annotate them all);
+    stale ones make runtimes reject the graph. Graph inputs and outputs keep theirs."""
+    ends = {id(t) for t in graph.inputs + graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and id(tensor) not in ends:
+            tensor.shape = None

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import const_value, name_nodes
+from vit2trt.converter.graph_utils import const_value, forget_inner_shapes, name_nodes
 from vit2trt.converter.vit_graph import Attention, Linear, ViTGraph
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
@@ -111,6 +111,7 @@ def prune_structure(model: onnx.ModelProto, vit: ViTGraph, keeps: list[BlockKeep
             record.update(_prune_ffn(graph, tensors, nodes, block, keep, dtype))
         done.append(record)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    forget_inner_shapes(graph)
     out = gs.export_onnx(graph, do_type_check=True)
     out.ir_version = model.ir_version
     del out.opset_import[:]

@@ -1,0 +1,177 @@
+"""ToaSt structure removal: stripping masked-zero structure and SCWP, proven against PyTorch."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+from vit2trt.cli import app
+from vit2trt.converter.convert import ConvertOptions, convert
+from vit2trt.converter.engine import tensorrt_backend
+from vit2trt.converter.export import export_model
+from vit2trt.converter.graph_reader import read_vit
+from vit2trt.models.pruned_reference import apply_decisions
+from vit2trt.models.reference import ReferenceRecord, build_model
+
+from conftest import HF_TINY
+
+runner = CliRunner()
+
+
+def _run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _rel(got, want):
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _inputs(record: ReferenceRecord, batch: int, seed: int = 3) -> np.ndarray:
+    c, h, w = record.preprocessing["input_size"]
+    return np.random.default_rng(seed).standard_normal((batch, c, h, w)).astype(np.float32)
+
+
+def _masked_deit(tmp_path, exporter):
+    """A DeiT-S with structure zeroed as a masked fine-tune leaves it, uneven across heads."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", depth=3, num_classes=10).eval()
+    heads, hd, d = 6, 64, 384
+    with torch.no_grad():
+        for i, blk in enumerate(model.blocks[1:], start=1):
+            w, b = blk.attn.qkv.weight, blk.attn.qkv.bias
+            for h in range(heads):
+                dead_qk = range(0, 40 + 2 * h)          # 40..50 dead dims: counts differ per head
+                for j in dead_qk:
+                    row = (j % 2) * d + h * hd + j      # zero either the Q row or the K row
+                    w[row] = 0
+                    b[row] = 0
+                for j in range(10, 30 + h):             # V rows zeroed for some dims ...
+                    w[2 * d + h * hd + j] = 0
+                    b[2 * d + h * hd + j] = 0
+                for j in range(40, 45):                 # ... proj input columns for others
+                    blk.attn.proj.weight[:, h * hd + j] = 0
+            blk.mlp.fc2.weight[:, 0:700] = 0            # dead hidden units via fc2 ...
+            blk.mlp.fc1.weight[900:1000] = 0            # ... and via fc1 row + bias
+            blk.mlp.fc1.bias[900:1000] = 0
+    weights = tmp_path / "masked.pth"
+    torch.save(model.state_dict(), weights)
+    result = export_model("timm:deit_small_patch16_224", tmp_path / "masked.onnx", weights=str(weights),
+                          exporter=exporter, model_args={"depth": 3, "num_classes": 10})
+    return model, result
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_stripping_zeroed_structure_changes_only_rounding(tmp_path, exporter):
+    model, exported = _masked_deit(tmp_path, exporter)
+    out = convert(exported.onnx_path, tmp_path / "out", ConvertOptions(build=False))
+    x = np.random.default_rng(1).standard_normal((4, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert _rel(_run(out.onnx_path, x), want) <= 1e-5
+    assert out.agreement["relative_error"] <= 1e-5
+    g = read_vit(out.onnx_path)
+    assert g.blocks[0].attn.head_dim_qk == 64 and g.blocks[0].ffn.hidden == 1536
+    for blk in g.blocks[1:]:
+        # QK: head 5 has the fewest dead dims (64 - 50 = 14 live), every head padded to the widest (24).
+        assert blk.attn.head_dim_qk == 64 - 40
+        assert blk.attn.head_dim_v == 64 - (20 + 5)   # head 0: 20 dead V dims + 5 dead proj columns
+        assert blk.ffn.hidden == 1536 - 700 - 100
+        assert blk.attn.scale == pytest.approx(64 ** -0.5)  # the softmax scale stays the original
+    assert out.flops_after < 0.8 * out.flops_before
+    decisions = json.loads((tmp_path / "out" / "decisions.json").read_text())
+    blk1 = decisions["blocks"][0]
+    assert blk1["index"] == 1 and len(blk1["qk_keep"]) == 6 and len(blk1["ffn_keep"]) == 736
+    # The decisions rebuild the same compressed model in PyTorch.
+    reference = apply_decisions(model, decisions)
+    with torch.no_grad():
+        assert _rel(reference(torch.from_numpy(x)).numpy(), want) <= 1e-5
+
+
+SCWP_CASES = [
+    ("deit_small", "timm:deit_small_patch16_224", {"depth": 3}),
+    ("deit_small_distilled", "timm:deit_small_distilled_patch16_224", {"depth": 2}),
+    ("deit3_layerscale", "timm:deit3_small_patch16_224", {"depth": 2}),
+    ("gap_no_cls", "timm:vit_small_patch16_224", {"depth": 2, "class_token": False, "global_pool": "avg"}),
+    ("dinov2_reg4", "timm:vit_small_patch14_reg4_dinov2", {"depth": 2, "img_size": 126, "num_classes": 10}),
+    ("no_qkv_bias", "timm:vit_small_patch16_224", {"depth": 2, "qkv_bias": False}),
+    ("hf_vit", "hf:ViTForImageClassification", HF_TINY),
+]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("case_id,spec,args", SCWP_CASES, ids=[c[0] for c in SCWP_CASES])
+def test_scwp_matches_pruned_pytorch_reference(tmp_path, export_cache, case_id, spec, args, exporter):
+    exported = export_cache(spec, args, exporter)
+    out = convert(exported.onnx_path, tmp_path / "out", ConvertOptions(head_sparsity=0.9, build=False))
+    record = ReferenceRecord.load(exported.record_path)
+    decisions = json.loads((tmp_path / "out" / "decisions.json").read_text())
+    reference = apply_decisions(build_model(record), decisions)
+    x = _inputs(record, 8)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(x)).numpy()
+    got = _run(out.onnx_path, x)
+    assert _rel(got, want) <= 1e-5
+    one_by_one = np.concatenate([_run(out.onnx_path, x[i:i + 1]) for i in range(8)])
+    assert _rel(one_by_one, got) <= 1e-6
+    g = read_vit(out.onnx_path)
+    head_dim = g.blocks[0].attn.head_dim_qk
+    assert all(b.attn.head_dim_qk == b.attn.head_dim_v == round(head_dim * 0.1) for b in g.blocks[1:])
+    assert len(decisions["blocks"]) == g.depth - 1 and decisions["blocks"][0]["index"] == 1
+    # The pruned model really differs from the original (pruning without fine-tuning is lossy).
+    with torch.no_grad():
+        original = build_model(record)(torch.from_numpy(x)).numpy()
+    assert _rel(original, want) > 1e-3
+
+
+def test_scwp_keeps_the_dims_farthest_from_the_median():
+    from vit2trt.passes.scwp import _rank_dims
+
+    rows = np.zeros((5, 4))
+    rows[3] = 10.0          # far from the (zero) median
+    rows[1] = -4.0
+    assert _rank_dims(rows, 2) == [1, 3]
+
+
+def test_same_input_and_settings_give_identical_bytes(tmp_path, export_cache):
+    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "dynamo")
+    a = convert(exported.onnx_path, tmp_path / "a", ConvertOptions(head_sparsity=0.9, build=False))
+    b = convert(exported.onnx_path, tmp_path / "b", ConvertOptions(head_sparsity=0.9, build=False))
+    assert a.onnx_path.read_bytes() == b.onnx_path.read_bytes()
+    assert (tmp_path / "a" / "decisions.json").read_bytes() == (tmp_path / "b" / "decisions.json").read_bytes()
+
+
+@pytest.mark.skipif(tensorrt_backend()[1] is None, reason="no tensorrt or tensorrt_rtx module")
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_pruned_graphs_build_with_tensorrt(tmp_path, export_cache, exporter):
+    exported = export_cache("timm:deit3_small_patch16_224", {"depth": 2}, exporter)
+    result = runner.invoke(app, ["convert", str(exported.onnx_path), "--method", "toast", "--head-sparsity", "0.9",
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.engine").stat().st_size > 100_000
+    assert "fine-tun" in result.output and "top-1 agreement" in result.output
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--head-sparsity", "1.5"], "head-sparsity"),
+    (["--head-sparsity", "-0.1"], "head-sparsity"),
+    (["--method", "nope"], "unknown method"),
+])
+def test_bad_convert_requests_write_nothing(tmp_path, deit_tiny_ts, argv, needle):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", str(deit_tiny_ts.onnx_path), "--out", str(out), "--no-build", *argv])
+    assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vit2trt")]
+
+
+def test_convert_of_a_non_vit_writes_nothing(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("not a graph")
+    result = runner.invoke(app, ["convert", str(path), "--out", str(tmp_path / "out"), "--no-build"])
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
