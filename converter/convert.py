@@ -21,6 +21,8 @@ from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.scwp import scwp
 from vit2trt.passes.strip_zeros import strip_dead_structure
 from vit2trt.passes.structured_prune import BlockKeep
+from vit2trt.passes.tcs import apply_tcs, tcs_blocks
+from vit2trt.passes.toast_plan import plan_toast
 
 METHODS = ("toast",)
 _TWO_GB = 2**31
@@ -30,6 +32,11 @@ _TWO_GB = 2**31
 class ConvertOptions:
     method: str = "toast"
     head_sparsity: Optional[float] = None
+    target_gflops: Optional[float] = None
+    fc1_ratios: Optional[list[float]] = None
+    fc2_ratios: Optional[list[float]] = None
+    tcs_shared: bool = False
+    model_name: Optional[str] = None        # timm name, to pick a published schedule
     skip_blocks: tuple[int, ...] = (0,)
     build: bool = True
     check_batch: int = 8
@@ -72,8 +79,6 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
             progress: Callable[[str], None] = lambda msg: None) -> ConvertResult:
     if options.method not in METHODS:
         raise Vit2TrtError(f"unknown method '{options.method}'; available: {', '.join(METHODS)}.")
-    if options.head_sparsity is not None and not 0.0 <= options.head_sparsity < 1.0:
-        raise Vit2TrtError(f"--head-sparsity must be in [0, 1), got {options.head_sparsity}.")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
         raise Vit2TrtError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
@@ -89,26 +94,44 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
     if strip_keeps:
         model, keeps = result.model, strip_keeps
         current = describe_vit(model, "stripped graph")
-    if options.head_sparsity:
-        progress(f"SCWP at head sparsity {options.head_sparsity:g}")
-        result, scwp_keeps = scwp(model, current, options.head_sparsity, options.skip_blocks)
+    plan = plan_toast(current, options.head_sparsity, options.fc1_ratios, options.fc2_ratios,
+                      options.target_gflops, options.model_name or _recorded_name(model_path))
+    notes.extend(plan.notes)
+    if plan.head_sparsity:
+        progress(f"SCWP at head sparsity {plan.head_sparsity:g}")
+        result, scwp_keeps = scwp(model, current, plan.head_sparsity, options.skip_blocks)
         passes.append(result.report)
         if scwp_keeps:
             model, keeps = result.model, compose_keeps(keeps, scwp_keeps)
             current = describe_vit(model, "pruned graph")
             notes.append("SCWP pruned weights without fine-tuning: ToaSt fine-tunes afterwards (about 300 epochs "
                          "for DeiT) to recover accuracy; the agreement below is before any fine-tuning.")
-    if not keeps:
-        notes.append("nothing was pruned: no zeroed structure was found and no --head-sparsity was given.")
+    tcs_record = None
+    if plan.fc1_ratios is not None:
+        progress("inserting Token Channel Selection")
+        blocks = tcs_blocks(current, plan.fc1_ratios, plan.fc2_ratios)
+        if blocks:
+            result = apply_tcs(model, current, blocks, shared=options.tcs_shared)
+            passes.append(result.report)
+            model = result.model
+            current = describe_vit(model, "graph with TCS")
+            tcs_record = {"blocks": result.report["blocks"], "settings": result.report["settings"],
+                          "fc1_ratios": plan.fc1_ratios, "fc2_ratios": plan.fc2_ratios}
+    if not keeps and tcs_record is None:
+        notes.append("nothing was compressed: no zeroed structure was found and no --head-sparsity, "
+                     "--target-gflops or TCS ratios were given.")
 
     progress("checking against the original graph")
     agreement = _agreement(original, model, vit, options.check_batch, options.seed)
     decisions = {
         "method": options.method,
         "source": Path(model_path).name,
-        "settings": {"head_sparsity": options.head_sparsity, "skip_blocks": list(options.skip_blocks)},
+        "settings": {"head_sparsity": plan.head_sparsity, "skip_blocks": list(options.skip_blocks),
+                     "target_gflops": options.target_gflops, "schedule": plan.schedule,
+                     "tcs_shared": options.tcs_shared},
         "passes": passes,
         "blocks": [k.to_dict() for k in keeps],
+        "tcs": tcs_record,
         "flops": {"before": vit.flops.total, "after": current.flops.total},
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +158,16 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
         tmp.mkdir()  # TemporaryDirectory expects to remove something
     return ConvertResult(out_dir, out_dir / "model.onnx", decisions, vit.flops.total, current.flops.total,
                          agreement, build, notes)
+
+
+def _recorded_name(model_path) -> Optional[str]:
+    """The timm name from the reference record written by `vit2trt export`, if there is one."""
+    path = Path(str(model_path) + ".reference.json")
+    try:
+        data = json.loads(path.read_text())
+        return data["name"] if data.get("family") == "timm" else None
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _agreement(original: onnx.ModelProto, compressed: onnx.ModelProto, vit: ViTGraph, batch: int, seed: int) -> dict:

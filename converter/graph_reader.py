@@ -222,8 +222,26 @@ class _Reader:
             return None
         weight_t = node.inputs[1]
         weight = self._const_value(weight_t)
+        selected = None
+        gather = self._producer(weight_t)
+        if weight is None and gather is not None and gather.op == "Gather" and int(gather.attrs.get("axis", 0)) == 0:
+            # Token Channel Selection: the weight rows are gathered per image at run time.
+            weight_t = gather.inputs[0]
+            weight = self._const_value(weight_t)
+            selected = self._tensor_shape(node.inputs[0])[-1] if node.op == "MatMul" else None
         if weight is None or weight.ndim != 2 or self._const_value(node.inputs[0]) is not None:
             return None
+        if selected is not None:
+            lin = Linear(node.name, weight_t.name, "in_out", int(weight.shape[0]), int(weight.shape[1]),
+                         output=node.outputs[0].name, selected_in=int(selected))
+            if with_bias:
+                out = node.outputs[0]
+                if len(out.outputs) == 1 and out.outputs[0].op == "Add":
+                    add = out.outputs[0]
+                    bias = [t for t in add.inputs if self._const_value(t) is not None]
+                    if len(bias) == 1 and self._const_value(bias[0]).size == lin.out_features:
+                        lin.bias, lin.bias_node, lin.output = bias[0].name, add.name, add.outputs[0].name
+            return lin
         if node.op == "Gemm":
             if int(node.attrs.get("transA", 0)):
                 return None
@@ -281,6 +299,12 @@ class _Reader:
             start = self._const_value(node.inputs[1])
             return int(np.asarray(start).reshape(-1)[0]) if start is not None and start.size == 1 else None
         return None
+
+    def _probs_consumer(self, probs) -> Optional[gs.Node]:
+        """The A·V MatMul (or a Cast before it); other readers of the probabilities (TCS) are ignored."""
+        candidates = [n for n in probs.outputs if n.op in ("MatMul", "Cast", "Identity")
+                      and n.inputs[0] is probs]
+        return candidates[0] if len(candidates) == 1 else None
 
     def _single_consumer(self, tensor, ops: Iterable[str]) -> Optional[gs.Node]:
         consumers = [n for n in tensor.outputs]
@@ -340,7 +364,7 @@ class _Reader:
             raise NotAViTError(self._not_vit(f"{where}: no Q·Kᵀ MatMul feeds the Softmax"))
         probs, av = softmax.outputs[0], None
         for _ in range(4):  # HF casts the probabilities (to the same dtype) before A·V
-            av = self._single_consumer(probs, {"MatMul", "Cast", "Identity"})
+            av = self._probs_consumer(probs)
             if av is None or av.op == "MatMul":
                 break
             probs = av.outputs[0]
@@ -433,7 +457,7 @@ class _Reader:
         flops = BlockFlops(
             attn_proj=proj_macs,
             attn_matmul=heads * n * n * head_dim_qk + heads * n * n * head_dim_v,
-            ffn=n * ffn.fc1.in_features * ffn.fc1.out_features + n * ffn.fc2.in_features * ffn.fc2.out_features,
+            ffn=sum(n * (lin.selected_in or lin.in_features) * lin.out_features for lin in (ffn.fc1, ffn.fc2)),
         )
         return Block(
             index=index, input=block_in, output=res_ffn.outputs[0].name,
@@ -467,7 +491,7 @@ class _Reader:
                 norm2 = node.name
             if node.op == "Add" and any(t is r1 for t in node.inputs):
                 continue  # the FFN residual itself
-            if depth < 3:
+            if depth < 5:
                 queue.extend((n, depth + 1) for t in node.outputs for n in t.outputs)
         if fc1 is None:
             raise NotAViTError(self._not_vit(f"{where}: no first FFN projection after the attention residual"))

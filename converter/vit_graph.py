@@ -22,6 +22,7 @@ class Linear:
     bias: Optional[str] = None        # bias tensor name
     bias_node: Optional[str] = None   # Add node carrying the bias (or the Gemm itself)
     output: str = ""                  # tensor after bias
+    selected_in: Optional[int] = None  # Token Channel Selection: input channels kept per image
 
 
 @dataclass

@@ -27,6 +27,7 @@ class PrunedAttention(nn.Module):
         self.q, self.k, self.v = (self._linear(w, b) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
         self.proj = proj
         self.heads, self.scale, self.hf_tuple = heads, scale, hf_tuple
+        self.probs: Optional[torch.Tensor] = None  # kept for Token Channel Selection in the same block
 
     @staticmethod
     def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
@@ -43,6 +44,7 @@ class PrunedAttention(nn.Module):
         k = self.k(x).reshape(b, n, self.heads, -1).permute(0, 2, 3, 1)
         v = self.v(x).reshape(b, n, self.heads, -1).transpose(1, 2)
         attn = ((q @ k) * self.scale).softmax(dim=-1)
+        self.probs = attn
         out = self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
         return (out, None) if self.hf_tuple else out
 
@@ -55,41 +57,96 @@ def _prune_linear_inputs(layer: nn.Linear, cols: torch.Tensor) -> nn.Linear:
     return PrunedAttention._linear(layer.weight[:, cols], layer.bias)
 
 
+class TCSMlp(nn.Module):
+    """FFN with ToaSt Token Channel Selection on FC1's and FC2's inputs, per image or batch-shared."""
+
+    def __init__(self, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear, attention: PrunedAttention,
+                 fc1_keep: Optional[int], fc2_keep: Optional[int], settings: dict):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = fc1, act, fc2
+        self.attention = [attention]  # a list: not a submodule of this one
+        self.fc1_keep, self.fc2_keep = fc1_keep, fc2_keep
+        self.sample = torch.tensor(settings["sample"], dtype=torch.long)
+        self.use_cls, self.shared = settings["use_class_token"], settings["shared"]
+        self.lambda_cls, self.lambda_patch = settings["lambda_cls"], settings["lambda_patch"]
+
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        sampled = x[:, self.sample].abs()                                   # [B, |S|, C]
+        if not self.use_cls:
+            return sampled.mean(1)
+        cls_row = self.attention[0].probs[:, :, 0, :].mean(1)               # [B, N]
+        patch = (sampled * cls_row[:, self.sample].unsqueeze(-1)).mean(1)
+        return x[:, 0].abs() * self.lambda_cls + patch * self.lambda_patch
+
+    def _selected(self, x: torch.Tensor, layer: nn.Linear, keep: Optional[int]) -> torch.Tensor:
+        if keep is None:
+            return layer(x)
+        weight = layer.weight.t()                                           # [in, out]
+        scores = self._scores(x)
+        if self.shared:
+            index = scores.mean(0).topk(keep).indices
+            out = x[..., index] @ weight[index]
+        else:
+            index = scores.topk(keep, dim=-1).indices                       # [B, K]
+            picked = x.gather(2, index[:, None, :].expand(-1, x.shape[1], -1))
+            out = picked @ weight[index]                                    # [B, N, K] @ [B, K, out]
+        return out if layer.bias is None else out + layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._selected(self.act(self._selected(x, self.fc1, self.fc1_keep)), self.fc2, self.fc2_keep)
+
+
 def apply_decisions(model: nn.Module, decisions: dict) -> nn.Module:
-    """A pruned copy of `model` (timm VisionTransformer or HFLogits) following decisions['blocks']."""
+    """A compressed copy of `model` (timm VisionTransformer or HFLogits) following decisions.json:
+    'blocks' (kept attention dims and FFN channels) and 'tcs' (Token Channel Selection)."""
     model = copy.deepcopy(model).eval()
     hf = isinstance(model, HFLogits)
     blocks = model.model.vit.layers if hf else model.blocks
     with torch.no_grad():
         for keep in decisions.get("blocks", []):
             block = blocks[keep["index"]]
-            attn = block.attention if hf else block.attn
             mlp = block.mlp
             if keep.get("qk_keep") is not None or keep.get("v_keep") is not None:
-                if hf:
-                    heads, head_dim, scale = attn.num_attention_heads, attn.head_dim, attn.scaling
-                    parts = [(attn.q_proj.weight, attn.q_proj.bias), (attn.k_proj.weight, attn.k_proj.bias),
-                             (attn.v_proj.weight, attn.v_proj.bias)]
-                    proj = attn.o_proj
-                else:
-                    heads, head_dim, scale = attn.num_heads, attn.head_dim, attn.scale
-                    w, b = attn.qkv.weight, attn.qkv.bias
-                    d = heads * head_dim
-                    parts = [(w[i * d:(i + 1) * d], None if b is None else b[i * d:(i + 1) * d]) for i in range(3)]
-                    proj = attn.proj
-                full = [list(range(head_dim))] * heads
-                qk = _columns(keep.get("qk_keep") or full, head_dim)
-                vv = _columns(keep.get("v_keep") or full, head_dim)
-                (wq, bq), (wk, bk), (wv, bv) = parts
-                sel = lambda t, idx: None if t is None else t[idx]  # noqa: E731
-                new = PrunedAttention(wq[qk], sel(bq, qk), wk[qk], sel(bk, qk), wv[vv], sel(bv, vv),
-                                      _prune_linear_inputs(proj, vv), heads, scale, hf_tuple=hf)
-                if hf:
-                    block.attention = new
-                else:
-                    block.attn = new
+                _prune_block_attention(block, hf, keep)
             if keep.get("ffn_keep") is not None:
                 channels = torch.tensor(sorted(keep["ffn_keep"]), dtype=torch.long)
                 mlp.fc1 = _prune_linear_rows(mlp.fc1, channels)
                 mlp.fc2 = _prune_linear_inputs(mlp.fc2, channels)
+        tcs = decisions.get("tcs")
+        for spec in (tcs or {}).get("blocks", []):
+            block = blocks[spec["index"]]
+            attn = block.attention if hf else block.attn
+            if not isinstance(attn, PrunedAttention):  # an unpruned block: same math, probabilities kept
+                _prune_block_attention(block, hf, {})
+                attn = block.attention if hf else block.attn
+            mlp = block.mlp
+            act = getattr(mlp, "act", None) or getattr(mlp, "activation_fn")
+            block.mlp = TCSMlp(mlp.fc1, act, mlp.fc2, attn, spec.get("fc1_keep"), spec.get("fc2_keep"),
+                               tcs["settings"])
     return model
+
+
+def _prune_block_attention(block: nn.Module, hf: bool, keep: dict) -> None:
+    attn = block.attention if hf else block.attn
+    if hf:
+        heads, head_dim, scale = attn.num_attention_heads, attn.head_dim, attn.scaling
+        parts = [(attn.q_proj.weight, attn.q_proj.bias), (attn.k_proj.weight, attn.k_proj.bias),
+                 (attn.v_proj.weight, attn.v_proj.bias)]
+        proj = attn.o_proj
+    else:
+        heads, head_dim, scale = attn.num_heads, attn.head_dim, attn.scale
+        w, b = attn.qkv.weight, attn.qkv.bias
+        d = heads * head_dim
+        parts = [(w[i * d:(i + 1) * d], None if b is None else b[i * d:(i + 1) * d]) for i in range(3)]
+        proj = attn.proj
+    full = [list(range(head_dim))] * heads
+    qk = _columns(keep.get("qk_keep") or full, head_dim)
+    vv = _columns(keep.get("v_keep") or full, head_dim)
+    (wq, bq), (wk, bk), (wv, bv) = parts
+    sel = lambda t, idx: None if t is None else t[idx]  # noqa: E731
+    new = PrunedAttention(wq[qk], sel(bq, qk), wk[qk], sel(bk, qk), wv[vv], sel(bv, vv),
+                          _prune_linear_inputs(proj, vv), heads, scale, hf_tuple=hf)
+    if hf:
+        block.attention = new
+    else:
+        block.attn = new

@@ -20,7 +20,8 @@ from vit2trt.passes.structured_prune import BlockKeep, attention_weights, prune_
 
 
 def kept_count(head_dim: int, sparsity: float) -> int:
-    return max(1, int(round(head_dim * (1.0 - sparsity))))
+    """The official count: floor of the kept fraction, at least one (64 dims at 90% -> 6)."""
+    return max(1, int(head_dim * (1.0 - sparsity) + 1e-9))
 
 
 def _rank_dims(rows: np.ndarray, keep: int) -> list[int]:

@@ -129,17 +129,23 @@ def convert(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: model.onnx, decisions.json, report.json, model.engine."),
     method: str = typer.Option("toast", "--method", help="Compression method (toast)."),
     head_sparsity: Optional[float] = typer.Option(None, "--head-sparsity", help="ToaSt SCWP: fraction of every head's QK and V dims to remove, e.g. 0.9 (all blocks but the first)."),
+    target_gflops: Optional[float] = typer.Option(None, "--target-gflops", help="Use ToaSt's published schedule for this budget (DeiT-T/S/B, MAE-B/L/H), or solve back-loaded TCS ratios for other models."),
+    fc1: Optional[str] = typer.Option(None, "--fc1", help="TCS: per-block fractions of FC1 input channels to drop, comma-separated."),
+    fc2: Optional[str] = typer.Option(None, "--fc2", help="TCS: per-block fractions of FC2 input channels (hidden units) to drop."),
+    tcs_shared: bool = typer.Option(False, "--tcs-shared", help="TCS: one channel set per batch, as the official code (default: per image, batch-independent)."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build a TensorRT engine of the result."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
     seed: int = typer.Option(0, "--seed", help="Seed of the check inputs."),
 ):
     """Compress a ViT graph by surgery. toast: strip zeroed QK/VO dims and FFN channels (the main path
-    after masked fine-tuning) and, with --head-sparsity, prune head dims by SCWP."""
+    after masked fine-tuning); prune head dims by SCWP (--head-sparsity); insert Token Channel
+    Selection (--fc1/--fc2, or a whole schedule with --target-gflops)."""
     with _user_errors():
         from vit2trt.converter.convert import ConvertOptions, convert as run_convert
 
-        options = ConvertOptions(method=method, head_sparsity=head_sparsity, build=build, seed=seed,
-                                 overwrite=overwrite)
+        options = ConvertOptions(method=method, head_sparsity=head_sparsity, target_gflops=target_gflops,
+                                 fc1_ratios=_ratios(fc1, "--fc1"), fc2_ratios=_ratios(fc2, "--fc2"),
+                                 tcs_shared=tcs_shared, build=build, seed=seed, overwrite=overwrite)
         with err.status("converting ...") as status:
             result = run_convert(model, out_dir, options, progress=lambda msg: status.update(f"{msg} ..."))
         ratio = result.flops_before / max(result.flops_after, 1)
@@ -155,6 +161,15 @@ def convert(
             out.print(f"TensorRT ({result.build.backend}): {result.build.status} {result.build.message}")
         for note in result.notes:
             out.print(f"note: {note}", style="yellow")
+
+
+def _ratios(text: Optional[str], flag: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise Vit2TrtError(f"{flag} takes comma-separated numbers such as 0,0,0.3, not '{text}'.") from None
 
 
 def _print_description(g) -> None:
