@@ -82,7 +82,8 @@ def plan_toast(vit: ViTGraph, head_sparsity: Optional[float], fc1: Optional[list
     key = _matching_schedule(vit, model_name)
     if key is not None:
         targets = SCHEDULES[key]["targets"]
-        match = next((t for t in targets if abs(float(t) - target_gflops) <= 0.051), None)
+        closest = min(targets, key=lambda t: abs(float(t) - target_gflops))
+        match = closest if abs(float(closest) - target_gflops) <= 0.051 else None
         if match is None:
             raise Vit2TrtError(f"ToaSt publishes no {target_gflops:g} GFLOPs schedule for {key}; available: "
                                f"{', '.join(targets)} GFLOPs.")
