@@ -550,9 +550,10 @@ class _Reader:
         return len(self._tensor_shape(node.inputs[0])), len(self._tensor_shape(node.outputs[0]))
 
     def _is_head_split(self, node: gs.Node, lin: Linear) -> bool:
-        """[batch, tokens, projection features] -> [..., heads, head_dim] (not a layout-only reshape)."""
-        before, after = self._rank_change(node)
-        return before == 3 and after >= 4 and self._tensor_shape(node.inputs[0])[-1] == lin.out_features
+        """[batch, tokens, features] -> [batch, tokens, ..., heads, head_dim], not a layout-only reshape."""
+        before, after = self._tensor_shape(node.inputs[0]), self._tensor_shape(node.outputs[0])
+        return (len(before) == 3 and len(after) >= 4 and before[:2] == after[:2]
+                and int(np.prod(after[2:])) == before[2])
 
     def _is_head_merge(self, node: gs.Node) -> bool:
         before, after = self._rank_change(node)

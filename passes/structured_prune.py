@@ -1,7 +1,7 @@
 """Physically remove attention dimensions and FFN channels, given what to keep.
 
 The one place where pruning decisions become smaller weights. Attention of a pruned block is
-rebuilt in a canonical form — separate Q, K, V projections, Reshape to [0, 0, heads, dim] (0 copies
+rebuilt in a canonical form — one fused Q|K|V projection split three ways, Reshape to [0, 0, heads, dim] (0 copies
 batch and tokens, so the batch stays dynamic), explicit score scale — whatever exporter made the
 original. QK and V head dims may differ; the softmax scale stays the original one.
 """
@@ -142,17 +142,28 @@ def _rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype) -> 
         graph.nodes.append(gs.Node(op, name=f"{prefix}/{name}", inputs=inputs, outputs=[out], attrs=attrs or {}))
         return out
 
-    def projection(role, weight, bias, cols, dim, perm):
-        y = node("MatMul", [x, _const(f"{prefix}/{role}.weight", weight[:, cols], dtype)], f"{role}/MatMul")
-        if bias is not None:
-            y = node("Add", [y, _const(f"{prefix}/{role}.bias", bias[cols], dtype)], f"{role}/Add")
+    # One fused projection (one pass over x, one GEMM), split into Q, K and V of their own widths.
+    weight = np.concatenate([w.wq[:, qk_cols], w.wk[:, qk_cols], w.wv[:, v_cols]], axis=1)
+    qkv = node("MatMul", [x, _const(f"{prefix}/qkv.weight", weight, dtype)], "qkv/MatMul")
+    if w.bq is not None or w.bk is not None or w.bv is not None:
+        zeros = lambda n: np.zeros(n, dtype=dtype)  # noqa: E731 - a missing bias is a zero bias
+        bias = np.concatenate([w.bq[qk_cols] if w.bq is not None else zeros(len(qk_cols)),
+                               w.bk[qk_cols] if w.bk is not None else zeros(len(qk_cols)),
+                               w.bv[v_cols] if w.bv is not None else zeros(len(v_cols))])
+        qkv = node("Add", [qkv, _const(f"{prefix}/qkv.bias", bias, dtype)], "qkv/Add")
+    widths = np.array([h * dqk, h * dqk, h * dv], dtype=np.int64)
+    parts = [gs.Variable(f"{prefix}/qkv/Split_out{i}", dtype=dtype) for i in range(3)]
+    graph.nodes.append(gs.Node("Split", name=f"{prefix}/qkv/Split", inputs=[qkv, _const(f"{prefix}/qkv.widths", widths)],
+                               outputs=parts, attrs={"axis": -1}))
+
+    def heads_of(role, y, dim, perm):
         shape = _const(f"{prefix}/{role}.heads_shape", np.array([0, 0, h, dim], dtype=np.int64))
         y = node("Reshape", [y, shape], f"{role}/Reshape")
         return node("Transpose", [y], f"{role}/Transpose", {"perm": perm})
 
-    q = projection("q", w.wq, w.bq, qk_cols, dqk, [0, 2, 1, 3])
-    k = projection("k", w.wk, w.bk, qk_cols, dqk, [0, 2, 3, 1])
-    v = projection("v", w.wv, w.bv, v_cols, dv, [0, 2, 1, 3])
+    q = heads_of("q", parts[0], dqk, [0, 2, 1, 3])
+    k = heads_of("k", parts[1], dqk, [0, 2, 3, 1])
+    v = heads_of("v", parts[2], dv, [0, 2, 1, 3])
     scores = node("MatMul", [q, k], "scores/MatMul")
     scores = node("Mul", [scores, _const(f"{prefix}/scale", np.array(scale, dtype=dtype))], "scores/Mul")
     for i, mask_name in enumerate(attn.mask_inputs):  # constant masks stay as they were
