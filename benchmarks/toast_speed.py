@@ -3,8 +3,8 @@
 Variants are timed interleaved (every round runs each variant once per batch size) and the
 median of the rounds is reported, so machine noise hits all variants alike. Weights are seeded
 random (speed does not depend on them). Prints FLOPs ratio, measured speedup, their quotient,
-and the cost of TCS's own scoring/top-k/gather, measured with a variant that selects every
-channel (same selection ops, no channel dropped).
+and, from ONNX Runtime's node profiler, the time of TCS's own scoring/top-k/gather nodes against
+the FFN MatMul time they save.
 
     python benchmarks/toast_speed.py [--repeats 15] [--threads 2] [--model deit_small_patch16_224]
 """
@@ -17,13 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
-from vit2trt.converter.graph_reader import describe_vit, read_vit
-from vit2trt.passes.tcs import TCSBlock, apply_tcs
+from vit2trt.converter.graph_reader import read_vit
 from vit2trt.passes.toast_schedules import SCHEDULES
 
 
@@ -41,46 +39,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--profile-runs", type=int, default=10)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        base = export_model(f"timm:{args.model}", tmp / "base.onnx", seed=0).onnx_path
-        variants = {"uncompressed": base}
-        variants["SCWP 90%"] = convert(base, tmp / "scwp", ConvertOptions(head_sparsity=0.9, build=False)).onnx_path
-        schedule = SCHEDULES.get(args.model, {}).get("targets", {})
-        for target in schedule:
-            out = convert(base, tmp / f"t{target}", ConvertOptions(target_gflops=float(target), build=False))
-            variants[f"ToaSt {target} GFLOPs"] = out.onnx_path
-        if schedule:
-            # Same selection subgraphs as the smallest schedule, but every channel kept: its cost
-            # over "SCWP 90%" is the pure overhead of scoring, top-k and gathering.
-            last = list(schedule)[-1]
-            scwp_model = onnx.load(str(variants["SCWP 90%"]))
-            vit = describe_vit(scwp_model)
-            entry = schedule[last]
-            blocks = [TCSBlock(b.index, b.ffn.fc1.in_features if entry["fc1"][b.index] > 0 else None,
-                               b.ffn.hidden if entry["fc2"][b.index] > 0 else None)
-                      for b in vit.blocks if entry["fc1"][b.index] > 0 or entry["fc2"][b.index] > 0]
-            overhead_path = tmp / "tcs_keep_all.onnx"
-            onnx.save(apply_tcs(scwp_model, vit, blocks).model, str(overhead_path))
-            variants[f"TCS ops of {last}, nothing dropped"] = overhead_path
+        run(Path(tmp), args, batches)
 
-        flops = {name: read_vit(path).flops.total for name, path in variants.items()}
-        sessions = {name: _session(path, args.threads) for name, path in variants.items()}
-        rng = np.random.default_rng(0)
-        times = {(name, b): [] for name in variants for b in batches}
-        for b in batches:
-            x = rng.standard_normal((b, 3, 224, 224)).astype(np.float32)
-            for s in sessions.values():  # warm up
+
+def run(tmp: Path, args, batches: list[int]) -> None:
+    base = export_model(f"timm:{args.model}", tmp / "base.onnx", seed=0).onnx_path
+    variants = {"uncompressed": base}
+    variants["SCWP 90%"] = convert(base, tmp / "scwp", ConvertOptions(head_sparsity=0.9, build=False)).onnx_path
+    schedule = SCHEDULES.get(args.model, {}).get("targets", {})
+    for target in schedule:
+        out = convert(base, tmp / f"t{target}", ConvertOptions(target_gflops=float(target), build=False))
+        variants[f"ToaSt {target} GFLOPs"] = out.onnx_path
+    flops = {name: read_vit(path).flops.total for name, path in variants.items()}
+    sessions = {name: _session(path, args.threads) for name, path in variants.items()}
+    rng = np.random.default_rng(0)
+    times = {(name, b): [] for name in variants for b in batches}
+    for b in batches:
+        x = rng.standard_normal((b, 3, 224, 224)).astype(np.float32)
+        for s in sessions.values():  # warm up
+            s.run(None, {"input": x})
+        for _ in range(args.repeats):
+            for name, s in sessions.items():
+                start = time.perf_counter()
                 s.run(None, {"input": x})
-            for _ in range(args.repeats):
-                for name, s in sessions.items():
-                    start = time.perf_counter()
-                    s.run(None, {"input": x})
-                    times[(name, b)].append(time.perf_counter() - start)
-        median = {key: statistics.median(v) for key, v in times.items()}
+                times[(name, b)].append(time.perf_counter() - start)
+    median = {key: statistics.median(v) for key, v in times.items()}
 
     print(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of {args.repeats} "
           f"interleaved rounds")
@@ -95,16 +83,52 @@ def main() -> None:
             speed = median[("uncompressed", b)] / median[(name, b)]
             row += f" {median[(name, b)] * 1e3:9.1f} {speed:8.2f} {speed / ratio:6.2f}"
         print(row)
-    overhead = [n for n in variants if n.startswith("TCS ops")]
-    if overhead:
-        smallest = [n for n in variants if n.startswith("ToaSt")][-1]
+    # Where TCS's time goes, node by node (ONNX Runtime's profiler, same inputs, both graphs).
+    for name in [n for n in variants if n.startswith("ToaSt")]:
         for b in batches:
-            cost = median[(overhead[0], b)] - median[("SCWP 90%", b)]
-            saved = median[("SCWP 90%", b)] - median[(smallest, b)]
-            print(f"batch {b}: TCS selection ops cost {cost * 1e3:+.2f} ms "
-                  f"({cost / median[('SCWP 90%', b)] * 100:+.1f}% of SCWP time); the {smallest} schedule "
-                  f"runs {saved * 1e3:.2f} ms faster than SCWP alone")
+            x = np.random.default_rng(1).standard_normal((b, 3, 224, 224)).astype(np.float32)
+            tcs_nodes = node_times(variants[name], x, args.threads, args.profile_runs)
+            dense_nodes = node_times(variants["SCWP 90%"], x, args.threads, args.profile_runs)
+            replaced = replaced_matmuls(variants["SCWP 90%"], tcs_nodes)
+            overhead = sum(t for n, t in tcs_nodes.items() if "/tcs/" in n and not n.endswith("/MatMul"))
+            small = sum(t for n, t in tcs_nodes.items() if "/tcs/" in n and n.endswith("/MatMul"))
+            full = sum(dense_nodes.get(n, 0.0) for n in replaced)
+            total = sum(tcs_nodes.values())
+            print(f"{name}, batch {b}: scoring/top-k/gather {overhead:.2f} ms ({overhead / total * 100:.1f}% of "
+                  f"the graph's kernel time); FFN MatMuls {full:.2f} -> {small:.2f} ms; net gain "
+                  f"{full - small - overhead:+.2f} ms")
 
+
+def node_times(path: Path, x: np.ndarray, threads: int, runs: int) -> dict[str, float]:
+    """Median kernel time (ms) of every node over `runs` profiled runs."""
+    import json
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, {session.get_inputs()[0].name: x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    samples: dict[str, list[float]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            samples.setdefault(event["name"][: -len("_kernel_time")], []).append(event["dur"] / 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def replaced_matmuls(dense_path: Path, tcs_nodes: dict[str, float]) -> list[str]:
+    """FFN MatMul nodes of the dense graph whose work the TCS graph's selected MatMuls took over."""
+    vit = read_vit(dense_path)
+    names = []
+    for block in vit.blocks:
+        for which in ("fc1", "fc2"):
+            if f"vit2trt/blocks.{block.index}/tcs/{which}/MatMul" in tcs_nodes:
+                names.append(getattr(block.ffn, which).node)
+    return names
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,8 @@ class ConvertOptions:
     fc2_ratios: Optional[list[float]] = None
     tcs_shared: bool = False
     model_name: Optional[str] = None        # timm name, to pick a published schedule
+    calib: Optional[str] = None             # images or .npy for the agreement check
+    calib_limit: int = 64
     skip_blocks: tuple[int, ...] = (0,)
     build: bool = True
     check_batch: int = 8
@@ -122,7 +124,19 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
                      "--target-gflops or TCS ratios were given.")
 
     progress("checking against the original graph")
-    agreement = _agreement(original, model, vit, options.check_batch, options.seed)
+    if options.calib:
+        from vit2trt.converter.calibration import load_calibration
+
+        record = _record(model_path)
+        inputs = load_calibration(options.calib, (vit.in_chans, *vit.img_size),
+                                  (record or {}).get("preprocessing"), options.calib_limit,
+                                  progress=lambda done, total: progress(f"reading calibration images {done}/{total}"))
+        described = f"{len(inputs)} calibration inputs from {Path(options.calib).name}"
+    else:
+        inputs = np.random.default_rng(options.seed).standard_normal(
+            (options.check_batch, vit.in_chans, *vit.img_size)).astype(np.float32)
+        described = f"{options.check_batch} seeded random images"
+    agreement = _agreement(original, model, inputs, described)
     decisions = {
         "method": options.method,
         "source": Path(model_path).name,
@@ -160,28 +174,31 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
                          agreement, build, notes)
 
 
-def _recorded_name(model_path) -> Optional[str]:
-    """The timm name from the reference record written by `vit2trt export`, if there is one."""
-    path = Path(str(model_path) + ".reference.json")
+def _record(model_path) -> Optional[dict]:
+    """The reference record written by `vit2trt export` beside the model, if there is one."""
     try:
-        data = json.loads(path.read_text())
-        return data["name"] if data.get("family") == "timm" else None
-    except (OSError, ValueError, KeyError):
+        return json.loads(Path(str(model_path) + ".reference.json").read_text())
+    except (OSError, ValueError):
         return None
 
 
-def _agreement(original: onnx.ModelProto, compressed: onnx.ModelProto, vit: ViTGraph, batch: int, seed: int) -> dict:
-    """ONNX Runtime outputs of both graphs on the same seeded inputs."""
-    x = np.random.default_rng(seed).standard_normal((batch, vit.in_chans, *vit.img_size)).astype(np.float32)
+def _recorded_name(model_path) -> Optional[str]:
+    record = _record(model_path) or {}
+    return record.get("name") if record.get("family") == "timm" else None
+
+
+def _agreement(original: onnx.ModelProto, compressed: onnx.ModelProto, inputs: np.ndarray, described: str) -> dict:
+    """ONNX Runtime outputs of both graphs on the same inputs, in batches of 8."""
     outs = []
     for model in (original, compressed):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        outs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+        name = session.get_inputs()[0].name
+        outs.append(np.concatenate([session.run(None, {name: inputs[i:i + 8]})[0] for i in range(0, len(inputs), 8)]))
     ref, got = outs
     diff = float(np.abs(ref - got).max())
-    result = {"inputs": f"{batch} seeded random images", "max_abs_diff": diff,
+    result = {"inputs": described, "max_abs_diff": diff,
               "relative_error": diff / max(float(np.abs(ref).max()), 1e-12)}
     if ref.ndim == 2 and ref.shape[1] > 1:
         result["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))

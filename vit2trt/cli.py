@@ -133,6 +133,7 @@ def convert(
     fc1: Optional[str] = typer.Option(None, "--fc1", help="TCS: per-block fractions of FC1 input channels to drop, comma-separated."),
     fc2: Optional[str] = typer.Option(None, "--fc2", help="TCS: per-block fractions of FC2 input channels (hidden units) to drop."),
     tcs_shared: bool = typer.Option(False, "--tcs-shared", help="TCS: one channel set per batch, as the official code (default: per image, batch-independent)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W] array for the agreement check."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build a TensorRT engine of the result."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
     seed: int = typer.Option(0, "--seed", help="Seed of the check inputs."),
@@ -145,7 +146,8 @@ def convert(
 
         options = ConvertOptions(method=method, head_sparsity=head_sparsity, target_gflops=target_gflops,
                                  fc1_ratios=_ratios(fc1, "--fc1"), fc2_ratios=_ratios(fc2, "--fc2"),
-                                 tcs_shared=tcs_shared, build=build, seed=seed, overwrite=overwrite)
+                                 tcs_shared=tcs_shared, calib=str(calib) if calib else None, build=build,
+                                 seed=seed, overwrite=overwrite)
         with err.status("converting ...") as status:
             result = run_convert(model, out_dir, options, progress=lambda msg: status.update(f"{msg} ..."))
         ratio = result.flops_before / max(result.flops_after, 1)

@@ -1,0 +1,75 @@
+"""Calibration inputs: a folder of images (preprocessed like the model's reference) or an .npy array.
+
+Images are untrusted: each is opened with Pillow's size guard, and any failure names the file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from vit2trt.errors import Vit2TrtError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+DEFAULT_PREPROCESSING = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875,
+                         "interpolation": "bicubic"}
+
+
+def load_calibration(path: str | os.PathLike, input_size: tuple[int, int, int],
+                     preprocessing: Optional[dict] = None, limit: Optional[int] = None,
+                     progress: Callable[[int, int], None] = lambda done, total: None) -> np.ndarray:
+    """Return float32 [N, C, H, W] inputs from `path` (folder of images or .npy)."""
+    path = Path(path)
+    if not path.exists():
+        raise Vit2TrtError(f"--calib {path}: no such file or folder.")
+    if path.is_file():
+        if path.suffix != ".npy":
+            raise Vit2TrtError(f"--calib {path}: expected a folder of images or an .npy array.")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise Vit2TrtError(f"--calib {path}: not a readable .npy array ({exc}).") from exc
+        if data.ndim != 4 or tuple(data.shape[1:]) != tuple(input_size) or data.dtype.kind != "f":
+            raise Vit2TrtError(f"--calib {path}: array has shape {list(data.shape)} and dtype {data.dtype}; "
+                               f"expected float [N, {', '.join(map(str, input_size))}].")
+        return np.ascontiguousarray(data[:limit].astype(np.float32))
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise Vit2TrtError(f"--calib {path}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    config = dict(DEFAULT_PREPROCESSING, **(preprocessing or {}))
+    batch = []
+    for i, file in enumerate(files):
+        batch.append(preprocess_image(file, input_size, config))
+        progress(i + 1, len(files))
+    return np.stack(batch)
+
+
+def preprocess_image(file: Path, input_size: tuple[int, int, int], config: dict) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = input_size
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(
+        str(config.get("interpolation", "bicubic")), Image.BICUBIC)
+    try:
+        with Image.open(file) as image:
+            image = image.convert("RGB" if channels == 3 else "L")
+            scale = float(config.get("crop_pct", 0.875) or 1.0)
+            short = int(round(min(height, width) / scale))
+            w, h = image.size
+            if w <= h:
+                size = (short, max(short, int(round(h * short / w))))
+            else:
+                size = (max(short, int(round(w * short / h))), short)
+            image = image.resize(size, resample)
+            left, top = (size[0] - width) // 2, (size[1] - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+            array = np.asarray(image, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise Vit2TrtError(f"--calib: could not read image {file}: {str(exc)[:200]}") from exc
+    if array.ndim == 2:
+        array = array[:, :, None]
+    mean = np.asarray(config["mean"], dtype=np.float32)[:channels]
+    std = np.asarray(config["std"], dtype=np.float32)[:channels]
+    return ((array - mean) / std).transpose(2, 0, 1)
