@@ -140,8 +140,9 @@ def test_scwp_keeps_the_dims_farthest_from_the_median():
 
 def test_same_input_and_settings_give_identical_bytes(tmp_path, export_cache):
     exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "dynamo")
-    a = convert(exported.onnx_path, tmp_path / "a", ConvertOptions(head_sparsity=0.9, build=False))
-    b = convert(exported.onnx_path, tmp_path / "b", ConvertOptions(head_sparsity=0.9, build=False))
+    options = ConvertOptions(head_sparsity=0.9, fc1_ratios=[0, 0, 0.3], fc2_ratios=[0, 0.5, 0.9], build=False)
+    a = convert(exported.onnx_path, tmp_path / "a", options)
+    b = convert(exported.onnx_path, tmp_path / "b", options)
     assert a.onnx_path.read_bytes() == b.onnx_path.read_bytes()
     assert (tmp_path / "a" / "decisions.json").read_bytes() == (tmp_path / "b" / "decisions.json").read_bytes()
 
