@@ -16,7 +16,7 @@ import onnxruntime as ort
 from vit2trt.converter.engine import build_engine
 from vit2trt.converter.graph_reader import describe_vit
 from vit2trt.converter.loading import load_onnx
-from vit2trt.converter.vit_graph import BuildReport, ViTGraph
+from vit2trt.converter.vit_graph import BuildReport
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.scwp import scwp
 from vit2trt.passes.strip_zeros import strip_dead_structure

@@ -138,6 +138,14 @@ class _Reader:
                 tensors = [node.inputs[0], node.inputs[1], node.outputs[0]]
             elif node.op == "Softmax":
                 tensors = [node.inputs[0]]
+                pre = self._producer(node.inputs[0])
+                for _ in range(4):  # inputs of Adds on the scores (masks, ToMe's size bias)
+                    if pre is None or pre.op not in ("Add", "Mul", "Div", "Cast"):
+                        break
+                    if pre.op == "Add":
+                        tensors.extend(pre.inputs)
+                    dynamic = [t for t in pre.inputs if not self._is_static(t)]
+                    pre = self._producer(dynamic[0]) if dynamic else None
             elif node.op == "Reshape":
                 tensors = [node.inputs[0], node.inputs[1], node.outputs[0]]
             for t in tensors:
@@ -158,6 +166,31 @@ class _Reader:
         if value is None:
             raise NotAViTError(f"{self.path}: internal: no observed shape for tensor '{tensor.name}'")
         return tuple(value)
+
+    def _linear_macs(self, lin: Linear) -> int:
+        """Batch-1 multiply-accumulates of a projection, from the shape of what it really reads."""
+        shape = self._tensor_shape(self._node(lin.node).inputs[0])
+        return int(np.prod(shape[:-1])) * int(shape[-1]) * lin.out_features
+
+    def _shape_or_none(self, tensor):
+        try:
+            return self._tensor_shape(tensor)
+        except NotAViTError:
+            return None
+
+    def _derives_from(self, tensor, ancestor, limit: int = 64) -> bool:
+        """True when `tensor` is computed from `ancestor` (token merging sits between them)."""
+        queue, seen = deque([tensor]), set()
+        while queue and len(seen) < limit:
+            t = queue.popleft()
+            if t is ancestor:
+                return True
+            node = self._producer(t)
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            queue.extend(i for i in node.inputs if not self._is_static(i))
+        return False
 
     def _node(self, name: str) -> gs.Node:
         for node in self.graph.nodes:
@@ -343,8 +376,12 @@ class _Reader:
             if node.op == "MatMul" and self._const_value(node.inputs[1]) is None:
                 qk = node
                 break
-            if node.op == "Add":  # a constant attention mask (HF exports add an all-zero one)
+            if node.op == "Add":  # an attention mask (HF adds an all-zero one; ToMe adds log(size))
                 t = self._data_input(node)
+                if t is None:  # both inputs computed: the scores are the full-shaped one
+                    full = self._tensor_shape(softmax.inputs[0])
+                    same = [i for i in node.inputs if self._shape_or_none(i) == full]
+                    t = same[0] if len(same) == 1 else None
                 if t is None:
                     break
                 mask_nodes.append(node.name)
@@ -422,9 +459,9 @@ class _Reader:
 
         reshapes = []
         seen = set()
-        for role, path, lin in (("q", path_q, lin_q), ("k", path_k, lin_k), ("v", path_v, lin_v)):
+        for role, path in (("q", path_q), ("k", path_k), ("v", path_v)):
             for node in path:
-                if node.op == "Reshape" and node.name not in seen and self._is_head_split(node, lin):
+                if node.op == "Reshape" and node.name not in seen and self._is_head_split(node):
                     seen.add(node.name)
                     reshapes.append(self._head_reshape(node, "qkv" if fused else role))
         for node in out_path:
@@ -453,11 +490,10 @@ class _Reader:
             qkv_chunks=chunks, mask_inputs=mask_inputs,
         )
         n = s_shape[-1]
-        proj_macs = sum(n * l.in_features * l.out_features for l in {x.node: x for x in (lin_q, lin_k, lin_v, proj)}.values())
         flops = BlockFlops(
-            attn_proj=proj_macs,
+            attn_proj=sum(self._linear_macs(l) for l in {x.node: x for x in (lin_q, lin_k, lin_v, proj)}.values()),
             attn_matmul=heads * n * n * head_dim_qk + heads * n * n * head_dim_v,
-            ffn=sum(n * (lin.selected_in or lin.in_features) * lin.out_features for lin in (ffn.fc1, ffn.fc2)),
+            ffn=self._linear_macs(ffn.fc1) + self._linear_macs(ffn.fc2),  # tokens as the FFN sees them
         )
         return Block(
             index=index, input=block_in, output=res_ffn.outputs[0].name,
@@ -491,7 +527,7 @@ class _Reader:
                 norm2 = node.name
             if node.op == "Add" and any(t is r1 for t in node.inputs):
                 continue  # the FFN residual itself
-            if depth < 5:
+            if depth < 40:  # token reduction may sit between the residual and norm2
                 queue.extend((n, depth + 1) for t in node.outputs for n in t.outputs)
         if fc1 is None:
             raise NotAViTError(self._not_vit(f"{where}: no first FFN projection after the attention residual"))
@@ -517,7 +553,7 @@ class _Reader:
         if fc2 is None:
             raise NotAViTError(self._not_vit(f"{where}: no second FFN projection after '{fc1.node}'"))
         ls, res, other = self._layer_scale_and_residual(self._tensor_by_name(fc2.output))
-        if res is None or other is not r1:
+        if res is None or not (other is r1 or self._derives_from(other, r1)):
             raise NotAViTError(self._not_vit(f"{where}: no residual Add after '{fc2.node}'"))
         ffn = FFN(fc1=fc1, fc2=fc2, hidden=fc1.out_features, activation=self._activation_name(act_nodes),
                   activation_nodes=[n.name for n in act_nodes])
@@ -549,7 +585,7 @@ class _Reader:
     def _rank_change(self, node: gs.Node):
         return len(self._tensor_shape(node.inputs[0])), len(self._tensor_shape(node.outputs[0]))
 
-    def _is_head_split(self, node: gs.Node, lin: Linear) -> bool:
+    def _is_head_split(self, node: gs.Node) -> bool:
         """[batch, tokens, features] -> [batch, tokens, ..., heads, head_dim], not a layout-only reshape."""
         before, after = self._tensor_shape(node.inputs[0]), self._tensor_shape(node.outputs[0])
         return (len(before) == 3 and len(after) >= 4 and before[:2] == after[:2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 
@@ -41,3 +42,43 @@ def forget_inner_shapes(graph: gs.Graph) -> None:
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and id(tensor) not in ends:
             tensor.shape = None
+
+
+def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Clean up after surgery and export with the original's IR version and opsets."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    forget_inner_shapes(graph)
+    out = gs.export_onnx(graph, do_type_check=True)
+    out.ir_version = original.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(original.opset_import)
+    out.producer_name, out.producer_version = "vit2trt", original.producer_version
+    return out
+
+
+class GraphBuilder:
+    """Appends named nodes (prefix/name) to a graph; constants and opset-aware reductions."""
+
+    def __init__(self, graph: gs.Graph, prefix: str, dtype, opset: int):
+        self.graph, self.prefix, self.dtype, self.opset = graph, prefix, dtype, opset
+
+    def op(self, op: str, inputs, name: str, n_out: int = 1, out_dtype=None, **attrs):
+        outs = [gs.Variable(f"{self.prefix}/{name}_out{'' if n_out == 1 else i}",
+                            dtype=out_dtype if out_dtype is not None else self.dtype) for i in range(n_out)]
+        self.graph.nodes.append(gs.Node(op, name=f"{self.prefix}/{name}", inputs=inputs, outputs=outs, attrs=attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def i64(self, name: str, value) -> gs.Constant:
+        return gs.Constant(f"{self.prefix}/{name}", values=np.array(value, dtype=np.int64))
+
+    def f(self, name: str, value) -> gs.Constant:
+        return gs.Constant(f"{self.prefix}/{name}", values=np.array(value, dtype=self.dtype))
+
+    def reduce(self, op: str, x, axes: list[int], keepdims: bool, name: str):
+        """ReduceMean/Max/Sum/SumSquare: axes are an input from opset 18 (13 for ReduceSum)."""
+        if self.opset >= (13 if op == "ReduceSum" else 18):
+            return self.op(op, [x, self.i64(f"{name}_axes", axes)], name, keepdims=int(keepdims))
+        return self.op(op, [x], name, axes=axes, keepdims=int(keepdims))
+
+    def reduce_mean(self, x, axes: list[int], keepdims: bool, name: str):
+        return self.reduce("ReduceMean", x, axes, keepdims, name)

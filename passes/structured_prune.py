@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import const_value, forget_inner_shapes, name_nodes
+from vit2trt.converter.graph_utils import const_value, export_like, name_nodes
 from vit2trt.converter.vit_graph import Attention, Linear, ViTGraph
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
@@ -106,18 +106,11 @@ def prune_structure(model: onnx.ModelProto, vit: ViTGraph, keeps: list[BlockKeep
         block = vit.blocks[keep.index]
         record = {"index": keep.index}
         if keep.qk_keep is not None or keep.v_keep is not None:
-            record.update(_rebuild_attention(graph, tensors, nodes, block, keep, dtype))
+            record.update(rebuild_attention(graph, tensors, nodes, block, keep, dtype)[0])
         if keep.ffn_keep is not None:
             record.update(_prune_ffn(graph, tensors, nodes, block, keep, dtype))
         done.append(record)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    forget_inner_shapes(graph)
-    out = gs.export_onnx(graph, do_type_check=True)
-    out.ir_version = model.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    out.producer_name, out.producer_version = "vit2trt", model.producer_version
-    return PassResult(out, {"blocks": done})
+    return PassResult(export_like(graph, model), {"blocks": done})
 
 
 def _const(name: str, value: np.ndarray, dtype=None) -> gs.Constant:
@@ -125,7 +118,13 @@ def _const(name: str, value: np.ndarray, dtype=None) -> gs.Constant:
     return gs.Constant(name, values=value)
 
 
-def _rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype) -> dict:
+def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, score_bias=None) -> tuple[dict, dict]:
+    """Rebuild one block's attention in canonical form with the kept dims.
+
+    `score_bias` ([B, 1, 1, N]) is added to the scaled scores (ToMe's proportional attention).
+    Returns what was done and the new graph tensors of interest: "k" ([B, N, heads·dim], the keys
+    before the head split) and "input" (the attention's input).
+    """
     attn = block.attn
     w = attention_weights(tensors, attn)
     qk_keep = _check_keep(keep.qk_keep, w.heads, w.head_dim_qk, "QK", block.index)
@@ -137,7 +136,7 @@ def _rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype) -> 
     first = attn.qkv or attn.q
     x = nodes[first.node].inputs[0]
 
-    def node(op, inputs, name, attrs=None, rank_hint=None):
+    def node(op, inputs, name, attrs=None):
         out = gs.Variable(f"{prefix}/{name}_out", dtype=dtype if op not in ("Shape",) else np.int64)
         graph.nodes.append(gs.Node(op, name=f"{prefix}/{name}", inputs=inputs, outputs=[out], attrs=attrs or {}))
         return out
@@ -168,6 +167,8 @@ def _rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype) -> 
     scores = node("Mul", [scores, _const(f"{prefix}/scale", np.array(scale, dtype=dtype))], "scores/Mul")
     for i, mask_name in enumerate(attn.mask_inputs):  # constant masks stay as they were
         scores = node("Add", [scores, tensors[mask_name]], f"scores/mask_{i}")
+    if score_bias is not None:
+        scores = node("Add", [scores, score_bias], "scores/size_bias")
     probs = node("Softmax", [scores], "Softmax", {"axis": -1})
     ctx = node("MatMul", [probs, v], "context/MatMul")
     ctx = node("Transpose", [ctx], "context/Transpose", {"perm": [0, 2, 1, 3]})
@@ -178,7 +179,8 @@ def _rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype) -> 
         raise Vit2TrtError(f"block {block.index}: output projection '{proj.name}' is a {proj.op}, expected MatMul.")
     proj.inputs[0] = ctx
     proj.inputs[1] = _const(f"{prefix}/proj.weight", w.wproj[v_cols, :], dtype)
-    return {"heads": h, "head_dim_qk": [w.head_dim_qk, dqk], "head_dim_v": [w.head_dim_v, dv], "scale": scale}
+    record = {"heads": h, "head_dim_qk": [w.head_dim_qk, dqk], "head_dim_v": [w.head_dim_v, dv], "scale": scale}
+    return record, {"k": parts[1], "input": x}
 
 
 def _prune_ffn(graph, tensors, nodes, block, keep: BlockKeep, dtype) -> dict:

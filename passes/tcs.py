@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import const_value, forget_inner_shapes, name_nodes
+from vit2trt.converter.graph_utils import GraphBuilder, const_value, export_like, name_nodes
 from vit2trt.converter.vit_graph import ViTGraph
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
@@ -81,7 +81,6 @@ def tcs_blocks(vit: ViTGraph, fc1_ratios: list[float], fc2_ratios: list[float]) 
 def apply_tcs(model: onnx.ModelProto, vit: ViTGraph, blocks: list[TCSBlock], shared: bool = False) -> PassResult:
     graph = gs.import_onnx(model)
     name_nodes(graph)
-    tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
@@ -114,38 +113,11 @@ def apply_tcs(model: onnx.ModelProto, vit: ViTGraph, blocks: list[TCSBlock], sha
             graph.nodes.append(gs.Node("MatMul", name=f"{builder.prefix}/{which}/MatMul",
                                        inputs=[selected_x, selected_w], outputs=[out]))
         done.append(asdict(spec))
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    forget_inner_shapes(graph)
-    out = gs.export_onnx(graph, do_type_check=True)
-    out.ir_version = model.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    out.producer_name, out.producer_version = "vit2trt", model.producer_version
-    return PassResult(out, {"pass": "tcs", "blocks": done, "settings": settings.to_dict()})
+    return PassResult(export_like(graph, model), {"pass": "tcs", "blocks": done, "settings": settings.to_dict()})
 
 
-class _Builder:
+class _Builder(GraphBuilder):
     """Appends named nodes for one block's TCS subgraph."""
-
-    def __init__(self, graph: gs.Graph, prefix: str, dtype, opset: int):
-        self.graph, self.prefix, self.dtype, self.opset = graph, prefix, dtype, opset
-
-    def op(self, op: str, inputs, name: str, n_out: int = 1, out_dtype=None, **attrs):
-        outs = [gs.Variable(f"{self.prefix}/{name}_out{'' if n_out == 1 else i}",
-                            dtype=out_dtype if out_dtype is not None else self.dtype) for i in range(n_out)]
-        self.graph.nodes.append(gs.Node(op, name=f"{self.prefix}/{name}", inputs=inputs, outputs=outs, attrs=attrs))
-        return outs[0] if n_out == 1 else outs
-
-    def i64(self, name: str, value) -> gs.Constant:
-        return gs.Constant(f"{self.prefix}/{name}", values=np.array(value, dtype=np.int64))
-
-    def f(self, name: str, value) -> gs.Constant:
-        return gs.Constant(f"{self.prefix}/{name}", values=np.array(value, dtype=self.dtype))
-
-    def reduce_mean(self, x, axes: list[int], keepdims: bool, name: str):
-        if self.opset >= 18:
-            return self.op("ReduceMean", [x, self.i64(f"{name}_axes", axes)], name, keepdims=int(keepdims))
-        return self.op("ReduceMean", [x], name, axes=axes, keepdims=int(keepdims))
 
     def scores(self, x, cls_attention, settings: TCSSettings, which: str):
         """I_c for every channel of x ([B, N, C]) -> [B, C]."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 
 from vit2trt.converter.export import export_model
@@ -59,3 +61,14 @@ def deit_tiny_ts(export_cache):
 def write_text(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def run_onnx(path, x: np.ndarray) -> np.ndarray:
+    """First output of the graph at `path` in ONNX Runtime (CPU)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def rel_error(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| relative to max |want|."""
+    return float(np.abs(got - want).max() / np.abs(want).max())

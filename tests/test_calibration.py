@@ -1,7 +1,6 @@
 """--calib: folders of images and .npy arrays feed the agreement check; bad ones are refused."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

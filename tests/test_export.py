@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import timm
 import torch
@@ -14,13 +13,12 @@ from typer.testing import CliRunner
 from vit2trt.cli import app
 from vit2trt.models.reference import ReferenceRecord, build_model
 
+from conftest import run_onnx
+
 runner = CliRunner()
 TINY = ["--arg", "depth=2", "--arg", "num_classes=7"]
 
 
-def _run_onnx(path, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 def _trained_like_weights():
@@ -50,7 +48,7 @@ def test_export_with_local_weights_matches_pytorch(tmp_path, fmt):
     x = np.random.default_rng(5).standard_normal((3, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
         want = source(torch.from_numpy(x)).numpy()
-    got = _run_onnx(out, x)
+    got = run_onnx(out, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     record = json.loads((tmp_path / "out" / "model.onnx.reference.json").read_text())
     assert record["weights"] == str(weights.resolve()) and record["seed"] is None
@@ -71,7 +69,7 @@ def test_reference_record_rebuilds_the_exported_model(tmp_path, exporter):
     x = np.random.default_rng(9).standard_normal((4, 3, 112, 112)).astype(np.float32)  # batch 4: dynamic axis
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(_run_onnx(out, x), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_onnx(out, x), want, rtol=1e-4, atol=1e-5)
     # A different seed is a different model: the record really decides the weights.
     record.seed = 12
     with torch.no_grad():

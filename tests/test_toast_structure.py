@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import timm
 import torch
@@ -18,18 +17,11 @@ from vit2trt.converter.graph_reader import read_vit
 from vit2trt.models.pruned_reference import apply_decisions
 from vit2trt.models.reference import ReferenceRecord, build_model
 
-from conftest import HF_TINY
+from conftest import HF_TINY, rel_error, run_onnx
 
 runner = CliRunner()
 
 
-def _run(path, x):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
-
-
-def _rel(got, want):
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def _inputs(record: ReferenceRecord, batch: int, seed: int = 3) -> np.ndarray:
@@ -73,7 +65,7 @@ def test_stripping_zeroed_structure_changes_only_rounding(tmp_path, exporter):
     x = np.random.default_rng(1).standard_normal((4, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
-    assert _rel(_run(out.onnx_path, x), want) <= 1e-5
+    assert rel_error(run_onnx(out.onnx_path, x), want) <= 1e-5
     assert out.agreement["relative_error"] <= 1e-5
     g = read_vit(out.onnx_path)
     assert g.blocks[0].attn.head_dim_qk == 64 and g.blocks[0].ffn.hidden == 1536
@@ -90,7 +82,7 @@ def test_stripping_zeroed_structure_changes_only_rounding(tmp_path, exporter):
     # The decisions rebuild the same compressed model in PyTorch.
     reference = apply_decisions(model, decisions)
     with torch.no_grad():
-        assert _rel(reference(torch.from_numpy(x)).numpy(), want) <= 1e-5
+        assert rel_error(reference(torch.from_numpy(x)).numpy(), want) <= 1e-5
 
 
 SCWP_CASES = [
@@ -115,10 +107,10 @@ def test_scwp_matches_pruned_pytorch_reference(tmp_path, export_cache, case_id, 
     x = _inputs(record, 8)
     with torch.no_grad():
         want = reference(torch.from_numpy(x)).numpy()
-    got = _run(out.onnx_path, x)
-    assert _rel(got, want) <= 1e-5
-    one_by_one = np.concatenate([_run(out.onnx_path, x[i:i + 1]) for i in range(8)])
-    assert _rel(one_by_one, got) <= 1e-6
+    got = run_onnx(out.onnx_path, x)
+    assert rel_error(got, want) <= 1e-5
+    one_by_one = np.concatenate([run_onnx(out.onnx_path, x[i:i + 1]) for i in range(8)])
+    assert rel_error(one_by_one, got) <= 1e-6
     g = read_vit(out.onnx_path)
     head_dim = g.blocks[0].attn.head_dim_qk
     assert all(b.attn.head_dim_qk == b.attn.head_dim_v == round(head_dim * 0.1) for b in g.blocks[1:])
@@ -126,7 +118,7 @@ def test_scwp_matches_pruned_pytorch_reference(tmp_path, export_cache, case_id, 
     # The pruned model really differs from the original (pruning without fine-tuning is lossy).
     with torch.no_grad():
         original = build_model(record)(torch.from_numpy(x)).numpy()
-    assert _rel(original, want) > 1e-3
+    assert rel_error(original, want) > 1e-3
 
 
 def test_scwp_keeps_the_dims_farthest_from_the_median():

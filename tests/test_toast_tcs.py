@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -19,18 +18,11 @@ from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.passes.tcs import kept_channels, token_sample
 from vit2trt.passes.toast_schedules import SCHEDULES
 
-from conftest import HF_TINY
+from conftest import HF_TINY, rel_error, run_onnx
 
 runner = CliRunner()
 
 
-def _run(path, x):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
-
-
-def _rel(got, want):
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def _reference_outputs(exported, out_dir, x):
@@ -61,11 +53,11 @@ def test_scwp_and_tcs_match_the_pytorch_reference(tmp_path, export_cache, case_i
     c, h, w = record.preprocessing["input_size"]
     x = np.random.default_rng(7).standard_normal((8, c, h, w)).astype(np.float32)
     want, decisions = _reference_outputs(exported, tmp_path / "out", x)
-    got = _run(out.onnx_path, x)
-    assert _rel(got, want) <= 1e-4
+    got = run_onnx(out.onnx_path, x)
+    assert rel_error(got, want) <= 1e-4
     # Per-image selection: a batch of 8 equals 8 runs of batch 1.
-    single = np.concatenate([_run(out.onnx_path, x[i:i + 1]) for i in range(8)])
-    assert _rel(single, got) <= 1e-5
+    single = np.concatenate([run_onnx(out.onnx_path, x[i:i + 1]) for i in range(8)])
+    assert rel_error(single, got) <= 1e-5
     g = read_vit(out.onnx_path)
     hidden, dim = g.blocks[1].ffn.hidden, g.embed_dim
     assert g.blocks[1].ffn.fc1.selected_in == kept_channels(dim, 0.3)
@@ -76,7 +68,7 @@ def test_scwp_and_tcs_match_the_pytorch_reference(tmp_path, export_cache, case_i
     no_tcs = dict(decisions, tcs=None)
     with torch.no_grad():
         plain = apply_decisions(build_model(record), no_tcs)(torch.from_numpy(x)).numpy()
-    assert _rel(plain, want) > 10 * max(_rel(got, want), 1e-7)
+    assert rel_error(plain, want) > 10 * max(rel_error(got, want), 1e-7)
 
 
 def test_batch_shared_selection_reproduces_the_official_behaviour(tmp_path, export_cache):
@@ -86,10 +78,10 @@ def test_batch_shared_selection_reproduces_the_official_behaviour(tmp_path, expo
     x = np.random.default_rng(8).standard_normal((8, 3, 224, 224)).astype(np.float32)
     want, decisions = _reference_outputs(exported, tmp_path / "out", x)
     assert decisions["tcs"]["settings"]["shared"] is True
-    got = _run(out.onnx_path, x)
-    assert _rel(got, want) <= 1e-4
-    single = np.concatenate([_run(out.onnx_path, x[i:i + 1]) for i in range(8)])
-    assert _rel(single, got) > 1e-3, "a shared channel set makes an image depend on its batch"
+    got = run_onnx(out.onnx_path, x)
+    assert rel_error(got, want) <= 1e-4
+    single = np.concatenate([run_onnx(out.onnx_path, x[i:i + 1]) for i in range(8)])
+    assert rel_error(single, got) > 1e-3, "a shared channel set makes an image depend on its batch"
 
 
 def test_token_sample_is_a_fixed_stride_over_patches():

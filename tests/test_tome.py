@@ -1,0 +1,84 @@
+"""ToMe in native ONNX: same merges as the PyTorch reference, per image, buildable everywhere."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vit2trt.converter.engine import build_engine, tensorrt_backend
+from vit2trt.converter.graph_reader import describe_vit, read_vit
+from vit2trt.converter.loading import load_onnx
+from vit2trt.errors import Vit2TrtError
+from vit2trt.models.reference import ReferenceRecord, build_model
+from vit2trt.models.tome_reference import ToMeViT
+from vit2trt.passes.tome import apply_tome
+
+from conftest import HF_TINY, rel_error, run_onnx
+
+CASES = [
+    ("deit_small", "timm:deit_small_patch16_224", {"depth": 3}, 13),
+    ("deit3_layerscale", "timm:deit3_small_patch16_224", {"depth": 3}, 20),
+    ("gap_no_cls", "timm:vit_small_patch16_224", {"depth": 3, "class_token": False, "global_pool": "avg"}, 13),
+    ("no_qkv_bias", "timm:vit_small_patch16_224", {"depth": 2, "qkv_bias": False}, 40),
+]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("case_id,spec,args,r", CASES, ids=[c[0] for c in CASES])
+def test_tome_matches_the_pytorch_reference(tmp_path, export_cache, case_id, spec, args, r, exporter):
+    exported = export_cache(spec, args, exporter)
+    model = load_onnx(exported.onnx_path)
+    result = apply_tome(model, describe_vit(model), r)
+    path = tmp_path / "tome.onnx"
+    onnx.save(result.model, str(path))
+    record = ReferenceRecord.load(exported.record_path)
+    c, h, w = record.preprocessing["input_size"]
+    x = np.random.default_rng(4).standard_normal((8, c, h, w)).astype(np.float32)
+    reference = ToMeViT(build_model(record), result.report["r"])
+    with torch.no_grad():
+        want = reference(torch.from_numpy(x)).numpy()
+    got = run_onnx(path, x)
+    assert rel_error(got, want) <= 1e-4
+    single = np.concatenate([run_onnx(path, x[i:i + 1]) for i in range(8)])
+    assert rel_error(single, got) <= 1e-5
+    # The graph really runs on fewer tokens, block by block.
+    g = read_vit(path)
+    tokens = result.report["tokens"]
+    assert [b.flops.attn_matmul for b in g.blocks] == [
+        b.attn.heads * n * n * (b.attn.head_dim_qk + b.attn.head_dim_v) for b, n in zip(g.blocks, tokens)]
+    assert g.flops.total < read_vit(exported.onnx_path).flops.total
+    # Merging changes the result: without it the reference gives other outputs.
+    with torch.no_grad():
+        plain = ToMeViT(build_model(record), [0] * len(tokens[:-1]))(torch.from_numpy(x)).numpy()
+    assert rel_error(plain, want) > 10 * max(rel_error(got, want), 1e-7)
+
+
+def test_r_is_clipped_to_half_the_tokens(export_cache):
+    exported = export_cache("timm:vit_small_patch16_224", {"depth": 2, "qkv_bias": False}, "torchscript")
+    model = load_onnx(exported.onnx_path)
+    result = apply_tome(model, describe_vit(model), 500)
+    assert result.report["r"] == [98, 49] and result.report["tokens"] == [197, 99, 50]
+
+
+@pytest.mark.parametrize("spec,args,exporter,needle", [
+    ("timm:deit_small_distilled_patch16_224", {"depth": 2}, "torchscript", "distillation"),
+    ("timm:vit_small_patch14_reg4_dinov2", {"depth": 2, "img_size": 126, "num_classes": 10}, "torchscript", "register"),
+    ("hf:ViTForImageClassification", HF_TINY, "dynamo", "attention mask"),
+])
+def test_unsupported_token_layouts_are_refused(export_cache, spec, args, exporter, needle):
+    exported = export_cache(spec, args, exporter)
+    model = load_onnx(exported.onnx_path)
+    with pytest.raises(Vit2TrtError, match=needle):
+        apply_tome(model, describe_vit(model), 8)
+
+
+@pytest.mark.skipif(tensorrt_backend()[1] is None, reason="no tensorrt or tensorrt_rtx module")
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_tome_graphs_build_with_tensorrt(tmp_path, export_cache, exporter):
+    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, exporter)
+    model = load_onnx(exported.onnx_path)
+    path = tmp_path / "tome.onnx"
+    onnx.save(apply_tome(model, describe_vit(model), 13).model, str(path))
+    report = build_engine(path)
+    assert report.status == "built", report.message
