@@ -11,9 +11,8 @@ the FFN MatMul time they save.
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,8 @@ from vit2trt.converter.export import export_model
 from vit2trt.converter.graph_reader import read_vit
 from vit2trt.passes.toast_schedules import SCHEDULES
 
-
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_medians, node_times, print_speed_table  # noqa: E402
 
 
 def main() -> None:
@@ -56,33 +50,10 @@ def run(tmp: Path, args, batches: list[int]) -> None:
         out = convert(base, tmp / f"t{target}", ConvertOptions(target_gflops=float(target), build=False))
         variants[f"ToaSt {target} GFLOPs"] = out.onnx_path
     flops = {name: read_vit(path).flops.total for name, path in variants.items()}
-    sessions = {name: _session(path, args.threads) for name, path in variants.items()}
-    rng = np.random.default_rng(0)
-    times = {(name, b): [] for name in variants for b in batches}
-    for b in batches:
-        x = rng.standard_normal((b, 3, 224, 224)).astype(np.float32)
-        for s in sessions.values():  # warm up
-            s.run(None, {"input": x})
-        for _ in range(args.repeats):
-            for name, s in sessions.items():
-                start = time.perf_counter()
-                s.run(None, {"input": x})
-                times[(name, b)].append(time.perf_counter() - start)
-    median = {key: statistics.median(v) for key, v in times.items()}
+    median = interleaved_medians(variants, batches, args.repeats, args.threads)
+    print_speed_table(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of "
+                      f"{args.repeats} interleaved rounds", flops, median, batches)
 
-    print(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of {args.repeats} "
-          f"interleaved rounds")
-    header = f"{'variant':34s} {'GFLOPs':>7s} {'FLOPs x':>8s}"
-    for b in batches:
-        header += f" {'ms b' + str(b):>9s} {'speedup':>8s} {'quot.':>6s}"
-    print(header)
-    for name in variants:
-        ratio = flops["uncompressed"] / flops[name]
-        row = f"{name:34s} {flops[name] / 1e9:7.3f} {ratio:8.2f}"
-        for b in batches:
-            speed = median[("uncompressed", b)] / median[(name, b)]
-            row += f" {median[(name, b)] * 1e3:9.1f} {speed:8.2f} {speed / ratio:6.2f}"
-        print(row)
     # Where TCS's time goes, node by node (ONNX Runtime's profiler, same inputs, both graphs).
     for name in [n for n in variants if n.startswith("ToaSt")]:
         for b in batches:
@@ -97,27 +68,6 @@ def run(tmp: Path, args, batches: list[int]) -> None:
             print(f"{name}, batch {b}: scoring/top-k/gather {overhead:.2f} ms ({overhead / total * 100:.1f}% of "
                   f"the graph's kernel time); FFN MatMuls {full:.2f} -> {small:.2f} ms; net gain "
                   f"{full - small - overhead:+.2f} ms")
-
-
-def node_times(path: Path, x: np.ndarray, threads: int, runs: int) -> dict[str, float]:
-    """Median kernel time (ms) of every node over `runs` profiled runs."""
-    import json
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.log_severity_level = 3
-    with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for _ in range(runs):
-            session.run(None, {session.get_inputs()[0].name: x})
-        events = json.loads(Path(session.end_profiling()).read_text())
-    samples: dict[str, list[float]] = {}
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            samples.setdefault(event["name"][: -len("_kernel_time")], []).append(event["dur"] / 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def replaced_matmuls(dense_path: Path, tcs_nodes: dict[str, float]) -> list[str]:

@@ -23,8 +23,9 @@ from vit2trt.passes.strip_zeros import strip_dead_structure
 from vit2trt.passes.structured_prune import BlockKeep
 from vit2trt.passes.tcs import apply_tcs, tcs_blocks
 from vit2trt.passes.toast_plan import plan_toast
+from vit2trt.passes.tome import apply_tome
 
-METHODS = ("toast",)
+METHODS = ("toast", "tome")
 _TWO_GB = 2**31
 
 
@@ -36,6 +37,7 @@ class ConvertOptions:
     fc1_ratios: Optional[list[float]] = None
     fc2_ratios: Optional[list[float]] = None
     tcs_shared: bool = False
+    tome_r: int = 13                        # ToMe: tokens merged per block
     model_name: Optional[str] = None        # timm name, to pick a published schedule
     calib: Optional[str] = None             # images or .npy for the agreement check
     calib_limit: int = 64
@@ -81,15 +83,62 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
             progress: Callable[[str], None] = lambda msg: None) -> ConvertResult:
     if options.method not in METHODS:
         raise Vit2TrtError(f"unknown method '{options.method}'; available: {', '.join(METHODS)}.")
+    if options.method != "toast" and (options.head_sparsity is not None or options.target_gflops is not None
+                                      or options.fc1_ratios is not None or options.fc2_ratios is not None):
+        raise Vit2TrtError("--head-sparsity, --target-gflops, --fc1 and --fc2 belong to --method toast.")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
         raise Vit2TrtError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
     progress("reading the graph")
     original = load_onnx(model_path)
     vit = describe_vit(original, str(model_path))
-    model, current, passes, keeps = original, vit, [], []
-    notes: list[str] = []
+    run = _run_toast if options.method == "toast" else _run_tome
+    model, current, sections, notes = run(original, vit, options, model_path, progress)
 
+    progress("checking against the original graph")
+    if options.calib:
+        from vit2trt.converter.calibration import load_calibration
+
+        record = _record(model_path)
+        inputs = load_calibration(options.calib, (vit.in_chans, *vit.img_size),
+                                  (record or {}).get("preprocessing"), options.calib_limit,
+                                  progress=lambda done, total: progress(f"reading calibration images {done}/{total}"))
+        described = f"{len(inputs)} calibration inputs from {Path(options.calib).name}"
+    else:
+        inputs = np.random.default_rng(options.seed).standard_normal(
+            (options.check_batch, vit.in_chans, *vit.img_size)).astype(np.float32)
+        described = f"{options.check_batch} seeded random images"
+    agreement = _agreement(original, model, inputs, described)
+    decisions = {"method": options.method, "source": Path(model_path).name, **sections,
+                 "flops": {"before": vit.flops.total, "after": current.flops.total}}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build = None
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".vit2trt-convert-") as tmp:
+        tmp = Path(tmp)
+        onnx_path = tmp / "model.onnx"
+        if model.ByteSize() >= _TWO_GB:
+            onnx.save(model, str(onnx_path), save_as_external_data=True, location="model.onnx.data")
+        else:
+            onnx.save(model, str(onnx_path))
+        (tmp / "decisions.json").write_text(json.dumps(decisions, indent=1, sort_keys=True) + "\n")
+        if options.build:
+            progress("building a TensorRT engine")
+            build = build_engine(onnx_path, engine_path=tmp / "model.engine")
+            if build.status == "failed":
+                raise Vit2TrtError(f"the compressed graph did not build with {build.backend}: {build.message}")
+        (tmp / "report.json").write_text(json.dumps(
+            {"agreement": agreement, "flops": decisions["flops"], "notes": notes,
+             "build": None if build is None else build.__dict__}, indent=1, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        tmp.mkdir()  # TemporaryDirectory expects to remove something
+    return ConvertResult(out_dir, out_dir / "model.onnx", decisions, vit.flops.total, current.flops.total,
+                         agreement, build, notes)
+
+
+def _run_toast(model, vit, options: ConvertOptions, model_path, progress):
+    current, passes, keeps, notes = vit, [], [], []
     progress("stripping zeroed structure")
     result, strip_keeps = strip_dead_structure(model, current)
     passes.append(result.report)
@@ -122,56 +171,23 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
     if not keeps and tcs_record is None:
         notes.append("nothing was compressed: no zeroed structure was found and no --head-sparsity, "
                      "--target-gflops or TCS ratios were given.")
-
-    progress("checking against the original graph")
-    if options.calib:
-        from vit2trt.converter.calibration import load_calibration
-
-        record = _record(model_path)
-        inputs = load_calibration(options.calib, (vit.in_chans, *vit.img_size),
-                                  (record or {}).get("preprocessing"), options.calib_limit,
-                                  progress=lambda done, total: progress(f"reading calibration images {done}/{total}"))
-        described = f"{len(inputs)} calibration inputs from {Path(options.calib).name}"
-    else:
-        inputs = np.random.default_rng(options.seed).standard_normal(
-            (options.check_batch, vit.in_chans, *vit.img_size)).astype(np.float32)
-        described = f"{options.check_batch} seeded random images"
-    agreement = _agreement(original, model, inputs, described)
-    decisions = {
-        "method": options.method,
-        "source": Path(model_path).name,
+    sections = {
         "settings": {"head_sparsity": plan.head_sparsity, "skip_blocks": list(options.skip_blocks),
                      "target_gflops": options.target_gflops, "schedule": plan.schedule,
                      "tcs_shared": options.tcs_shared},
-        "passes": passes,
-        "blocks": [k.to_dict() for k in keeps],
-        "tcs": tcs_record,
-        "flops": {"before": vit.flops.total, "after": current.flops.total},
+        "passes": passes, "blocks": [k.to_dict() for k in keeps], "tcs": tcs_record,
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = None
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".vit2trt-convert-") as tmp:
-        tmp = Path(tmp)
-        onnx_path = tmp / "model.onnx"
-        if model.ByteSize() >= _TWO_GB:
-            onnx.save(model, str(onnx_path), save_as_external_data=True, location="model.onnx.data")
-        else:
-            onnx.save(model, str(onnx_path))
-        (tmp / "decisions.json").write_text(json.dumps(decisions, indent=1, sort_keys=True) + "\n")
-        if options.build:
-            progress("building a TensorRT engine")
-            build = build_engine(onnx_path, engine_path=tmp / "model.engine")
-            if build.status == "failed":
-                raise Vit2TrtError(f"the compressed graph did not build with {build.backend}: {build.message}")
-        (tmp / "report.json").write_text(json.dumps(
-            {"agreement": agreement, "flops": decisions["flops"], "notes": notes,
-             "build": None if build is None else build.__dict__}, indent=1, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        tmp.mkdir()  # TemporaryDirectory expects to remove something
-    return ConvertResult(out_dir, out_dir / "model.onnx", decisions, vit.flops.total, current.flops.total,
-                         agreement, build, notes)
+    return model, current, sections, notes
+
+
+def _run_tome(model, vit, options: ConvertOptions, model_path, progress):
+    progress(f"merging {options.tome_r} tokens per block (ToMe)")
+    result = apply_tome(model, vit, options.tome_r)
+    current = describe_vit(result.model, "graph with ToMe")
+    notes = [f"ToMe merges {sum(result.report['r'])} of {vit.num_tokens} tokens over {vit.depth} blocks "
+             f"({result.report['tokens'][-1]} leave the last block); training-free, as the paper."]
+    return result.model, current, {"settings": {"r": options.tome_r}, "passes": [result.report],
+                                   "tome": result.report}, notes
 
 
 def _record(model_path) -> Optional[dict]:

@@ -131,21 +131,21 @@ def _merge(b: GraphBuilder, x, size, metric, n: int, r: int, channels: int, prot
         weighted = b.op("Mul", [x, size], "weighted")
     y = b.op("Concat", [weighted, size], "with_size", axis=2)
     y_a, y_b = every_other(y, 0, "y_a"), every_other(y, 1, "y_b")
-    lead = b.op("Shape", [y], "yshape", out_dtype=np.int64, start=0, end=1)
-
     def gather_rows(source, index, count, name):
-        shape = b.op("Concat", [lead, b.i64(f"{name}_rows", [count, channels + 1])], f"{name}_shape",
-                     out_dtype=np.int64, axis=0)
+        # Expand broadcasts [B, count, 1] against [1, count, C + 1]: no shape arithmetic needed.
         rows = b.op("Unsqueeze", [index, b.i64(f"{name}_axis", [-1])], f"{name}_col", out_dtype=np.int64)
-        rows = b.op("Expand", [rows, shape], f"{name}_index", out_dtype=np.int64)
+        rows = b.op("Expand", [rows, b.i64(f"{name}_shape", [1, count, channels + 1])], f"{name}_index",
+                    out_dtype=np.int64)
         return b.op("GatherElements", [source, rows], name, axis=1)
 
     unmerged = gather_rows(y_a, unm_idx, na - r, "unmerged")                                     # [B, na-r, C+1]
     sources = gather_rows(y_a, src_idx, r, "sources")                                            # [B, r, C+1]
-    hit = b.op("Equal", [b.op("Unsqueeze", [dst_idx, b.i64("dst_axis", [-1])], "dst_col", out_dtype=np.int64),
-                         b.i64("b_positions", np.arange(nb))], "dst_hit", out_dtype=np.bool_)
+    # One-hot [B, nb, r]: column s marks the B token that source s merges into.
+    hit = b.op("Equal", [b.i64("b_positions", np.arange(nb).reshape(nb, 1)),
+                         b.op("Unsqueeze", [dst_idx, b.i64("dst_axis", [1])], "dst_row", out_dtype=np.int64)],
+               "dst_hit", out_dtype=np.bool_)
     onehot = b.op("Cast", [hit], "dst_onehot", to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(b.dtype)))
-    added = b.op("MatMul", [b.op("Transpose", [onehot], "dst_onehotT", perm=[0, 2, 1]), sources], "merged_sum")
+    added = b.op("MatMul", [onehot, sources], "merged_sum")
     dst = b.op("Add", [y_b, added], "dst")                                                       # [B, nb, C+1]
     y = b.op("Concat", [unmerged, dst], "tokens", axis=1)                                        # [B, n-r, C+1]
     new_x = b.op("Slice", [y, b.i64("x_start", [0]), b.i64("x_end", [channels]), b.i64("x_axis", [2])], "sum_x")

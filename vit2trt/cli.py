@@ -126,7 +126,8 @@ def inspect(
 def convert(
     model: Path = typer.Argument(..., help="An exported ViT .onnx file."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: model.onnx, decisions.json, report.json, model.engine."),
-    method: str = typer.Option("toast", "--method", help="Compression method (toast)."),
+    method: str = typer.Option("toast", "--method", help="Compression method: toast or tome."),
+    tome_r: int = typer.Option(13, "--r", help="ToMe: tokens merged after each block's attention (clipped to half the tokens)."),
     head_sparsity: Optional[float] = typer.Option(None, "--head-sparsity", help="ToaSt SCWP: fraction of every head's QK and V dims to remove, e.g. 0.9 (all blocks but the first)."),
     target_gflops: Optional[float] = typer.Option(None, "--target-gflops", help="Use ToaSt's published schedule for this budget (DeiT-T/S/B, MAE-B/L/H), or solve back-loaded TCS ratios for other models."),
     fc1: Optional[str] = typer.Option(None, "--fc1", help="TCS: per-block fractions of FC1 input channels to drop, comma-separated."),
@@ -139,13 +140,14 @@ def convert(
 ):
     """Compress a ViT graph by surgery. toast: strip zeroed QK/VO dims and FFN channels (the main path
     after masked fine-tuning); prune head dims by SCWP (--head-sparsity); insert Token Channel
-    Selection (--fc1/--fc2, or a whole schedule with --target-gflops)."""
+    Selection (--fc1/--fc2, or a whole schedule with --target-gflops). tome: ToMe token merging of
+    --r tokens per block, in native ONNX that every runtime builds."""
     with _user_errors():
         from vit2trt.converter.convert import ConvertOptions, convert as run_convert
 
         options = ConvertOptions(method=method, head_sparsity=head_sparsity, target_gflops=target_gflops,
                                  fc1_ratios=_ratios(fc1, "--fc1"), fc2_ratios=_ratios(fc2, "--fc2"),
-                                 tcs_shared=tcs_shared, calib=str(calib) if calib else None, build=build,
+                                 tcs_shared=tcs_shared, tome_r=tome_r, calib=str(calib) if calib else None, build=build,
                                  seed=seed, overwrite=overwrite)
         with err.status("converting ...") as status:
             result = run_convert(model, out_dir, options, progress=lambda msg: status.update(f"{msg} ..."))
