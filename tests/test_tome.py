@@ -82,3 +82,42 @@ def test_tome_graphs_build_with_tensorrt(tmp_path, export_cache, exporter):
     onnx.save(apply_tome(model, describe_vit(model), 13).model, str(path))
     report = build_engine(path)
     assert report.status == "built", report.message
+
+
+def test_convert_with_tome_writes_a_reproducible_result(tmp_path, export_cache):
+    from typer.testing import CliRunner
+
+    from vit2trt.cli import app
+
+    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "torchscript")
+    outs = []
+    for name in ("a", "b"):
+        result = CliRunner().invoke(app, ["convert", str(exported.onnx_path), "--method", "tome", "--r", "13",
+                                          "--out", str(tmp_path / name), "--no-build"])
+        assert result.exit_code == 0, result.output
+        outs.append((tmp_path / name / "model.onnx").read_bytes())
+    assert outs[0] == outs[1]
+    import json
+
+    decisions = json.loads((tmp_path / "a" / "decisions.json").read_text())
+    assert decisions["tome"]["tokens"] == [197, 184, 171, 158]
+    x = np.random.default_rng(2).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    reference = ToMeViT(build_model(ReferenceRecord.load(exported.record_path)), decisions["tome"]["r"])
+    with torch.no_grad():
+        assert rel_error(run_onnx(tmp_path / "a" / "model.onnx", x), reference(torch.from_numpy(x)).numpy()) <= 1e-4
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "tome", "--r", "-1"], "non-negative"),
+    (["--method", "tome", "--head-sparsity", "0.5"], "belong to --method toast"),
+])
+def test_bad_tome_requests_write_nothing(tmp_path, export_cache, argv, needle):
+    from typer.testing import CliRunner
+
+    from vit2trt.cli import app
+
+    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "torchscript")
+    result = CliRunner().invoke(app, ["convert", str(exported.onnx_path), "--out", str(tmp_path / "out"),
+                                      "--no-build", *argv])
+    assert result.exit_code == 2 and needle in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
