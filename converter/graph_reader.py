@@ -499,7 +499,7 @@ class _Reader:
             index=index, input=block_in, output=res_ffn.outputs[0].name,
             norm1=norm1.name if norm1 is not None and norm1.op == "LayerNormalization" else None,
             norm2=norm2, attn=attn, ffn=ffn, layer_scale_attn=ls_attn, layer_scale_ffn=ls_ffn,
-            residual_attn=res_attn.name, residual_ffn=res_ffn.name, flops=flops,
+            residual_attn=res_attn.name, residual_ffn=res_ffn.name, flops=flops, tokens=n,
         )
 
     def _fold_scale(self, node: gs.Node, scale: float):

@@ -102,6 +102,7 @@ class Block:
     residual_attn: str         # Add node
     residual_ffn: str          # Add node
     flops: BlockFlops
+    tokens: int = 0            # tokens the attention sees (fewer after token merging/pruning)
 
 
 @dataclass

@@ -180,8 +180,9 @@ def _print_description(g) -> None:
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("model", f"{g.path}  (opset {g.opset})")
-    out.print("columns: qkv = fused/split projections, bias = qkv bias, LS = layer scale, "
-              "proj/attn/FFN = projection, attention-matmul and FFN GFLOPs", style="dim")
+    out.print("columns: tokens = tokens the attention sees, qkv = fused/split projections, FFN = hidden units "
+              "(* = Token Channel Selection), LS = layer scale, proj/attn/FFN = projection, attention-matmul and "
+              "FFN GFLOPs", style="dim")
     summary.add_row("input", f"{g.input_name} [N, {g.in_chans}, {g.img_size[0]}, {g.img_size[1]}]")
     summary.add_row("patches", f"{g.patch_size[0]}x{g.patch_size[1]} -> {g.patch_embed.grid[0]}x{g.patch_embed.grid[1]} = "
                     f"{g.num_patches} tokens, embed dim {g.embed_dim}")
@@ -198,13 +199,15 @@ def _print_description(g) -> None:
 
     table = Table(title=f"{g.depth} blocks (GFLOPs at batch 1)", title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False, padding=(0, 1), collapse_padding=True, show_edge=False)
-    for col in ("#", "qkv", "heads", "dim qk/v", "bias", "FFN", "act", "LS", "proj", "attn", "FFN", "block"):
+    for col in ("#", "tokens", "qkv", "heads", "dim qk/v", "FFN", "act", "LS", "proj", "attn", "FFN", "block"):
         table.add_column(col, justify="left" if col in ("qkv", "act") else "right", no_wrap=True)
     for b in g.blocks:
         a = b.attn
+        ffn = str(b.ffn.hidden)
+        selected = [str(lin.selected_in) for lin in (b.ffn.fc1, b.ffn.fc2) if lin.selected_in]
         table.add_row(
-            str(b.index), a.layout.split("_")[0], str(a.heads), f"{a.head_dim_qk}/{a.head_dim_v}",
-            "yes" if a.qkv_bias else "no", str(b.ffn.hidden), b.ffn.activation,
+            str(b.index), str(b.tokens), a.layout.split("_")[0], str(a.heads), f"{a.head_dim_qk}/{a.head_dim_v}",
+            ffn + ("*" if selected else ""), b.ffn.activation,
             "yes" if b.layer_scale_attn else "no", f"{b.flops.attn_proj / 1e9:.3f}",
             f"{b.flops.attn_matmul / 1e9:.3f}", f"{b.flops.ffn / 1e9:.3f}", f"{b.flops.total / 1e9:.3f}")
     out.print(table)
