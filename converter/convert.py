@@ -113,8 +113,10 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
                  "flops": {"before": vit.flops.total, "after": current.flops.total}}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     build = None
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".vit2trt-convert-") as tmp:
-        tmp = Path(tmp)
+    # Stage everything beside OUT, then move it into place: nothing half-written on failure.
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".vit2trt-convert-") as staging:
+        tmp = Path(staging) / "out"
+        tmp.mkdir()
         onnx_path = tmp / "model.onnx"
         if model.ByteSize() >= _TWO_GB:
             onnx.save(model, str(onnx_path), save_as_external_data=True, location="model.onnx.data")
@@ -132,7 +134,6 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
-        tmp.mkdir()  # TemporaryDirectory expects to remove something
     return ConvertResult(out_dir, out_dir / "model.onnx", decisions, vit.flops.total, current.flops.total,
                          agreement, build, notes)
 
