@@ -25,7 +25,7 @@ from vit2trt.passes.tcs import apply_tcs, tcs_blocks
 from vit2trt.passes.toast_plan import plan_toast
 from vit2trt.passes.tome import apply_tome
 
-METHODS = ("toast", "tome")
+METHODS = ("toast", "tome", "asvit")
 _TWO_GB = 2**31
 
 
@@ -38,6 +38,10 @@ class ConvertOptions:
     fc2_ratios: Optional[list[float]] = None
     tcs_shared: bool = False
     tome_r: int = 13                        # ToMe: tokens merged per block
+    asvit_thresholds: Optional[list[float]] = None   # AS-ViT: θ per stage (else calibrated)
+    asvit_stages: Optional[list[int]] = None         # AS-ViT: blocks before which tokens drop
+    target_flops: float = 0.65                       # AS-ViT: calibrated FLOPs fraction
+    asvit_form: str = "dynamic"
     model_name: Optional[str] = None        # timm name, to pick a published schedule
     calib: Optional[str] = None             # images or .npy for the agreement check
     calib_limit: int = 64
@@ -92,7 +96,7 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
     progress("reading the graph")
     original = load_onnx(model_path)
     vit = describe_vit(original, str(model_path))
-    run = _run_toast if options.method == "toast" else _run_tome
+    run = {"toast": _run_toast, "tome": _run_tome, "asvit": _run_asvit}[options.method]
     model, current, sections, notes = run(original, vit, options, model_path, progress)
 
     progress("checking against the original graph")
@@ -189,6 +193,64 @@ def _run_tome(model, vit, options: ConvertOptions, model_path, progress):
              f"({result.report['tokens'][-1]} leave the last block); training-free, as the paper."]
     return result.model, current, {"settings": {"r": options.tome_r}, "passes": [result.report],
                                    "tome": result.report}, notes
+
+
+def _run_asvit(model, vit, options: ConvertOptions, model_path, progress):
+    from vit2trt.passes.asvit import apply_asvit, check_settings, default_stages
+
+    stages = options.asvit_stages or default_stages(vit.depth)
+    notes, calibration = [], None
+    thresholds = options.asvit_thresholds
+    if thresholds is None:
+        check_settings(vit, stages, [0.0] * len(stages), options.asvit_form)
+        if not 0.0 < options.target_flops <= 1.0:
+            raise Vit2TrtError(f"--target-flops is a fraction of the full model's FLOPs in (0, 1], "
+                               f"got {options.target_flops}.")
+        thresholds, calibration = _calibrate_asvit(vit, stages, options, model_path, progress)
+        notes.append(f"AS-ViT thresholds {[round(t, 5) for t in thresholds]} calibrated without training on "
+                     f"{calibration['inputs']} for {options.target_flops:g} of the FLOPs (reached "
+                     f"{calibration['flops_fraction']:.3f} on average); the paper learns them with 30 epochs of "
+                     f"budget-aware fine-tuning.")
+    progress("inserting AS-ViT token pruning")
+    result = apply_asvit(model, vit, stages, thresholds, options.asvit_form)
+    current = describe_vit(result.model, "graph with AS-ViT")
+    notes.append("AS-ViT keeps as many tokens as each image needs: the FLOPs above are for the reader's seeded "
+                 "probe image; report.json's calibration gives the mean over the calibration inputs.")
+    sections = {"settings": {"stages": stages, "thresholds": thresholds, "form": options.asvit_form,
+                             "target_flops": options.target_flops},
+                "passes": [result.report], "asvit": dict(result.report, calibration=calibration)}
+    return result.model, current, sections, notes
+
+
+def _calibrate_asvit(vit, stages, options: ConvertOptions, model_path, progress):
+    import torch
+
+    from vit2trt.models.asvit_reference import calibrate_thresholds
+    from vit2trt.models.reference import ReferenceRecord, build_model
+
+    record_path = ReferenceRecord.path_for(model_path)
+    if not record_path.is_file():
+        raise Vit2TrtError(f"calibrating AS-ViT thresholds needs the PyTorch reference ({record_path.name}, written "
+                           "by vit2trt export); pass --thresholds instead.")
+    record = ReferenceRecord.load(record_path)
+    if record.family != "timm":
+        raise Vit2TrtError("AS-ViT threshold calibration supports timm models; pass --thresholds instead.")
+    if options.calib:
+        from vit2trt.converter.calibration import load_calibration
+
+        images = load_calibration(options.calib, (vit.in_chans, *vit.img_size), record.preprocessing,
+                                  options.calib_limit)
+        described = f"{len(images)} calibration inputs"
+    else:
+        images = np.random.default_rng(options.seed).standard_normal(
+            (16, vit.in_chans, *vit.img_size)).astype(np.float32)
+        described = "16 seeded random images (pass --calib with real images for real thresholds)"
+    progress(f"calibrating AS-ViT thresholds on {len(images)} inputs")
+    block_flops = [(b.flops.attn_proj, b.flops.attn_matmul, b.flops.ffn) for b in vit.blocks]
+    fixed = vit.flops.patch_embed + vit.flops.head + vit.flops.other
+    thresholds, fraction = calibrate_thresholds(build_model(record), torch.from_numpy(images), stages,
+                                                block_flops, fixed, options.target_flops)
+    return thresholds, {"inputs": described, "flops_fraction": fraction}
 
 
 def _record(model_path) -> Optional[dict]:

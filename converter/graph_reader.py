@@ -76,7 +76,8 @@ class _Reader:
         for index, softmax in enumerate(softmaxes):
             blocks.append(self._block(index, softmax))
         for prev, nxt in zip(blocks, blocks[1:]):
-            if prev.output != nxt.input:
+            if prev.output != nxt.input and not self._derives_from(
+                    self._tensor_by_name(nxt.input), self._tensor_by_name(prev.output)):
                 raise NotAViTError(self._not_vit(
                     f"blocks {prev.index} and {nxt.index} are not chained (block {prev.index} ends in "
                     f"'{prev.output}', block {nxt.index} starts from '{nxt.input}')"))
@@ -446,7 +447,10 @@ class _Reader:
         # Output projection: follow the A·V result through layout ops to the next projection.
         t, out_path, proj = av.outputs[0], [], None
         for _ in range(8):
-            node = self._single_consumer(t, {"Transpose", "Reshape", "Flatten", "Identity", "Cast", "MatMul", "Gemm"})
+            # Other readers of the per-head outputs (AS-ViT's scores) are not on this path.
+            candidates = [n for n in t.outputs
+                          if n.op in ("Transpose", "Reshape", "Flatten", "Identity", "Cast", "MatMul", "Gemm")]
+            node = candidates[0] if len(candidates) == 1 else None
             if node is None:
                 break
             if node.op in _LINEAR_OPS:

@@ -12,7 +12,8 @@ from torch import nn
 from vit2trt.passes.tome import PROTECT
 
 
-def _attention(block: nn.Module, x: torch.Tensor, size: torch.Tensor | None):
+def attention_parts(block: nn.Module, x: torch.Tensor, size: torch.Tensor | None = None):
+    """A timm block's attention written out: (output, head-averaged keys, probs, per-head output)."""
     attn = block.attn
     b, n, _ = x.shape
     heads, dim = attn.num_heads, attn.head_dim
@@ -25,8 +26,10 @@ def _attention(block: nn.Module, x: torch.Tensor, size: torch.Tensor | None):
     scores = (q @ k) * attn.scale
     if size is not None:
         scores = scores + size.log().reshape(b, 1, 1, n)
-    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, heads * dim)
-    return attn.proj(out), keys.reshape(b, n, heads, dim).mean(2)
+    probs = scores.softmax(-1)
+    per_head = probs @ v
+    out = per_head.transpose(1, 2).reshape(b, n, heads * dim)
+    return attn.proj(out), keys.reshape(b, n, heads, dim).mean(2), probs, per_head
 
 
 def _merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, protect_cls: bool):
@@ -68,7 +71,7 @@ class ToMeViT(nn.Module):
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
         size = None
         for block, r in zip(m.blocks, self.r):
-            out, metric = _attention(block, block.norm1(x), size)
+            out, metric, _, _ = attention_parts(block, block.norm1(x), size)
             x = x + block.ls1(out)
             if r:
                 if size is None:

@@ -123,7 +123,8 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
 
     `score_bias` ([B, 1, 1, N]) is added to the scaled scores (ToMe's proportional attention).
     Returns what was done and the new graph tensors of interest: "k" ([B, N, heads·dim], the keys
-    before the head split) and "input" (the attention's input).
+    before the head split), "input" (the attention's input), "probs" ([B, heads, N, N]) and
+    "context" ([B, heads, N, dim], each head's output before the heads are merged).
     """
     attn = block.attn
     w = attention_weights(tensors, attn)
@@ -170,8 +171,8 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
     if score_bias is not None:
         scores = node("Add", [scores, score_bias], "scores/size_bias")
     probs = node("Softmax", [scores], "Softmax", {"axis": -1})
-    ctx = node("MatMul", [probs, v], "context/MatMul")
-    ctx = node("Transpose", [ctx], "context/Transpose", {"perm": [0, 2, 1, 3]})
+    heads_ctx = node("MatMul", [probs, v], "context/MatMul")
+    ctx = node("Transpose", [heads_ctx], "context/Transpose", {"perm": [0, 2, 1, 3]})
     ctx = node("Reshape", [ctx, _const(f"{prefix}/context.shape", np.array([0, 0, h * dv], dtype=np.int64))],
                "context/Reshape")
     proj = nodes[attn.proj.node]
@@ -180,7 +181,7 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
     proj.inputs[0] = ctx
     proj.inputs[1] = _const(f"{prefix}/proj.weight", w.wproj[v_cols, :], dtype)
     record = {"heads": h, "head_dim_qk": [w.head_dim_qk, dqk], "head_dim_v": [w.head_dim_v, dv], "scale": scale}
-    return record, {"k": parts[1], "input": x}
+    return record, {"k": parts[1], "input": x, "probs": probs, "context": heads_ctx}
 
 
 def _prune_ffn(graph, tensors, nodes, block, keep: BlockKeep, dtype) -> dict:

@@ -126,13 +126,17 @@ def inspect(
 def convert(
     model: Path = typer.Argument(..., help="An exported ViT .onnx file."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: model.onnx, decisions.json, report.json, model.engine."),
-    method: str = typer.Option("toast", "--method", help="Compression method: toast or tome."),
+    method: str = typer.Option("toast", "--method", help="Compression method: toast, tome or asvit."),
     tome_r: int = typer.Option(13, "--r", help="ToMe: tokens merged after each block's attention (clipped to half the tokens)."),
     head_sparsity: Optional[float] = typer.Option(None, "--head-sparsity", help="ToaSt SCWP: fraction of every head's QK and V dims to remove, e.g. 0.9 (all blocks but the first)."),
     target_gflops: Optional[float] = typer.Option(None, "--target-gflops", help="Use ToaSt's published schedule for this budget (DeiT-T/S/B, MAE-B/L/H), or solve back-loaded TCS ratios for other models."),
     fc1: Optional[str] = typer.Option(None, "--fc1", help="TCS: per-block fractions of FC1 input channels to drop, comma-separated."),
     fc2: Optional[str] = typer.Option(None, "--fc2", help="TCS: per-block fractions of FC2 input channels (hidden units) to drop."),
     tcs_shared: bool = typer.Option(False, "--tcs-shared", help="TCS: one channel set per batch, as the official code (default: per image, batch-independent)."),
+    thresholds: Optional[str] = typer.Option(None, "--thresholds", help="AS-ViT: θ per stage, comma-separated or a JSON file ({\"thresholds\": [...]}, optional \"stages\"). Default: calibrated."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="AS-ViT: blocks before which tokens are dropped (default 4,7,10 for 12 blocks)."),
+    target_flops: float = typer.Option(0.65, "--target-flops", help="AS-ViT: FLOPs fraction the calibrated thresholds meet on average."),
+    asvit_form: str = typer.Option("dynamic", "--asvit-form", help="AS-ViT graph: dynamic (the sequence shrinks; ONNX Runtime) or bounded (masking only; builds everywhere)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W] array for the agreement check."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build a TensorRT engine of the result."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
@@ -145,7 +149,10 @@ def convert(
     with _user_errors():
         from vit2trt.converter.convert import ConvertOptions, convert as run_convert
 
+        asvit_thresholds, asvit_stages = _asvit_settings(thresholds, stages)
         options = ConvertOptions(method=method, head_sparsity=head_sparsity, target_gflops=target_gflops,
+                                 asvit_thresholds=asvit_thresholds, asvit_stages=asvit_stages,
+                                 target_flops=target_flops, asvit_form=asvit_form,
                                  fc1_ratios=_ratios(fc1, "--fc1"), fc2_ratios=_ratios(fc2, "--fc2"),
                                  tcs_shared=tcs_shared, tome_r=tome_r, calib=str(calib) if calib else None, build=build,
                                  seed=seed, overwrite=overwrite)
@@ -164,6 +171,29 @@ def convert(
             out.print(f"TensorRT ({result.build.backend}): {result.build.status} {result.build.message}")
         for note in result.notes:
             out.print(f"note: {note}", style="yellow")
+
+
+def _asvit_settings(thresholds: Optional[str], stages: Optional[str]):
+    """--thresholds as numbers or a JSON file (which may also name the stages); --stages as numbers."""
+    parsed_stages = None
+    if stages is not None:
+        try:
+            parsed_stages = [int(v) for v in stages.split(",")]
+        except ValueError:
+            raise Vit2TrtError(f"--stages takes comma-separated block indices such as 4,7,10, not '{stages}'.") from None
+    if thresholds is None:
+        return None, parsed_stages
+    path = Path(thresholds)
+    if path.suffix == ".json" or path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            values = [float(v) for v in data["thresholds"]]
+            if parsed_stages is None and "stages" in data:
+                parsed_stages = [int(v) for v in data["stages"]]
+            return values, parsed_stages
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise Vit2TrtError(f"--thresholds {path}: not a JSON file with a 'thresholds' list ({exc}).") from None
+    return _ratios(thresholds, "--thresholds"), parsed_stages
 
 
 def _ratios(text: Optional[str], flag: str) -> Optional[list[float]]:
