@@ -23,13 +23,15 @@ def session(path: Path, threads: int, profile_prefix: str | None = None) -> ort.
 
 
 def interleaved_medians(paths: dict[str, Path], batches: list[int], repeats: int, threads: int,
-                        image: tuple[int, int, int] = (3, 224, 224)) -> dict[tuple[str, int], float]:
-    """Seconds per run, median over `repeats` rounds in which every variant runs once."""
+                        image: tuple[int, int, int] = (3, 224, 224),
+                        inputs: np.ndarray | None = None) -> dict[tuple[str, int], float]:
+    """Seconds per run, median over `repeats` rounds in which every variant runs once. Batch b runs
+    the first b of `inputs` when given, else seeded noise."""
     sessions = {name: session(path, threads) for name, path in paths.items()}
     rng = np.random.default_rng(0)
     times = {(name, b): [] for name in paths for b in batches}
     for b in batches:
-        x = rng.standard_normal((b, *image)).astype(np.float32)
+        x = inputs[:b] if inputs is not None else rng.standard_normal((b, *image)).astype(np.float32)
         for s in sessions.values():  # warm up
             s.run(None, {s.get_inputs()[0].name: x})
         for _ in range(repeats):

@@ -1,0 +1,79 @@
+"""Token reduction speed on CPU: uncompressed vs ToMe and AS-ViT (DeiT-S size) in ONNX Runtime.
+
+One run, variants interleaved, medians. Inputs are real photographs when ../shared/assets/calib
+is there (AS-ViT keeps as many tokens as each image needs, so its speed depends on the images),
+else seeded noise. AS-ViT thresholds are calibrated on the same folder for --target-flops. Also
+prints the share of each graph's kernel time spent in token scoring/matching/top-k/gather nodes
+(ONNX Runtime's node profiler). Weights are seeded random: speed does not depend on them.
+
+    python benchmarks/token_reduction_speed.py [--r 13] [--target-flops 0.65] [--repeats 15]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from vit2trt.converter.calibration import load_calibration
+from vit2trt.converter.convert import ConvertOptions, convert
+from vit2trt.converter.export import export_model
+from vit2trt.converter.graph_reader import read_vit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_medians, node_times, print_speed_table  # noqa: E402
+
+SHARED_CALIB = Path(__file__).resolve().parents[2] / "shared" / "assets" / "calib"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--r", type=int, default=13)
+    parser.add_argument("--target-flops", type=float, default=0.65)
+    parser.add_argument("--images", default=str(SHARED_CALIB), help="folder of photographs (optional)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile-runs", type=int, default=10)
+    args = parser.parse_args()
+    batches = [1, 8]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        exported = export_model(f"timm:{args.model}", tmp / "base.onnx", seed=0)
+        base = exported.onnx_path
+        images_dir = Path(args.images) if Path(args.images).is_dir() else None
+        if images_dir:
+            inputs = load_calibration(images_dir, (3, 224, 224), limit=32)
+            where = f"{len(inputs)} photographs from {images_dir.name}/"
+        else:
+            inputs = np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)
+            where = "32 seeded noise images (no photograph folder found)"
+        np.save(tmp / "inputs.npy", inputs)
+        variants = {"uncompressed": base}
+        variants[f"ToMe r={args.r}"] = convert(base, tmp / "tome", ConvertOptions(
+            method="tome", tome_r=args.r, build=False)).onnx_path
+        asvit = convert(base, tmp / "asvit", ConvertOptions(
+            method="asvit", target_flops=args.target_flops, calib=str(tmp / "inputs.npy"), build=False))
+        variants[f"AS-ViT {args.target_flops:g} FLOPs"] = asvit.onnx_path
+        calibrated = asvit.decisions["asvit"]["calibration"]["flops_fraction"]
+        flops = {name: read_vit(path).flops.total for name, path in variants.items()}
+        # AS-ViT's FLOPs depend on the image: use the calibration mean, not the reader's probe image.
+        flops[f"AS-ViT {args.target_flops:g} FLOPs"] = int(flops["uncompressed"] * calibrated)
+        median = interleaved_medians(variants, batches, args.repeats, args.threads, inputs=inputs)
+        print_speed_table(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of "
+                          f"{args.repeats} interleaved rounds, inputs: {where}", flops, median, batches)
+        for name, path in variants.items():
+            if name == "uncompressed":
+                continue
+            for b in batches:
+                nodes = node_times(path, inputs[:b], args.threads, args.profile_runs)
+                overhead = sum(t for n, t in nodes.items() if "/tome/" in n or "/asvit/" in n)
+                print(f"{name}, batch {b}: scoring, matching, top-k and gathers {overhead:.2f} ms = "
+                      f"{overhead / sum(nodes.values()) * 100:.1f}% of the graph's kernel time")
+
+
+if __name__ == "__main__":
+    main()
