@@ -1,6 +1,7 @@
 """Small onnx-graphsurgeon helpers shared by the reader and the passes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -82,3 +83,21 @@ class GraphBuilder:
 
     def reduce_mean(self, x, axes: list[int], keepdims: bool, name: str):
         return self.reduce("ReduceMean", x, axes, keepdims, name)
+
+
+@dataclass
+class Surgery:
+    """A model opened for surgery: its graph, tensors and nodes by name, opset and float dtype."""
+    graph: gs.Graph
+    tensors: dict
+    nodes: dict
+    opset: int
+    dtype: type
+
+
+def open_for_surgery(model: onnx.ModelProto) -> Surgery:
+    graph = gs.import_onnx(model)
+    name_nodes(graph)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+    return Surgery(graph, graph.tensors(), {n.name: n for n in graph.nodes}, opset, dtype)

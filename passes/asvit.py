@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import GraphBuilder, export_like, name_nodes
+from vit2trt.converter.graph_utils import GraphBuilder, export_like, open_for_surgery
 from vit2trt.converter.vit_graph import ViTGraph
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
@@ -67,12 +67,9 @@ def check_settings(vit: ViTGraph, stages: list[int], thresholds: list[float], fo
 def apply_asvit(model: onnx.ModelProto, vit: ViTGraph, stages: list[int], thresholds: list[float],
                 form: str = "dynamic") -> PassResult:
     settings = check_settings(vit, stages, thresholds, form)
-    graph = gs.import_onnx(model)
-    name_nodes(graph)
-    tensors = graph.tensors()
-    nodes = {n.name: n for n in graph.nodes}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+    surgery = open_for_surgery(model)
+    graph, tensors, nodes, opset, dtype = (surgery.graph, surgery.tensors, surgery.nodes,
+                                            surgery.opset, surgery.dtype)
     theta = dict(zip([s - 1 for s in settings.stages], settings.thresholds))  # scored after block s-1
     first_scored = min(theta)
     bias, keep = None, None      # attention bias [B,1,1,N] and keep mask [B,N] (bool) once pruning began

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import const_value, export_like, name_nodes
+from vit2trt.converter.graph_utils import const_value, export_like, open_for_surgery
 from vit2trt.converter.vit_graph import Attention, Linear, ViTGraph
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
@@ -96,11 +96,8 @@ def _check_keep(keep: Optional[list[list[int]]], heads: int, head_dim: int, what
 
 
 def prune_structure(model: onnx.ModelProto, vit: ViTGraph, keeps: list[BlockKeep]) -> PassResult:
-    graph = gs.import_onnx(model)
-    name_nodes(graph)
-    tensors = graph.tensors()
-    nodes = {n.name: n for n in graph.nodes}
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+    surgery = open_for_surgery(model)
+    graph, tensors, nodes, dtype = surgery.graph, surgery.tensors, surgery.nodes, surgery.dtype
     done = []
     for keep in sorted(keeps, key=lambda k: k.index):
         block = vit.blocks[keep.index]

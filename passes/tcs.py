@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import GraphBuilder, const_value, export_like, name_nodes
+from vit2trt.converter.graph_utils import GraphBuilder, const_value, export_like, open_for_surgery
 from vit2trt.converter.vit_graph import ViTGraph
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
@@ -79,11 +79,8 @@ def tcs_blocks(vit: ViTGraph, fc1_ratios: list[float], fc2_ratios: list[float]) 
 
 
 def apply_tcs(model: onnx.ModelProto, vit: ViTGraph, blocks: list[TCSBlock], shared: bool = False) -> PassResult:
-    graph = gs.import_onnx(model)
-    name_nodes(graph)
-    nodes = {n.name: n for n in graph.nodes}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+    surgery = open_for_surgery(model)
+    graph, nodes, opset, dtype = surgery.graph, surgery.nodes, surgery.opset, surgery.dtype
     use_cls = any(t.kind == "class" for t in vit.extra_tokens)
     # The official score weighs the patch term by the patch count (class attention is ~1/N per token).
     settings = TCSSettings(sample=token_sample(vit.num_extra_tokens, vit.num_patches), use_class_token=use_cls,

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import GraphBuilder, export_like, name_nodes
+from vit2trt.converter.graph_utils import GraphBuilder, export_like, open_for_surgery
 from vit2trt.converter.vit_graph import ViTGraph
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
@@ -58,12 +57,9 @@ def tome_schedule(vit: ViTGraph, r: int | list[int]) -> ToMeSchedule:
 
 def apply_tome(model: onnx.ModelProto, vit: ViTGraph, r: int | list[int]) -> PassResult:
     schedule = tome_schedule(vit, r)
-    graph = gs.import_onnx(model)
-    name_nodes(graph)
-    tensors = graph.tensors()
-    nodes = {n.name: n for n in graph.nodes}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+    surgery = open_for_surgery(model)
+    graph, tensors, nodes, opset, dtype = (surgery.graph, surgery.tensors, surgery.nodes,
+                                            surgery.opset, surgery.dtype)
     size = None   # [B, N, 1] token sizes; all ones before the first merge
     for block, r_block, n in zip(vit.blocks, schedule.r, schedule.tokens):
         b = GraphBuilder(graph, f"vit2trt/blocks.{block.index}/tome", dtype, opset)
