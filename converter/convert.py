@@ -233,8 +233,6 @@ def _calibrate_asvit(vit, stages, options: ConvertOptions, model_path, progress)
         raise Vit2TrtError(f"calibrating AS-ViT thresholds needs the PyTorch reference ({record_path.name}, written "
                            "by vit2trt export); pass --thresholds instead.")
     record = ReferenceRecord.load(record_path)
-    if record.family != "timm":
-        raise Vit2TrtError("AS-ViT threshold calibration supports timm models; pass --thresholds instead.")
     if options.calib:
         from vit2trt.converter.calibration import load_calibration
 

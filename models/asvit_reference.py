@@ -1,11 +1,11 @@
-"""PyTorch reference of AS-ViT adaptive token pruning on a timm ViT: each image alone, its
+"""PyTorch reference of AS-ViT adaptive token pruning on a timm or HF ViT: each image alone, its
 dropped tokens physically removed (the semantics both ONNX forms must reproduce)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from vit2trt.models.tome_reference import attention_parts
+from vit2trt.models.vit_parts import attention_parts, vit_parts
 
 
 def token_scores(probs: torch.Tensor, per_head: torch.Tensor) -> torch.Tensor:
@@ -19,8 +19,9 @@ class ASViT(nn.Module):
     def __init__(self, model: nn.Module, stages: list[int], thresholds: list[float]):
         super().__init__()
         self.model = model.eval()
+        self.parts = vit_parts(model)
         self.theta = {s - 1: t for s, t in zip(stages, thresholds)}
-        self.protected = model.num_prefix_tokens
+        self.protected = self.parts.num_prefix_tokens
         self.kept: list[list[int]] = []   # per image, tokens entering each block (for inspection)
         self.scores: list[list[torch.Tensor]] = []   # per image, the token scores at each stage
 
@@ -29,10 +30,10 @@ class ASViT(nn.Module):
         return torch.cat([self._one(images[i:i + 1]) for i in range(images.shape[0])])
 
     def _one(self, image: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(image))))
+        p = self.parts
+        x = p.embed(image)
         counts, stage_scores = [], []
-        for index, block in enumerate(m.blocks):
+        for index, block in enumerate(p.blocks):
             counts.append(x.shape[1])
             out, _, probs, per_head = attention_parts(block, block.norm1(x))
             x = x + block.ls1(out)
@@ -45,7 +46,7 @@ class ASViT(nn.Module):
                 x = x[:, keep]
         self.kept.append(counts)
         self.scores.append(stage_scores)
-        return m.forward_head(m.norm(x))
+        return p.head(x)
 
 
 def calibrate_thresholds(model: nn.Module, images: torch.Tensor, stages: list[int], block_flops: list[tuple],
@@ -55,19 +56,18 @@ def calibrate_thresholds(model: nn.Module, images: torch.Tensor, stages: list[in
 
     block_flops[i] = (projection, attention matmul, FFN) multiply-accumulates of block i at full length.
     Returns (thresholds, achieved fraction)."""
-    m = model.eval()
+    parts = vit_parts(model.eval())
     full_tokens = None
 
     def run(rho: float):
         nonlocal full_tokens
         with torch.no_grad():
-            xs = [m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images[i:i + 1]))))
-                  for i in range(images.shape[0])]
+            xs = [parts.embed(images[i:i + 1]) for i in range(images.shape[0])]
         full_tokens = xs[0].shape[1]
-        protected = m.num_prefix_tokens
+        protected = parts.num_prefix_tokens
         counts = [[] for _ in xs]
         thresholds = []
-        for index, block in enumerate(m.blocks):
+        for index, block in enumerate(parts.blocks):
             pending = []
             with torch.no_grad():
                 for i, x in enumerate(xs):

@@ -1,4 +1,4 @@
-"""PyTorch reference of ToMe token merging on a timm ViT, as vit2trt's graph computes it.
+"""PyTorch reference of ToMe token merging on a timm or HF ViT, as vit2trt's graph computes it.
 
 Written from the algorithm (bipartite soft matching on head-averaged keys, size-weighted merge,
 proportional attention), op for op in the order the ONNX pass uses, so that the two select and
@@ -9,27 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vit2trt.models.vit_parts import attention_parts, vit_parts
 from vit2trt.passes.tome import PROTECT
-
-
-def attention_parts(block: nn.Module, x: torch.Tensor, size: torch.Tensor | None = None):
-    """A timm block's attention written out: (output, head-averaged keys, probs, per-head output)."""
-    attn = block.attn
-    b, n, _ = x.shape
-    heads, dim = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x)
-    q, k, v = qkv.split(heads * dim, dim=-1)
-    keys = k
-    q = q.reshape(b, n, heads, dim).transpose(1, 2)
-    k = k.reshape(b, n, heads, dim).permute(0, 2, 3, 1)
-    v = v.reshape(b, n, heads, dim).transpose(1, 2)
-    scores = (q @ k) * attn.scale
-    if size is not None:
-        scores = scores + size.log().reshape(b, 1, 1, n)
-    probs = scores.softmax(-1)
-    per_head = probs @ v
-    out = per_head.transpose(1, 2).reshape(b, n, heads * dim)
-    return attn.proj(out), keys.reshape(b, n, heads, dim).mean(2), probs, per_head
 
 
 def _merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, protect_cls: bool):
@@ -59,23 +40,23 @@ def _merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, pr
 
 
 class ToMeViT(nn.Module):
-    """A timm VisionTransformer with ToMe merging r[i] tokens after block i's attention."""
+    """A timm or Hugging Face ViT with ToMe merging r[i] tokens after block i's attention."""
 
     def __init__(self, model: nn.Module, r: list[int]):
         super().__init__()
         self.model, self.r = model.eval(), r
-        self.protect_cls = model.cls_token is not None
+        self.parts = vit_parts(model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        p = self.parts
+        x = p.embed(images)
         size = None
-        for block, r in zip(m.blocks, self.r):
+        for block, r in zip(p.blocks, self.r):
             out, metric, _, _ = attention_parts(block, block.norm1(x), size)
             x = x + block.ls1(out)
             if r:
                 if size is None:
                     size = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype)
-                x, size = _merge(x, size, metric, r, self.protect_cls)
+                x, size = _merge(x, size, metric, r, p.has_class_token)
             x = x + block.ls2(block.mlp(block.norm2(x)))
-        return m.forward_head(m.norm(x))
+        return p.head(x)

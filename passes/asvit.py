@@ -55,6 +55,10 @@ def check_settings(vit: ViTGraph, stages: list[int], thresholds: list[float], fo
         raise Vit2TrtError("AS-ViT scores tokens by class attention; this model has no class token.")
     if form not in FORMS:
         raise Vit2TrtError(f"unknown AS-ViT graph form '{form}'; choose {' or '.join(FORMS)}.")
+    if form == "dynamic" and any(b.attn.mask_inputs for b in vit.blocks):
+        raise Vit2TrtError("this graph adds a fixed-size mask to its attention scores (as Hugging Face dynamo "
+                           "exports do), which cannot follow a shrinking sequence: use --asvit-form bounded, or "
+                           "export with --exporter torchscript.")
     if any(not 1 <= s < vit.depth for s in stages) or sorted(set(stages)) != list(stages):
         raise Vit2TrtError(f"AS-ViT stages must be increasing block indices in [1, {vit.depth - 1}], got {stages}.")
     if len(thresholds) != len(stages):

@@ -25,11 +25,16 @@ CASES = [
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-@pytest.mark.parametrize("case_id,spec,args,r", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case_id,spec,args,r", CASES + [
+    ("hf_vit", "hf:ViTForImageClassification", dict(HF_TINY, num_hidden_layers=3), 13)],
+    ids=[c[0] for c in CASES] + ["hf_vit"])
 def test_tome_matches_the_pytorch_reference(tmp_path, export_cache, case_id, spec, args, r, exporter):
     exported = export_cache(spec, args, exporter)
     model = load_onnx(exported.onnx_path)
-    result = apply_tome(model, describe_vit(model), r)
+    vit = describe_vit(model)
+    if any(b.attn.mask_inputs for b in vit.blocks):  # HF dynamo: a fixed-size mask, refused (tested below)
+        pytest.skip("graph adds a fixed-size attention mask")
+    result = apply_tome(model, vit, r)
     path = tmp_path / "tome.onnx"
     onnx.save(result.model, str(path))
     record = ReferenceRecord.load(exported.record_path)
