@@ -246,8 +246,10 @@ def _calibrate_asvit(vit, stages, options: ConvertOptions, model_path, progress)
     progress(f"calibrating AS-ViT thresholds on {len(images)} inputs")
     block_flops = [(b.flops.attn_proj, b.flops.attn_matmul, b.flops.ffn) for b in vit.blocks]
     fixed = vit.flops.patch_embed + vit.flops.head + vit.flops.other
-    thresholds, fraction = calibrate_thresholds(build_model(record), torch.from_numpy(images), stages,
-                                                block_flops, fixed, options.target_flops)
+    thresholds, fraction = calibrate_thresholds(
+        build_model(record), torch.from_numpy(images), stages, block_flops, fixed, options.target_flops,
+        progress=lambda step, total: progress(f"calibrating AS-ViT thresholds on {len(images)} inputs: "
+                                              f"step {step}/{total}"))
     return thresholds, {"inputs": described, "flops_fraction": fraction}
 
 

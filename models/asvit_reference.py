@@ -50,7 +50,8 @@ class ASViT(nn.Module):
 
 
 def calibrate_thresholds(model: nn.Module, images: torch.Tensor, stages: list[int], block_flops: list[tuple],
-                         fixed_flops: int, target_fraction: float, steps: int = 12) -> tuple[list[float], float]:
+                         fixed_flops: int, target_fraction: float, steps: int = 12,
+                         progress=lambda step, total: None) -> tuple[list[float], float]:
     """Thresholds that keep the same fraction ρ of the tokens entering every stage, with ρ found by
     bisection so that the mean FLOPs over `images` meet `target_fraction` of the full model.
 
@@ -98,7 +99,8 @@ def calibrate_thresholds(model: nn.Module, images: torch.Tensor, stages: list[in
     best = run(1.0)
     if best[1] <= target_fraction:
         return best
-    for _ in range(steps):
+    for step in range(steps):
+        progress(step + 1, steps)
         mid = (lo + hi) / 2
         thresholds, fraction = run(mid)
         if fraction <= target_fraction:
