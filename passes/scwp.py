@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import name_nodes
+from vit2trt.converter.graph_utils import open_for_surgery
 from vit2trt.converter.vit_graph import ViTGraph
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
@@ -36,9 +35,7 @@ def scwp_keep(model: onnx.ModelProto, vit: ViTGraph, head_sparsity: float,
               skip_blocks: tuple[int, ...] = (0,)) -> list[BlockKeep]:
     if not 0.0 <= head_sparsity < 1.0:
         raise Vit2TrtError(f"--head-sparsity must be in [0, 1), got {head_sparsity}.")
-    graph = gs.import_onnx(model)
-    name_nodes(graph)
-    tensors = graph.tensors()
+    tensors = open_for_surgery(model).tensors
     keeps = []
     for block in vit.blocks:
         if block.index in skip_blocks or head_sparsity == 0.0:

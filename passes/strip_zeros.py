@@ -13,9 +13,8 @@ from typing import Optional
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import name_nodes
+from vit2trt.converter.graph_utils import open_for_surgery
 from vit2trt.converter.vit_graph import ViTGraph
 from vit2trt.passes.base import PassResult
 from vit2trt.passes.structured_prune import (
@@ -45,9 +44,7 @@ def _per_head_keep(dead: np.ndarray, heads: int, head_dim: int) -> Optional[list
 
 
 def find_dead_structure(model: onnx.ModelProto, vit: ViTGraph) -> list[BlockKeep]:
-    graph = gs.import_onnx(model)
-    name_nodes(graph)
-    tensors = graph.tensors()
+    tensors = open_for_surgery(model).tensors
     keeps = []
     for block in vit.blocks:
         w = attention_weights(tensors, block.attn)
