@@ -75,9 +75,12 @@ def apply_tome(model: onnx.ModelProto, vit: ViTGraph, r: int | list[int]) -> Pas
         heads, dim = block.attn.heads, block.attn.head_dim_qk
         keys = b.op("Reshape", [handles["k"], b.i64("key_heads", [0, 0, heads, dim])], "key_heads")
         metric = b.reduce_mean(keys, [2], keepdims=False, name="metric")                  # [B, N, d]
-        norm = b.op("Sqrt", [b.reduce("ReduceSumSquare", metric, [-1], True, "metric_sq")], "metric_norm")
-        metric = b.op("Div", [metric, norm], "metric_unit")
-        merged_x, size = _merge(b, residual, size, metric, n, r_block, vit.embed_dim, schedule.protect_class_token)
+        metric = b.op("LpNormalization", [metric], "metric_unit", axis=-1, p=2)
+        sizes_are_ones = size is None
+        if sizes_are_ones:
+            size, first_row = _first_merge_inputs(b, residual)
+        merged_x, size = _merge(b, residual, size, sizes_are_ones, metric, n, r_block, vit.embed_dim,
+                                schedule.protect_class_token, first_row)
         for consumer_name in (block.norm2, block.residual_ffn):
             consumer = nodes[consumer_name]
             consumer.inputs = [merged_x if t is residual else t for t in consumer.inputs]
@@ -86,7 +89,21 @@ def apply_tome(model: onnx.ModelProto, vit: ViTGraph, r: int | list[int]) -> Pas
     return PassResult(export_like(graph, model), report)
 
 
-def _merge(b: GraphBuilder, x, size, metric, n: int, r: int, channels: int, protect_cls: bool):
+def _first_merge_inputs(b: GraphBuilder, x):
+    """Made once, before the first merge: token sizes (ones, [B, n, 1]) and each image's first row
+    in a [B * rows] flattening divided by the row count ([B, 1]: 0, 1, 2, ...)."""
+    batch = b.op("Shape", [x], "batch", out_dtype=np.int64, start=0, end=1)
+    ones_shape = b.op("Concat", [b.op("Shape", [x], "xshape", out_dtype=np.int64, start=0, end=2),
+                                 b.i64("one", [1])], "ones_shape", out_dtype=np.int64, axis=0)
+    size = b.op("Expand", [b.f("one_size", np.ones((1, 1, 1))), ones_shape], "size_ones")
+    ones = b.op("Expand", [b.i64("one_row", [[1]]), b.op("Concat", [batch, b.i64("one_col", [1])], "rows_shape",
+                                                             out_dtype=np.int64, axis=0)], "row_ones", out_dtype=np.int64)
+    counted = b.op("CumSum", [ones, b.i64("row_axis", 0)], "row_count", out_dtype=np.int64)
+    return size, b.op("Sub", [counted, b.i64("row_one", 1)], "first_row", out_dtype=np.int64)
+
+
+def _merge(b: GraphBuilder, x, size, sizes_are_ones: bool, metric, n: int, r: int, channels: int,
+           protect_cls: bool, first_row):
     """Bipartite soft matching of n tokens, r merges: returns (x [B, n-r, C], size [B, n-r, 1])."""
     na, nb = (n + 1) // 2, n // 2
 
@@ -110,32 +127,24 @@ def _merge(b: GraphBuilder, x, size, metric, n: int, r: int, channels: int, prot
     unm_idx = b.op("Slice", [edges, b.i64("unm_start", [r]), b.i64("unm_end", [na]), b.i64("unm_axis", [1])],
                    "unm_idx", out_dtype=np.int64)
     if protect_cls:  # keep unmerged tokens in their original order, so the class token stays first
-        as_float = b.op("Cast", [unm_idx], "unm_float", to=onnx.TensorProto.FLOAT, out_dtype=np.float32)
-        ordered, _ = b.op("TopK", [as_float, b.i64("unm_count", [na - r])], "unm_sorted", n_out=2,
-                          out_dtype=np.float32, axis=-1, largest=0, sorted=1)
+        unm_idx, _ = b.op("TopK", [unm_idx, b.i64("unm_count", [na - r])], "unm_sorted", n_out=2,
+                          out_dtype=np.int64, axis=-1, largest=0, sorted=1)
         _.dtype = np.int64
-        unm_idx = b.op("Cast", [ordered], "unm_order", to=onnx.TensorProto.INT64, out_dtype=np.int64)
     dst_idx = b.op("GatherElements", [node_idx, src_idx], "dst_idx", out_dtype=np.int64, axis=1)  # [B, r]
 
     # Merge x·size and size together: one set of gathers for [B, n, C + 1].
-    if size is None:
-        ones_shape = b.op("Concat", [b.op("Shape", [x], "xshape", out_dtype=np.int64, start=0, end=2),
-                                     b.i64("one", [1])], "ones_shape", out_dtype=np.int64, axis=0)
-        size = b.op("Expand", [b.f("one_size", np.ones((1, 1, 1))), ones_shape], "size_ones")
-        weighted = x
-    else:
-        weighted = b.op("Mul", [x, size], "weighted")
+    weighted = x if sizes_are_ones else b.op("Mul", [x, size], "weighted")
     y = b.op("Concat", [weighted, size], "with_size", axis=2)
     y_a, y_b = every_other(y, 0, "y_a"), every_other(y, 1, "y_b")
-    def gather_rows(source, index, count, name):
-        # Expand broadcasts [B, count, 1] against [1, count, C + 1]: no shape arithmetic needed.
-        rows = b.op("Unsqueeze", [index, b.i64(f"{name}_axis", [-1])], f"{name}_col", out_dtype=np.int64)
-        rows = b.op("Expand", [rows, b.i64(f"{name}_shape", [1, count, channels + 1])], f"{name}_index",
-                    out_dtype=np.int64)
-        return b.op("GatherElements", [source, rows], name, axis=1)
-
-    unmerged = gather_rows(y_a, unm_idx, na - r, "unmerged")                                     # [B, na-r, C+1]
-    sources = gather_rows(y_a, src_idx, r, "sources")                                            # [B, r, C+1]
+    # One row Gather for the unmerged and the source rows of A, on A flattened to [B * na, C + 1]:
+    # cheaper than GatherElements, whose index would be as large as the rows.
+    rows = b.op("Concat", [unm_idx, src_idx], "a_order", out_dtype=np.int64, axis=1)
+    rows = b.op("Add", [rows, b.op("Mul", [first_row, b.i64("a_count", na)], "a_offset", out_dtype=np.int64)],
+                "a_rows_flat", out_dtype=np.int64)
+    flat = b.op("Reshape", [y_a, b.i64("a_flat_shape", [-1, channels + 1])], "a_flat")
+    gathered = b.op("Gather", [flat, rows], "a_rows", axis=0)
+    unmerged, sources = b.op("Split", [gathered, b.i64("a_split", [na - r, r])], "unmerged_sources",
+                             n_out=2, axis=1)                                                    # [B, na-r | r, C+1]
     # One-hot [B, nb, r]: column s marks the B token that source s merges into.
     hit = b.op("Equal", [b.i64("b_positions", np.arange(nb).reshape(nb, 1)),
                          b.op("Unsqueeze", [dst_idx, b.i64("dst_axis", [1])], "dst_row", out_dtype=np.int64)],
