@@ -25,7 +25,7 @@ from vit2trt.passes.tcs import apply_tcs, tcs_blocks
 from vit2trt.passes.toast_plan import plan_toast
 from vit2trt.passes.tome import apply_tome
 
-METHODS = ("toast", "tome", "asvit")
+METHODS = ("toast", "tome", "asvit", "cait")
 _TWO_GB = 2**31
 
 
@@ -39,9 +39,11 @@ class ConvertOptions:
     tcs_shared: bool = False
     tome_r: int = 13                        # ToMe: tokens merged per block
     asvit_thresholds: Optional[list[float]] = None   # AS-ViT: θ per stage (else calibrated)
-    asvit_stages: Optional[list[int]] = None         # AS-ViT: blocks before which tokens drop
+    stages: Optional[list[int]] = None               # AS-ViT / CAIT: blocks before which tokens drop / merge
     target_flops: float = 0.65                       # AS-ViT: calibrated FLOPs fraction
     asvit_form: str = "dynamic"
+    channel_ratio: Optional[float] = None            # CAIT: attention channels removed per head (default 0.25)
+    restore_grid: bool = False                       # CAIT: also output the final tokens on the full grid
     model_name: Optional[str] = None        # timm name, to pick a published schedule
     calib: Optional[str] = None             # images or .npy for the agreement check
     calib_limit: int = 64
@@ -90,13 +92,17 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
     if options.method != "toast" and (options.head_sparsity is not None or options.target_gflops is not None
                                       or options.fc1_ratios is not None or options.fc2_ratios is not None):
         raise Vit2TrtError("--head-sparsity, --target-gflops, --fc1 and --fc2 belong to --method toast.")
+    if options.method != "cait" and (options.channel_ratio is not None or options.restore_grid):
+        raise Vit2TrtError("--channel-ratio and --restore-grid belong to --method cait.")
+    if options.method not in ("asvit", "cait") and options.stages is not None:
+        raise Vit2TrtError("--stages belongs to --method asvit or cait.")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
         raise Vit2TrtError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
     progress("reading the graph")
     original = load_onnx(model_path)
     vit = describe_vit(original, str(model_path))
-    run = {"toast": _run_toast, "tome": _run_tome, "asvit": _run_asvit}[options.method]
+    run = {"toast": _run_toast, "tome": _run_tome, "asvit": _run_asvit, "cait": _run_cait}[options.method]
     model, current, sections, notes = run(original, vit, options, model_path, progress)
 
     progress("checking against the original graph")
@@ -198,7 +204,7 @@ def _run_tome(model, vit, options: ConvertOptions, model_path, progress):
 def _run_asvit(model, vit, options: ConvertOptions, model_path, progress):
     from vit2trt.passes.asvit import apply_asvit, check_settings, default_stages
 
-    stages = options.asvit_stages or default_stages(vit.depth)
+    stages = options.stages or default_stages(vit.depth)
     notes, calibration = [], None
     thresholds = options.asvit_thresholds
     if thresholds is None:
@@ -219,6 +225,38 @@ def _run_asvit(model, vit, options: ConvertOptions, model_path, progress):
     sections = {"settings": {"stages": stages, "thresholds": thresholds, "form": options.asvit_form,
                              "target_flops": options.target_flops},
                 "passes": [result.report], "asvit": dict(result.report, calibration=calibration)}
+    return result.model, current, sections, notes
+
+
+def _run_cait(model, vit, options: ConvertOptions, model_path, progress):
+    from vit2trt.passes.atme import apply_atme, default_stages, plan_atme
+    from vit2trt.passes.cdcp import cdcp
+
+    stages = options.stages or default_stages(vit.depth)
+    plan_atme(vit, stages)   # refuse bad stages before any work
+    ratio = 0.25 if options.channel_ratio is None else options.channel_ratio
+    current, passes, keeps, notes = vit, [], [], []
+    progress("stripping zeroed structure")
+    result, strip_keeps = strip_dead_structure(model, current)
+    passes.append(result.report)
+    if strip_keeps:
+        model, keeps = result.model, strip_keeps
+        current = describe_vit(model, "stripped graph")
+        notes.append("attention channels zeroed in the checkpoint (learned masks) were removed first.")
+    progress(f"CDCP: removing {ratio:g} of every head's attention channels, the same in every head")
+    result, cdcp_keeps = cdcp(model, current, ratio)
+    passes.append(result.report)
+    if cdcp_keeps:
+        model, keeps = result.model, compose_keeps(keeps, cdcp_keeps)
+        current = describe_vit(model, "channel-pruned graph")
+        notes.append("CDCP chose channels without training (weight norms); CAIT learns them in fine-tuning, "
+                     "so expect an accuracy drop until the pruned model is fine-tuned.")
+    progress(f"ATME: merging neighbouring tokens before blocks {stages}")
+    result = apply_atme(model, current, stages, restore_grid=options.restore_grid)
+    passes.append(result.report)
+    current = describe_vit(result.model, "graph with ATME")
+    sections = {"settings": {"stages": stages, "channel_ratio": ratio, "restore_grid": options.restore_grid},
+                "passes": passes, "blocks": [k.to_dict() for k in keeps], "atme": result.report}
     return result.model, current, sections, notes
 
 

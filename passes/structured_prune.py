@@ -131,6 +131,11 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
     h, dqk, dv = w.heads, len(qk_keep[0]), len(v_keep[0])
     scale = attn.scale if attn.scale is not None else attn.head_dim_qk ** -0.5
     prefix = f"vit2trt/blocks.{block.index}/attn"
+    taken = {n.name for n in graph.nodes}
+    rebuilds = 1
+    while f"{prefix}/qkv/MatMul" in taken:   # rebuilt before (pruned, then merged): fresh, unique names
+        rebuilds += 1
+        prefix = f"vit2trt/blocks.{block.index}/attn_{rebuilds}"
     first = attn.qkv or attn.q
     x = nodes[first.node].inputs[0]
 

@@ -126,7 +126,7 @@ def inspect(
 def convert(
     model: Path = typer.Argument(..., help="An exported ViT .onnx file."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: model.onnx, decisions.json, report.json, model.engine."),
-    method: str = typer.Option("toast", "--method", help="Compression method: toast, tome or asvit."),
+    method: str = typer.Option("toast", "--method", help="Compression method: toast, tome, asvit or cait."),
     tome_r: int = typer.Option(13, "--r", help="ToMe: tokens merged after each block's attention (clipped to half the tokens)."),
     head_sparsity: Optional[float] = typer.Option(None, "--head-sparsity", help="ToaSt SCWP: fraction of every head's QK and V dims to remove, e.g. 0.9 (all blocks but the first)."),
     target_gflops: Optional[float] = typer.Option(None, "--target-gflops", help="Use ToaSt's published schedule for this budget (DeiT-T/S/B, MAE-B/L/H), or solve back-loaded TCS ratios for other models."),
@@ -134,7 +134,9 @@ def convert(
     fc2: Optional[str] = typer.Option(None, "--fc2", help="TCS: per-block fractions of FC2 input channels (hidden units) to drop."),
     tcs_shared: bool = typer.Option(False, "--tcs-shared", help="TCS: one channel set per batch, as the official code (default: per image, batch-independent)."),
     thresholds: Optional[str] = typer.Option(None, "--thresholds", help="AS-ViT: θ per stage, comma-separated or a JSON file ({\"thresholds\": [...]}, optional \"stages\"). Default: calibrated."),
-    stages: Optional[str] = typer.Option(None, "--stages", help="AS-ViT: blocks before which tokens are dropped (default 4,7,10 for 12 blocks)."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="AS-ViT: blocks before which tokens are dropped (default 4,7,10 for 12 blocks). CAIT: blocks before which neighbouring tokens merge (default 4,8)."),
+    channel_ratio: Optional[float] = typer.Option(None, "--channel-ratio", help="CAIT: fraction of every head's attention channels to remove, the same channels in every head (default 0.25)."),
+    restore_grid: bool = typer.Option(False, "--restore-grid", help="CAIT: add an output with the final tokens copied back onto the full token grid, for dense heads."),
     target_flops: float = typer.Option(0.65, "--target-flops", help="AS-ViT: FLOPs fraction the calibrated thresholds meet on average."),
     asvit_form: str = typer.Option("dynamic", "--asvit-form", help="AS-ViT graph: dynamic (the sequence shrinks; ONNX Runtime) or bounded (masking only; builds everywhere)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W] array for the agreement check."),
@@ -145,13 +147,16 @@ def convert(
     """Compress a ViT graph by surgery. toast: strip zeroed QK/VO dims and FFN channels (the main path
     after masked fine-tuning); prune head dims by SCWP (--head-sparsity); insert Token Channel
     Selection (--fc1/--fc2, or a whole schedule with --target-gflops). tome: ToMe token merging of
-    --r tokens per block, in native ONNX that every runtime builds."""
+    --r tokens per block. asvit: adaptive token pruning by class attention (--thresholds or
+    calibrated for --target-flops). cait: consistent attention channel pruning (--channel-ratio) and
+    asymmetric merging of neighbouring tokens (--stages). Every graph is native ONNX."""
     with _user_errors():
         from vit2trt.converter.convert import ConvertOptions, convert as run_convert
 
         asvit_thresholds, asvit_stages = _asvit_settings(thresholds, stages)
         options = ConvertOptions(method=method, head_sparsity=head_sparsity, target_gflops=target_gflops,
-                                 asvit_thresholds=asvit_thresholds, asvit_stages=asvit_stages,
+                                 asvit_thresholds=asvit_thresholds, stages=asvit_stages,
+                                 channel_ratio=channel_ratio, restore_grid=restore_grid,
                                  target_flops=target_flops, asvit_form=asvit_form,
                                  fc1_ratios=_ratios(fc1, "--fc1"), fc2_ratios=_ratios(fc2, "--fc2"),
                                  tcs_shared=tcs_shared, tome_r=tome_r, calib=str(calib) if calib else None, build=build,
