@@ -1,10 +1,11 @@
-"""Token reduction speed on CPU: uncompressed vs ToMe and AS-ViT (DeiT-S size) in ONNX Runtime.
+"""Token reduction speed on CPU: uncompressed vs ToMe, AS-ViT and CAIT (DeiT-S size) in ONNX Runtime.
 
 One run, variants interleaved, medians. Inputs are real photographs when ../shared/assets/calib
 is there (AS-ViT keeps as many tokens as each image needs, so its speed depends on the images),
 else seeded noise. AS-ViT thresholds are calibrated on the same folder for --target-flops. Also
-prints the share of each graph's kernel time spent in token scoring/matching/top-k/gather nodes
-(ONNX Runtime's node profiler). Weights are seeded random: speed does not depend on them.
+prints the share of each graph's kernel time spent in token scoring/matching/top-k/gather/merge
+nodes (ONNX Runtime's node profiler). CAIT runs at its defaults (stages 4,8, channel ratio 0.25)
+and with merging alone (channel ratio 0). Weights are seeded random: speed does not depend on them.
 
     python benchmarks/token_reduction_speed.py [--r 13] [--target-flops 0.65] [--repeats 15]
 """
@@ -58,6 +59,10 @@ def main() -> None:
         asvit = convert(base, tmp / "asvit", ConvertOptions(
             method="asvit", target_flops=args.target_flops, calib=str(tmp / "inputs.npy"), build=False))
         variants[f"AS-ViT {args.target_flops:g} FLOPs"] = asvit.onnx_path
+        variants["CAIT ATME only"] = convert(base, tmp / "cait_atme", ConvertOptions(
+            method="cait", channel_ratio=0.0, build=False)).onnx_path
+        variants["CAIT ATME + CDCP 0.25"] = convert(base, tmp / "cait", ConvertOptions(
+            method="cait", build=False)).onnx_path
         calibrated = asvit.decisions["asvit"]["calibration"]["flops_fraction"]
         flops = {name: read_vit(path).flops.total for name, path in variants.items()}
         # AS-ViT's FLOPs depend on the image: use the calibration mean, not the reader's probe image.
@@ -70,8 +75,8 @@ def main() -> None:
                 continue
             for b in batches:
                 nodes = node_times(path, inputs[:b], args.threads, args.profile_runs)
-                overhead = sum(t for n, t in nodes.items() if "/tome/" in n or "/asvit/" in n)
-                print(f"{name}, batch {b}: scoring, matching, top-k and gathers {overhead:.2f} ms = "
+                overhead = sum(t for n, t in nodes.items() if any(f"/{m}/" in n for m in ("tome", "asvit", "atme")))
+                print(f"{name}, batch {b}: scoring, matching, top-k, gathers and merging {overhead:.2f} ms = "
                       f"{overhead / sum(nodes.values()) * 100:.1f}% of the graph's kernel time")
 
 
