@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from vit2trt.converter.engine import build_engine
+from vit2trt.converter.engine import BuildOptions, build_engine, check_build, report_dict
 from vit2trt.converter.graph_reader import describe_vit
 from vit2trt.converter.loading import load_onnx
 from vit2trt.converter.vit_graph import BuildReport
@@ -49,6 +49,9 @@ class ConvertOptions:
     calib_limit: int = 64
     skip_blocks: tuple[int, ...] = (0,)
     build: bool = True
+    engine: str = "auto"                    # auto, tensorrt, tensorrt-rtx or none
+    batch: tuple[int, int, int] = (1, 1, 8)  # engine optimization profile: min, opt, max batch
+    precision: str = "fp32"                 # engine precision: fp32, fp16, bf16
     check_batch: int = 8
     seed: int = 0
     overwrite: bool = False
@@ -96,6 +99,8 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
         raise Vit2TrtError("--channel-ratio and --restore-grid belong to --method cait.")
     if options.method not in ("asvit", "cait") and options.stages is not None:
         raise Vit2TrtError("--stages belongs to --method asvit or cait.")
+    build_options = BuildOptions(options.engine if options.build else "none", tuple(options.batch), options.precision)
+    check_build(build_options)   # a module asked for but missing, or a precision it cannot build: before any work
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
         raise Vit2TrtError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
@@ -133,14 +138,15 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
         else:
             onnx.save(model, str(onnx_path))
         (tmp / "decisions.json").write_text(json.dumps(decisions, indent=1, sort_keys=True) + "\n")
-        if options.build:
+        if build_options.engine != "none":
             progress("building a TensorRT engine")
-            build = build_engine(onnx_path, engine_path=tmp / "model.engine")
-            if build.status == "failed":
-                raise Vit2TrtError(f"the compressed graph did not build with {build.backend}: {build.message}")
+            # A failed build keeps everything else: the ONNX is the result, the report says what failed.
+            build = build_engine(onnx_path, engine_path=tmp / "model.engine", options=build_options)
+            if build.status == "unavailable":
+                notes.append(build.message)
         (tmp / "report.json").write_text(json.dumps(
             {"agreement": agreement, "flops": decisions["flops"], "notes": notes,
-             "build": None if build is None else build.__dict__}, indent=1, sort_keys=True) + "\n")
+             "build": report_dict(build)}, indent=1, sort_keys=True) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -152,6 +152,8 @@ class BuildReport:
     status: str                # "built", "failed", "unavailable" or "skipped"
     seconds: float = 0.0
     message: str = ""
+    how: Optional[dict] = None          # module, version, targets, profile, precision, flags
+    layers: Optional[list] = None       # the parsed network's layers: name and type
 
 
 @dataclass

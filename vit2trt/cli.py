@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vit2trt import __version__
@@ -46,7 +47,7 @@ def _user_errors():
     except Vit2TrtError as exc:
         if _state["debug"]:
             raise
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -140,7 +141,10 @@ def convert(
     target_flops: float = typer.Option(0.65, "--target-flops", help="AS-ViT: FLOPs fraction the calibrated thresholds meet on average."),
     asvit_form: str = typer.Option("dynamic", "--asvit-form", help="AS-ViT graph: dynamic (the sequence shrinks; ONNX Runtime) or bounded (masking only; builds everywhere)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W] array for the agreement check."),
-    build: bool = typer.Option(True, "--build/--no-build", help="Build a TensorRT engine of the result."),
+    build: bool = typer.Option(True, "--build/--no-build", help="Build a TensorRT engine of the result (--no-build: same as --engine none)."),
+    engine: str = typer.Option("auto", "--engine", help="auto (TensorRT with a GPU, else TensorRT-RTX, else none), tensorrt, tensorrt-rtx or none."),
+    batch: str = typer.Option("1,1,8", "--batch", help="Engine optimization profile: min,opt,max batch."),
+    precision: str = typer.Option("fp32", "--precision", help="Engine precision: fp32, fp16 or bf16 (TensorRT-RTX is strongly typed: fp16 converts the graph; bf16 needs full TensorRT)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
     seed: int = typer.Option(0, "--seed", help="Seed of the check inputs."),
 ):
@@ -160,6 +164,7 @@ def convert(
                                  target_flops=target_flops, asvit_form=asvit_form,
                                  fc1_ratios=_ratios(fc1, "--fc1"), fc2_ratios=_ratios(fc2, "--fc2"),
                                  tcs_shared=tcs_shared, tome_r=tome_r, calib=str(calib) if calib else None, build=build,
+                                 engine=engine, batch=_batch_profile(batch), precision=precision,
                                  seed=seed, overwrite=overwrite)
         with err.status("converting ...") as status:
             result = run_convert(model, out_dir, options, progress=lambda msg: status.update(f"{msg} ..."))
@@ -172,10 +177,24 @@ def convert(
         if "top1_agreement" in a:
             line += f", top-1 agreement {a['top1_agreement'] * 100:.0f}%"
         out.print(line)
-        if result.build is not None:
-            out.print(f"TensorRT ({result.build.backend}): {result.build.status} {result.build.message}")
         for note in result.notes:
             out.print(f"note: {note}", style="yellow")
+        if result.build is not None and result.build.status != "unavailable":
+            out.print(f"TensorRT ({result.build.backend}): {result.build.status} {result.build.message}")
+            if result.build.status == "failed":
+                err.print(f"error: the engine build failed; {result.out_dir}/model.onnx and report.json are kept.",
+                          style="red")
+                raise typer.Exit(1)
+
+
+def _batch_profile(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise Vit2TrtError(f"--batch takes min,opt,max such as 1,1,8, not '{text}'.")
+    return values
 
 
 def _asvit_settings(thresholds: Optional[str], stages: Optional[str]):
