@@ -35,15 +35,21 @@ def load_calibration(path: str | os.PathLike, input_size: tuple[int, int, int],
             raise Vit2TrtError(f"--calib {path}: array has shape {list(data.shape)} and dtype {data.dtype}; "
                                f"expected float [N, {', '.join(map(str, input_size))}].")
         return np.ascontiguousarray(data[:limit].astype(np.float32))
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    if not files:
-        raise Vit2TrtError(f"--calib {path}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    files = image_files(path, limit)
     config = dict(DEFAULT_PREPROCESSING, **(preprocessing or {}))
     batch = []
     for i, file in enumerate(files):
         batch.append(preprocess_image(file, input_size, config))
         progress(i + 1, len(files))
     return np.stack(batch)
+
+
+def image_files(folder: Path, limit: Optional[int] = None, flag: str = "--calib") -> list[Path]:
+    """The folder's images in sorted order (the order of every array made from them)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise Vit2TrtError(f"{flag} {folder}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return files
 
 
 def preprocess_image(file: Path, input_size: tuple[int, int, int], config: dict) -> np.ndarray:

@@ -138,6 +138,9 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
         else:
             onnx.save(model, str(onnx_path))
         (tmp / "decisions.json").write_text(json.dumps(decisions, indent=1, sort_keys=True) + "\n")
+        record_path = Path(str(model_path) + ".reference.json")
+        if record_path.is_file():   # lets `vit2trt validate OUT` rebuild the PyTorch reference
+            shutil.copyfile(record_path, tmp / "reference.json")
         if build_options.engine != "none":
             progress("building a TensorRT engine")
             # A failed build keeps everything else: the ONNX is the result, the report says what failed.

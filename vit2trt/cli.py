@@ -179,12 +179,64 @@ def convert(
         out.print(line)
         for note in result.notes:
             out.print(f"note: {note}", style="yellow")
+        if calib is not None and (result.out_dir / "reference.json").is_file():
+            from vit2trt.converter.validate import validate as run_validate
+
+            with err.status("validating against the PyTorch reference ...") as status:
+                v = run_validate(result.out_dir, calib, limit=64, progress=lambda msg: status.update(f"{msg} ..."))
+            out.print(f"validation against the PyTorch reference on {v['images']} calibration inputs: top-1 "
+                      f"agreement {v['top1_agreement'] * 100:.0f}%, logits cosine min {v['cosine_min']:.4f}, "
+                      f"batch dependence {v['batch_dependence']:.2g} (report.json; `vit2trt validate` for more)")
         if result.build is not None and result.build.status != "unavailable":
             out.print(f"TensorRT ({result.build.backend}): {result.build.status} {result.build.message}")
             if result.build.status == "failed":
                 err.print(f"error: the engine build failed; {result.out_dir}/model.onnx and report.json are kept.",
                           style="red")
                 raise typer.Exit(1)
+
+
+@app.command()
+def validate(
+    out_dir: Path = typer.Argument(..., help="A folder written by `vit2trt convert --out`."),
+    images: Path = typer.Option(..., "--images", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W]."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image: JSON {\"file\": class} or lines 'file class'."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="The original's reference record (default: OUT/reference.json, copied by convert)."),
+    batch: int = typer.Option(8, "--batch", help="Batch size of the batched runs."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N images."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Fail (exit 1) below this top-1 agreement with the reference, e.g. 0.99."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Fail (exit 1) when any image's logits cosine similarity is below this."),
+    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Fail (exit 1) when top-1 accuracy drops by more than this fraction (needs --labels)."),
+):
+    """Check a compressed graph against the PyTorch reference of the original model: top-1
+    agreement, logits cosine, max abs error, accuracy with labels, batch independence. The result
+    is added to OUT/report.json; exit code 1 when a threshold is missed."""
+    with _user_errors():
+        from vit2trt.converter.validate import Thresholds, validate as run_validate
+
+        with err.status("validating ...") as status:
+            result = run_validate(out_dir, images, labels, reference, batch, limit,
+                                  Thresholds(min_agreement, min_cosine, max_accuracy_drop),
+                                  progress=lambda msg: status.update(f"{msg} ..."))
+        table = Table(title=f"{out_dir}/model.onnx vs the PyTorch reference, {result['images']} images",
+                      box=box.SIMPLE_HEAD)
+        table.add_column("check")
+        table.add_column("value", justify="right")
+        table.add_row("top-1 agreement", f"{result['top1_agreement'] * 100:.1f}%")
+        table.add_row("logits cosine (mean / min)", f"{result['cosine_mean']:.5f} / {result['cosine_min']:.5f}")
+        table.add_row("max abs error (relative)", f"{result['max_abs_error']:.3g} ({result['relative_error']:.2g})")
+        table.add_row("batch vs single runs, max diff", f"{result['batch_dependence']:.2g}")
+        if "accuracy" in result:
+            a = result["accuracy"]
+            table.add_row("top-1 accuracy reference / compressed",
+                          f"{a['reference_top1'] * 100:.1f}% / {a['compressed_top1'] * 100:.1f}%")
+            table.add_row("top-5 accuracy reference / compressed",
+                          f"{a['reference_top5'] * 100:.1f}% / {a['compressed_top5'] * 100:.1f}%")
+        out.print(table)
+        out.print(f"engine: {result['engine']}")
+        for failure in result["failures"]:
+            err.print(f"[bold red]failed:[/] {escape(failure)}")
+        if result["failures"]:
+            raise typer.Exit(1)
 
 
 def _batch_profile(text: str) -> tuple[int, int, int]:

@@ -1,0 +1,156 @@
+"""`vit2trt validate OUT`: the compressed graph against the PyTorch reference of the original model.
+
+The reference is rebuilt from the record `vit2trt export` wrote (copied into OUT by convert), run
+in PyTorch, and compared with the compressed ONNX graph in ONNX Runtime on the same images:
+top-1 agreement, logits cosine similarity, max abs error, top-1/top-5 accuracy when labels are
+given, and whether an image's output depends on the rest of its batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from vit2trt.errors import Vit2TrtError
+
+SINGLE_RUNS = 16   # images re-run one at a time for the batch-dependence check
+
+
+@dataclass
+class Thresholds:
+    min_top1_agreement: Optional[float] = None
+    min_cosine: Optional[float] = None
+    max_accuracy_drop: Optional[float] = None   # top-1, in fractions (0.01 = one point)
+
+
+def read_labels(path: Path, files: list[Path]) -> np.ndarray:
+    """Labels for `files` from JSON ({"name": index}) or text lines "name index" / "name,index"."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Vit2TrtError(f"--labels {path}: cannot read it ({exc}).") from None
+    try:
+        if path.suffix == ".json":
+            table = {str(k): int(v) for k, v in json.loads(text).items()}
+        else:
+            table = {}
+            for line in text.splitlines():
+                if line.strip():
+                    name, value = line.replace(",", " ").split()[:2]
+                    table[name] = int(value)
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise Vit2TrtError(f"--labels {path}: expected JSON {{\"file\": class}} or lines 'file class' ({exc}).") \
+            from None
+    missing = [f.name for f in files if f.name not in table and f.stem not in table]
+    if missing:
+        raise Vit2TrtError(f"--labels {path}: no label for {len(missing)} image(s), e.g. {missing[0]}.")
+    return np.array([table.get(f.name, table.get(f.stem)) for f in files], dtype=np.int64)
+
+
+def _top_k_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return float(np.mean([label in row for row, label in zip(top, labels)]))
+
+
+def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
+             reference: Optional[str | os.PathLike] = None, batch: int = 8, limit: Optional[int] = None,
+             thresholds: Thresholds = Thresholds(),
+             progress: Callable[[str], None] = lambda msg: None) -> dict:
+    import onnxruntime as ort
+    import torch
+
+    from vit2trt.converter.calibration import image_files, load_calibration, preprocess_image, DEFAULT_PREPROCESSING
+    from vit2trt.models.reference import ReferenceRecord, build_model
+
+    out_dir = Path(out_dir)
+    onnx_path = out_dir / "model.onnx"
+    if not onnx_path.is_file():
+        raise Vit2TrtError(f"{out_dir} holds no model.onnx; give the folder `vit2trt convert --out` wrote.")
+    record_path = Path(reference) if reference else out_dir / "reference.json"
+    if not record_path.is_file():
+        raise Vit2TrtError(f"no reference record at {record_path}: pass --reference MODEL.onnx.reference.json "
+                           "(written by `vit2trt export` beside the original graph).")
+    try:
+        record = ReferenceRecord.load(record_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise Vit2TrtError(f"{record_path}: not a reference record ({exc}).") from None
+    if batch < 1:
+        raise Vit2TrtError(f"--batch must be at least 1, got {batch}.")
+    input_size = tuple(record.preprocessing["input_size"])
+    images = Path(images)
+    if not images.exists():
+        raise Vit2TrtError(f"--images {images}: no such file or folder.")
+    files = image_files(images, limit, "--images") if images.is_dir() else None
+    if files is not None:
+        config = dict(DEFAULT_PREPROCESSING, **record.preprocessing)
+        x = np.stack([preprocess_image(f, input_size, config) for f in files]).astype(np.float32)
+    else:
+        x = load_calibration(images, input_size, record.preprocessing, limit)
+    truth = None
+    if labels is not None:
+        if files is None:
+            raise Vit2TrtError("--labels needs --images to be a folder (labels are matched by file name).")
+        truth = read_labels(Path(labels), files)
+
+    progress(f"running the PyTorch reference on {len(x)} images")
+    model = build_model(record).eval()
+    with torch.no_grad():
+        want = np.concatenate([model(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+    progress("running the compressed graph in ONNX Runtime")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    got = np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    singles = np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(min(len(x), SINGLE_RUNS))])
+    if got.shape != want.shape:
+        raise Vit2TrtError(f"the compressed graph returns {list(got.shape)}, the reference {list(want.shape)}.")
+
+    flat_want, flat_got = want.reshape(len(x), -1).astype(np.float64), got.reshape(len(x), -1).astype(np.float64)
+    cosine = (flat_want * flat_got).sum(1) / np.maximum(
+        np.linalg.norm(flat_want, axis=1) * np.linalg.norm(flat_got, axis=1), 1e-30)
+    result = {
+        "images": len(x), "source": images.name, "reference": record_path.name, "batch": batch,
+        "top1_agreement": float(np.mean(want.argmax(-1) == got.argmax(-1))),
+        "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+        "max_abs_error": float(np.abs(got - want).max()),
+        "relative_error": float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)),
+        "batch_dependence": float(np.abs(singles - got[:len(singles)]).max()),
+        "engine": "not run: loading a TensorRT engine needs a GPU and the tensorrt module",
+    }
+    if truth is not None:
+        result["accuracy"] = {
+            "reference_top1": _top_k_hits(want, truth, 1), "reference_top5": _top_k_hits(want, truth, 5),
+            "compressed_top1": _top_k_hits(got, truth, 1), "compressed_top5": _top_k_hits(got, truth, 5)}
+        result["accuracy"]["top1_drop"] = result["accuracy"]["reference_top1"] - result["accuracy"]["compressed_top1"]
+    failures = []
+    t = thresholds
+    if t.min_top1_agreement is not None and result["top1_agreement"] < t.min_top1_agreement:
+        failures.append(f"top-1 agreement {result['top1_agreement']:.3f} < {t.min_top1_agreement}")
+    if t.min_cosine is not None and result["cosine_min"] < t.min_cosine:
+        failures.append(f"lowest logits cosine {result['cosine_min']:.4f} < {t.min_cosine}")
+    if t.max_accuracy_drop is not None:
+        if truth is None:
+            raise Vit2TrtError("--max-accuracy-drop needs --labels.")
+        if result["accuracy"]["top1_drop"] > t.max_accuracy_drop:
+            failures.append(f"top-1 accuracy drop {result['accuracy']['top1_drop']:.3f} > {t.max_accuracy_drop}")
+    result["failures"] = failures
+    _record_in_report(out_dir / "report.json", result)
+    return result
+
+
+def _record_in_report(report_path: Path, result: dict) -> None:
+    """Add the validation to report.json, replacing the file atomically."""
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        report = {}
+    report["validation"] = result
+    with tempfile.NamedTemporaryFile("w", dir=report_path.parent, delete=False, suffix=".tmp") as fh:
+        fh.write(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    os.replace(fh.name, report_path)
