@@ -47,7 +47,7 @@ def test_profile_precision_and_build_record(tmp_path, deit_tiny_ts):
     assert (tmp_path / "out" / "model.engine").stat().st_size > 1e6
     report = json.loads((tmp_path / "out" / "report.json").read_text())["build"]
     types_seen = {layer["type"] for layer in report["layers"]}
-    assert {"MATRIX_MULTIPLY", "SOFTMAX"} <= types_seen or "MATRIX_MULTIPLY" in types_seen
+    assert "MATRIX_MULTIPLY" in types_seen and len(report["layers"]) > 50
 
 
 def test_fp16_graph_stays_close_to_fp32(tmp_path, deit_tiny_ts):
