@@ -110,6 +110,17 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     singles = np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(min(len(x), SINGLE_RUNS))])
     if got.shape != want.shape:
         raise Vit2TrtError(f"the compressed graph returns {list(got.shape)}, the reference {list(want.shape)}.")
+    surgery_error = None
+    decisions_path = out_dir / "decisions.json"
+    if decisions_path.is_file():   # the surgery itself: the graph against PyTorch running the same compression
+        from vit2trt.models.compressed_reference import compressed_reference
+
+        progress("running the PyTorch reference of the compressed model")
+        compressed = compressed_reference(build_model(record), json.loads(decisions_path.read_text()))
+        with torch.no_grad():
+            same = np.concatenate([compressed(torch.from_numpy(x[i:i + batch])).numpy()
+                                   for i in range(0, len(x), batch)])
+        surgery_error = float(np.abs(got - same).max() / max(np.abs(same).max(), 1e-30))
 
     flat_want, flat_got = want.reshape(len(x), -1).astype(np.float64), got.reshape(len(x), -1).astype(np.float64)
     cosine = (flat_want * flat_got).sum(1) / np.maximum(
@@ -121,6 +132,7 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
         "max_abs_error": float(np.abs(got - want).max()),
         "relative_error": float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)),
         "batch_dependence": float(np.abs(singles - got[:len(singles)]).max()),
+        "surgery_error": surgery_error,   # vs the PyTorch model compressed the same way (relative)
         "engine": "not run: loading a TensorRT engine needs a GPU and the tensorrt module",
     }
     if truth is not None:

@@ -57,6 +57,7 @@ def test_validation_numbers_match_an_independent_run(converted):
     assert v["accuracy"]["reference_top1"] == pytest.approx(np.mean(want.argmax(1) == truth))
     assert v["accuracy"]["compressed_top1"] == pytest.approx(np.mean(got.argmax(1) == truth))
     assert v["batch_dependence"] <= 1e-5
+    assert v["surgery_error"] <= 1e-4      # the graph computes what PyTorch computes when compressed alike
     assert -1 <= v["cosine_min"] <= v["cosine_mean"] <= 1
 
 
@@ -87,3 +88,22 @@ def test_bad_validation_requests_exit_2(converted, tmp_path):
     for argv, needle in cases:
         result = _invoke(*argv)
         assert result.exit_code == 2 and needle in " ".join(result.output.split()), (argv, result.output)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--method", "toast", "--head-sparsity", "0.5"],
+    ["--method", "tome", "--r", "20"],
+    ["--method", "asvit", "--stages", "1", "--thresholds", "0.0052"],
+    ["--method", "cait", "--stages", "1", "--channel-ratio", "0.5"],
+], ids=["toast", "tome", "asvit", "cait"])
+def test_every_method_matches_its_compressed_pytorch_reference(tmp_path, deit_tiny_ts, argv):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["convert", str(deit_tiny_ts.onnx_path), *argv, "--out", str(out),
+                                      "--no-build"])
+    assert result.exit_code == 0, result.output
+    x = np.random.default_rng(3).standard_normal((6, 3, 224, 224)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert _invoke(out, "--images", tmp_path / "x.npy").exit_code == 0
+    v = json.loads((out / "report.json").read_text())["validation"]
+    assert v["surgery_error"] <= 1e-4 and v["max_abs_error"] > 10 * v["surgery_error"] * np.abs(
+        run_onnx(out / "model.onnx", x)).max()

@@ -225,6 +225,8 @@ def validate(
         table.add_row("logits cosine (mean / min)", f"{result['cosine_mean']:.5f} / {result['cosine_min']:.5f}")
         table.add_row("max abs error (relative)", f"{result['max_abs_error']:.3g} ({result['relative_error']:.2g})")
         table.add_row("batch vs single runs, max diff", f"{result['batch_dependence']:.2g}")
+        if result["surgery_error"] is not None:
+            table.add_row("graph vs PyTorch compressed the same way", f"{result['surgery_error']:.2g} (relative)")
         if "accuracy" in result:
             a = result["accuracy"]
             table.add_row("top-1 accuracy reference / compressed",
