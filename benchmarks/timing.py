@@ -4,22 +4,15 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+from vit2trt.converter.bench import interleaved_times, ort_runner, ort_session
 
 
-def session(path: Path, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def session(path: Path, threads: int, profile_prefix: str | None = None):
+    return ort_session(path, threads, profile_prefix)
 
 
 def interleaved_medians(paths: dict[str, Path], batches: list[int], repeats: int, threads: int,
@@ -27,18 +20,11 @@ def interleaved_medians(paths: dict[str, Path], batches: list[int], repeats: int
                         inputs: np.ndarray | None = None) -> dict[tuple[str, int], float]:
     """Seconds per run, median over `repeats` rounds in which every variant runs once. Batch b runs
     the first b of `inputs` when given, else seeded noise."""
-    sessions = {name: session(path, threads) for name, path in paths.items()}
     rng = np.random.default_rng(0)
-    times = {(name, b): [] for name in paths for b in batches}
-    for b in batches:
-        x = inputs[:b] if inputs is not None else rng.standard_normal((b, *image)).astype(np.float32)
-        for s in sessions.values():  # warm up
-            s.run(None, {s.get_inputs()[0].name: x})
-        for _ in range(repeats):
-            for name, s in sessions.items():
-                start = time.perf_counter()
-                s.run(None, {s.get_inputs()[0].name: x})
-                times[(name, b)].append(time.perf_counter() - start)
+    batch_inputs = {b: inputs[:b] if inputs is not None else rng.standard_normal((b, *image)).astype(np.float32)
+                    for b in batches}
+    runners = {name: ort_runner(path, threads) for name, path in paths.items()}
+    times = interleaved_times(runners, batch_inputs, repeats, warmup=1)
     return {key: statistics.median(v) for key, v in times.items()}
 
 

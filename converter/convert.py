@@ -149,6 +149,7 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
                 notes.append(build.message)
         (tmp / "report.json").write_text(json.dumps(
             {"agreement": agreement, "flops": decisions["flops"], "notes": notes,
+             "source_path": str(Path(model_path).resolve()),
              "build": report_dict(build)}, indent=1, sort_keys=True) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

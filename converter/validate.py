@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from vit2trt.converter.report import update_report
 from vit2trt.errors import Vit2TrtError
 
 SINGLE_RUNS = 16   # images re-run one at a time for the batch-dependence check
@@ -152,17 +152,5 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
         if result["accuracy"]["top1_drop"] > t.max_accuracy_drop:
             failures.append(f"top-1 accuracy drop {result['accuracy']['top1_drop']:.3f} > {t.max_accuracy_drop}")
     result["failures"] = failures
-    _record_in_report(out_dir / "report.json", result)
+    update_report(out_dir, "validation", result)
     return result
-
-
-def _record_in_report(report_path: Path, result: dict) -> None:
-    """Add the validation to report.json, replacing the file atomically."""
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, ValueError):
-        report = {}
-    report["validation"] = result
-    with tempfile.NamedTemporaryFile("w", dir=report_path.parent, delete=False, suffix=".tmp") as fh:
-        fh.write(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    os.replace(fh.name, report_path)

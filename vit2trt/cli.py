@@ -241,6 +241,40 @@ def validate(
             raise typer.Exit(1)
 
 
+@app.command()
+def bench(
+    out_dir: Path = typer.Argument(..., help="A folder written by `vit2trt convert --out`."),
+    original: Optional[Path] = typer.Option(None, "--original", help="The uncompressed graph (default: the one convert read)."),
+    batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, comma-separated (default: 1 and the engine profile's opt batch, else 1,8)."),
+    repeats: int = typer.Option(20, "--repeats", help="Interleaved rounds per batch size."),
+    threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
+    backend: List[str] = typer.Option(["ort"], "--backend", help="ort (ONNX Runtime CPU), torch-cuda (PyTorch references with CUDA graphs) or torch-cpu; repeatable."),
+):
+    """Time the original and the compressed model side by side in one run (interleaved rounds,
+    median and p90, speedup as the ratio of medians). Results go into OUT/report.json."""
+    with _user_errors():
+        from vit2trt.converter.bench import bench as run_bench
+
+        batches = None
+        if batch is not None:
+            try:
+                batches = [int(v) for v in batch.split(",")]
+            except ValueError:
+                raise Vit2TrtError(f"--batch takes comma-separated sizes such as 1,8, not '{batch}'.") from None
+        with err.status("timing ...") as status:
+            result = run_bench(out_dir, original, batches, repeats, threads, tuple(backend),
+                               progress=lambda msg: status.update(f"{msg} ..."))
+        for name, rows in result["backends"].items():
+            table = Table(title=f"{name}: median of {repeats} interleaved rounds, {threads} threads",
+                          box=box.SIMPLE_HEAD)
+            for column in ("variant", "batch", "median ms", "p90 ms", "speedup"):
+                table.add_column(column, justify="left" if column == "variant" else "right")
+            for row in rows:
+                table.add_row(row["variant"], str(row["batch"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}",
+                              f"{row['speedup']:.2f}x")
+            out.print(table)
+
+
 def _batch_profile(text: str) -> tuple[int, int, int]:
     try:
         values = tuple(int(v) for v in text.split(","))

@@ -1,0 +1,188 @@
+"""`vit2trt bench OUT`: latency of the original and the compressed model side by side, in one run.
+
+Rounds are interleaved (every variant runs once per round), so machine noise hits both alike;
+the result is the median and 90th percentile per variant and batch, and the speedup is the ratio
+of medians measured in the same run. Backends:
+- `ort`: the ONNX graphs in ONNX Runtime on CPU (always available);
+- `torch-cuda`: the PyTorch references of both models on a CUDA GPU, replayed as CUDA graphs, so
+  GPU ratios exist where TensorRT does not; `torch-cpu` runs the same path on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from vit2trt.converter.report import read_report, update_report
+from vit2trt.errors import Vit2TrtError
+
+BACKENDS = ("ort", "torch-cuda", "torch-cpu")
+
+
+def ort_session(path: Path, threads: int, profile_prefix: Optional[str] = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
+    session = ort_session(path, threads)
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})
+
+
+def torch_runner(module, device: str, threads: int = 2) -> Callable[[np.ndarray], object]:
+    """Run `module` on `device`; on CUDA, capture one CUDA graph per batch size and replay it."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+    module = module.to(device).eval()
+    if device == "cpu":
+        def run_cpu(x):
+            with torch.no_grad():
+                return module(torch.from_numpy(x))
+        return run_cpu
+    graphs: dict[tuple, tuple] = {}
+
+    def run_cuda(x):
+        key = x.shape
+        if graphs.get(key) == "eager":
+            with torch.no_grad():
+                out = module(torch.from_numpy(x).to(device))
+            torch.cuda.synchronize()
+            return out
+        if key not in graphs:
+            static_in = torch.from_numpy(x).to(device)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.no_grad(), torch.cuda.stream(stream):
+                for _ in range(3):   # warm up outside the capture, as CUDA graphs require
+                    module(static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.no_grad(), torch.cuda.graph(graph):
+                    static_out = module(static_in)
+            except RuntimeError:   # data-dependent shapes (AS-ViT) cannot be captured: run eagerly
+                graphs[key] = "eager"
+                return run_cuda(x)
+            graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = graphs[key]
+        static_in.copy_(torch.from_numpy(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        return static_out
+    return run_cuda
+
+
+def interleaved_times(runners: dict[str, Callable], inputs: dict[int, np.ndarray], repeats: int,
+                      warmup: int = 2, progress: Callable[[int, int], None] = lambda done, total: None
+                      ) -> dict[tuple[str, int], list[float]]:
+    """Seconds per run for every (variant, batch): `repeats` rounds, each variant once per round."""
+    times = {(name, b): [] for name in runners for b in inputs}
+    total, done = repeats * len(inputs), 0
+    for b, x in inputs.items():
+        for run in runners.values():
+            for _ in range(warmup):
+                run(x)
+        for _ in range(repeats):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run(x)
+                times[(name, b)].append(time.perf_counter() - start)
+            done += 1
+            progress(done, total)
+    return times
+
+
+def summarize(times: dict[tuple[str, int], list[float]], baseline: str) -> list[dict]:
+    rows = []
+    for (name, b), values in sorted(times.items(), key=lambda item: (item[0][1], item[0][0] != baseline)):
+        median = statistics.median(values)
+        base = statistics.median(times[(baseline, b)])
+        rows.append({"variant": name, "batch": b, "median_ms": median * 1e3,
+                     "p90_ms": float(np.percentile(values, 90)) * 1e3, "runs": len(values),
+                     "speedup": base / median})
+    return rows
+
+
+def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = None,
+          batches: Optional[list[int]] = None, repeats: int = 20, threads: int = 2,
+          backends: tuple[str, ...] = ("ort",), progress: Callable[[str], None] = lambda msg: None) -> dict:
+    out_dir = Path(out_dir)
+    compressed = out_dir / "model.onnx"
+    if not compressed.is_file():
+        raise Vit2TrtError(f"{out_dir} holds no model.onnx; give the folder `vit2trt convert --out` wrote.")
+    report = read_report(out_dir)
+    original = Path(original) if original else Path(report.get("source_path", ""))
+    if not original.is_file():
+        raise Vit2TrtError(f"the original graph {original or '(unknown)'} is not there; pass --original MODEL.onnx.")
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise Vit2TrtError(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'.")
+    if repeats < 1 or threads < 1:
+        raise Vit2TrtError("--repeats and --threads must be at least 1.")
+    if batches is None:
+        how = _read_json(out_dir / "model.engine.json")
+        opt = next(iter(how.get("profile", {}).values()), {}).get("opt", [8])[0]
+        batches = sorted({1, max(int(opt), 1)} | ({8} if opt == 1 else set()))
+    if any(b < 1 for b in batches):
+        raise Vit2TrtError(f"batch sizes must be at least 1, got {batches}.")
+    from vit2trt.converter.loading import load_onnx
+    from vit2trt.converter.graph_reader import describe_vit
+
+    vit = describe_vit(load_onnx(original), str(original))
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.standard_normal((b, vit.in_chans, *vit.img_size)).astype(np.float32) for b in batches}
+    results = {"batches": batches, "repeats": repeats, "threads": threads, "original": original.name,
+               "inputs": "seeded noise", "backends": {}}
+    for backend in backends:
+        progress(f"timing on {backend}")
+        if backend == "ort":
+            runners = {"original": ort_runner(original, threads), "compressed": ort_runner(compressed, threads)}
+        else:
+            runners = _torch_runners(out_dir, backend, threads)
+        times = interleaved_times(runners, inputs, repeats,
+                                  progress=lambda d, t: progress(f"timing on {backend}: round {d}/{t}"))
+        results["backends"][backend] = summarize(times, "original")
+    update_report(out_dir, "latency", results)
+    return results
+
+
+def _torch_runners(out_dir: Path, backend: str, threads: int) -> dict[str, Callable]:
+    import torch
+
+    from vit2trt.models.compressed_reference import compressed_reference
+    from vit2trt.models.reference import ReferenceRecord, build_model
+
+    if backend == "torch-cuda" and not torch.cuda.is_available():
+        raise Vit2TrtError("--backend torch-cuda needs a CUDA GPU visible to PyTorch.")
+    record_path, decisions_path = out_dir / "reference.json", out_dir / "decisions.json"
+    if not record_path.is_file() or not decisions_path.is_file():
+        raise Vit2TrtError(f"--backend {backend} needs {record_path.name} and {decisions_path.name} in {out_dir} "
+                           "(written by convert for models exported with `vit2trt export`).")
+    record = ReferenceRecord.load(record_path)
+    device = "cuda" if backend == "torch-cuda" else "cpu"
+    decisions = json.loads(decisions_path.read_text())
+    return {"original": torch_runner(build_model(record), device, threads),
+            "compressed": torch_runner(compressed_reference(build_model(record), decisions), device, threads)}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

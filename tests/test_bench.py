@@ -1,0 +1,53 @@
+"""`vit2trt bench`: side-by-side latency rows in report.json, and bad requests. No speed is asserted:
+speed claims come from benchmarks/, not from unit tests."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vit2trt.cli import app
+
+
+@pytest.fixture
+def converted(tmp_path, deit_tiny_ts):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["convert", str(deit_tiny_ts.onnx_path), "--method", "tome", "--r", "20",
+                                      "--out", str(out), "--no-build"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_bench_times_both_models_on_every_backend(converted):
+    result = CliRunner().invoke(app, ["bench", str(converted), "--repeats", "3", "--batch", "1,2",
+                                      "--backend", "ort", "--backend", "torch-cpu"])
+    assert result.exit_code == 0, result.output
+    latency = json.loads((converted / "report.json").read_text())["latency"]
+    assert latency["batches"] == [1, 2] and set(latency["backends"]) == {"ort", "torch-cpu"}
+    for rows in latency["backends"].values():
+        assert [(r["variant"], r["batch"]) for r in rows] == [
+            ("original", 1), ("compressed", 1), ("original", 2), ("compressed", 2)]
+        for row in rows:
+            assert row["runs"] == 3 and 0 < row["median_ms"] <= row["p90_ms"]
+            if row["variant"] == "original":
+                assert row["speedup"] == 1.0
+    assert "agreement" in json.loads((converted / "report.json").read_text())   # convert's record kept
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--original", "/nonexistent/model.onnx"], "is not there"),
+    (["--backend", "tpu"], "--backend must be one of"),
+    (["--batch", "1,x"], "comma-separated sizes"),
+    (["--batch", "0"], "at least 1"),
+])
+def test_bad_bench_requests_exit_2(converted, argv, needle):
+    result = CliRunner().invoke(app, ["bench", str(converted), "--repeats", "1", *argv])
+    assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_torch_cuda_without_a_gpu_says_so(converted):
+    result = CliRunner().invoke(app, ["bench", str(converted), "--repeats", "1", "--backend", "torch-cuda"])
+    assert result.exit_code == 2 and "needs a CUDA GPU" in " ".join(result.output.split())
