@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from vit2trt.converter.report import read_report, update_report
+from vit2trt.converter.report import render_report, read_report, update_report
 from vit2trt.errors import Vit2TrtError
 
 BACKENDS = ("ort", "torch-cuda", "torch-cpu")
@@ -159,6 +159,7 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
                                   progress=lambda d, t: progress(f"timing on {backend}: round {d}/{t}"))
         results["backends"][backend] = summarize(times, "original")
     update_report(out_dir, "latency", results)
+    render_report(out_dir)
     return results
 
 

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from vit2trt.converter.engine import BuildOptions, build_engine, check_build, report_dict
 from vit2trt.converter.graph_reader import describe_vit
 from vit2trt.converter.loading import load_onnx
+from vit2trt.converter.report import block_table, flops_breakdown, render_report
 from vit2trt.converter.vit_graph import BuildReport
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.scwp import scwp
@@ -148,9 +149,11 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
             if build.status == "unavailable":
                 notes.append(build.message)
         (tmp / "report.json").write_text(json.dumps(
-            {"agreement": agreement, "flops": decisions["flops"], "notes": notes,
+            {"agreement": agreement, "flops": decisions["flops"], "notes": notes, "method": options.method,
              "source_path": str(Path(model_path).resolve()),
+             "blocks": block_table(vit, current), "flops_breakdown": flops_breakdown(vit, current),
              "build": report_dict(build)}, indent=1, sort_keys=True) + "\n")
+        render_report(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from vit2trt.converter.report import update_report
+from vit2trt.converter.report import render_report, update_report
 from vit2trt.errors import Vit2TrtError
 
 SINGLE_RUNS = 16   # images re-run one at a time for the batch-dependence check
@@ -153,4 +153,5 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
             failures.append(f"top-1 accuracy drop {result['accuracy']['top1_drop']:.3f} > {t.max_accuracy_drop}")
     result["failures"] = failures
     update_report(out_dir, "validation", result)
+    render_report(out_dir)
     return result
