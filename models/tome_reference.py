@@ -42,10 +42,11 @@ def _merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, pr
 class ToMeViT(nn.Module):
     """A timm or Hugging Face ViT with ToMe merging r[i] tokens after block i's attention."""
 
-    def __init__(self, model: nn.Module, r: list[int]):
+    def __init__(self, model: nn.Module, r: list[int], merge=None):
         super().__init__()
         self.model, self.r = model.eval(), r
         self.parts = vit_parts(model)
+        self.merge = merge or _merge   # plugins/tome_triton.tome_merge runs the fused kernels instead
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         p = self.parts
@@ -57,6 +58,6 @@ class ToMeViT(nn.Module):
             if r:
                 if size is None:
                     size = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype)
-                x, size = _merge(x, size, metric, r, p.has_class_token)
+                x, size = self.merge(x, size, metric, r, p.has_class_token)
             x = x + block.ls2(block.mlp(block.norm2(x)))
         return p.head(x)

@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import torch
+
+# Triton kernels run on CPU tensors under Triton's interpreter; it must be chosen before import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import onnxruntime as ort
