@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -166,8 +167,8 @@ def convert(
                                  tcs_shared=tcs_shared, tome_r=tome_r, calib=str(calib) if calib else None, build=build,
                                  engine=engine, batch=_batch_profile(batch), precision=precision,
                                  seed=seed, overwrite=overwrite)
-        with err.status("converting ...") as status:
-            result = run_convert(model, out_dir, options, progress=lambda msg: status.update(f"{msg} ..."))
+        with _progress("converting") as report:
+            result = run_convert(model, out_dir, options, progress=report)
         ratio = result.flops_before / max(result.flops_after, 1)
         out.print(f"wrote {result.out_dir}/ (model.onnx, decisions.json, report.json"
                   + (", model.engine)" if result.build and result.build.status == "built" else ")"))
@@ -182,8 +183,8 @@ def convert(
         if calib is not None and (result.out_dir / "reference.json").is_file():
             from vit2trt.converter.validate import validate as run_validate
 
-            with err.status("validating against the PyTorch reference ...") as status:
-                v = run_validate(result.out_dir, calib, limit=64, progress=lambda msg: status.update(f"{msg} ..."))
+            with _progress("validating against the PyTorch reference") as report:
+                v = run_validate(result.out_dir, calib, limit=64, progress=report)
             out.print(f"validation against the PyTorch reference on {v['images']} calibration inputs: top-1 "
                       f"agreement {v['top1_agreement'] * 100:.0f}%, logits cosine min {v['cosine_min']:.4f}, "
                       f"batch dependence {v['batch_dependence']:.2g} (report.json; `vit2trt validate` for more)")
@@ -213,10 +214,9 @@ def validate(
     with _user_errors():
         from vit2trt.converter.validate import Thresholds, validate as run_validate
 
-        with err.status("validating ...") as status:
+        with _progress("validating") as report:
             result = run_validate(out_dir, images, labels, reference, batch, limit,
-                                  Thresholds(min_agreement, min_cosine, max_accuracy_drop),
-                                  progress=lambda msg: status.update(f"{msg} ..."))
+                                  Thresholds(min_agreement, min_cosine, max_accuracy_drop), progress=report)
         table = Table(title=f"{out_dir}/model.onnx vs the PyTorch reference, {result['images']} images",
                       box=box.SIMPLE_HEAD)
         table.add_column("check")
@@ -261,9 +261,8 @@ def bench(
                 batches = [int(v) for v in batch.split(",")]
             except ValueError:
                 raise Vit2TrtError(f"--batch takes comma-separated sizes such as 1,8, not '{batch}'.") from None
-        with err.status("timing ...") as status:
-            result = run_bench(out_dir, original, batches, repeats, threads, tuple(backend),
-                               progress=lambda msg: status.update(f"{msg} ..."))
+        with _progress("timing") as report:
+            result = run_bench(out_dir, original, batches, repeats, threads, tuple(backend), progress=report)
         for name, rows in result["backends"].items():
             table = Table(title=f"{name}: median of {repeats} interleaved rounds, {threads} threads",
                           box=box.SIMPLE_HEAD)
@@ -273,6 +272,27 @@ def bench(
                 table.add_row(row["variant"], str(row["batch"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}",
                               f"{row['speedup']:.2f}x")
             out.print(table)
+
+
+@contextmanager
+def _progress(first: str):
+    """A progress line on stderr: a bar while the step says 'k/n', a spinner otherwise."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(first, total=None)
+
+        def report(message: str) -> None:
+            counted = re.match(r"(.*?)[ :]*(\d+)/(\d+)\s*$", message)
+            if counted:
+                progress.update(task, description=counted.group(1), completed=int(counted.group(2)),
+                                total=int(counted.group(3)))
+            else:
+                progress.update(task, description=message, completed=0, total=None)
+
+        yield report
 
 
 def _batch_profile(text: str) -> tuple[int, int, int]:
