@@ -4,6 +4,7 @@ Rounds are interleaved (every variant runs once per round), so machine noise hit
 the result is the median and 90th percentile per variant and batch, and the speedup is the ratio
 of medians measured in the same run. Backends:
 - `ort`: the ONNX graphs in ONNX Runtime on CPU (always available);
+- `tensorrt`: the engines on the GPU (OUT/model.engine, and one built alike from the original);
 - `torch-cuda`: the PyTorch references of both models on a CUDA GPU, replayed as CUDA graphs, so
   GPU ratios exist where TensorRT does not; `torch-cpu` runs the same path on CPU.
 """
@@ -21,7 +22,7 @@ import numpy as np
 from vit2trt.converter.report import render_report, read_report, update_report
 from vit2trt.errors import Vit2TrtError
 
-BACKENDS = ("ort", "torch-cuda", "torch-cpu")
+BACKENDS = ("ort", "tensorrt", "torch-cuda", "torch-cpu")
 
 
 def ort_session(path: Path, threads: int, profile_prefix: Optional[str] = None):
@@ -153,6 +154,8 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
         progress(f"timing on {backend}")
         if backend == "ort":
             runners = {"original": ort_runner(original, threads), "compressed": ort_runner(compressed, threads)}
+        elif backend == "tensorrt":
+            runners = _engine_runners(out_dir, original, vit.input_name)
         else:
             runners = _torch_runners(out_dir, backend, threads)
         times = interleaved_times(runners, inputs, repeats,
@@ -161,6 +164,28 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
     update_report(out_dir, "latency", results)
     render_report(out_dir)
     return results
+
+
+def _engine_runners(out_dir: Path, original: Path, input_name: str) -> dict[str, Callable]:
+    from vit2trt.converter.engine import BuildOptions, build_engine, engine_runner
+
+    engine = out_dir / "model.engine"
+    if not engine.is_file():
+        raise Vit2TrtError(f"--backend tensorrt needs {engine} (convert builds it when a TensorRT module is present).")
+    how = _read_json(out_dir / "model.engine.json")
+    profile = next(iter(how.get("profile", {}).values()), {"min": [1], "opt": [1], "max": [8]})
+    compressed = engine_runner(engine, input_name)   # refuses early where no GPU can load it
+    original_engine = out_dir / ".original.engine"
+    report = build_engine(original, engine_path=original_engine, options=BuildOptions(
+        {"tensorrt_rtx": "tensorrt-rtx"}.get(how.get("module"), "tensorrt"),
+        (profile["min"][0], profile["opt"][0], profile["max"][0]), how.get("precision", "fp32")))
+    if report.status != "built":
+        raise Vit2TrtError(f"the original graph did not build for timing: {report.message}")
+    try:
+        return {"original": engine_runner(original_engine, input_name), "compressed": compressed}
+    finally:
+        original_engine.unlink(missing_ok=True)
+        Path(str(original_engine) + ".json").unlink(missing_ok=True)
 
 
 def _torch_runners(out_dir: Path, backend: str, threads: int) -> dict[str, Callable]:

@@ -254,6 +254,24 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(fh.name, path)
 
 
+def engine_runner(engine_path: Path, input_name: str):
+    """A callable running a serialized engine on the GPU (Polygraphy's TrtRunner), or a Vit2TrtError
+    saying why it cannot run here. Loading an engine needs a GPU, for TensorRT-RTX engines too."""
+    how = json.loads(Path(str(engine_path) + ".json").read_text()) if Path(str(engine_path) + ".json").is_file() else {}
+    module = how.get("module", "tensorrt")
+    missing = [what for what, ok in (("a CUDA GPU", _cuda_gpu_present()), (f"the {module} module",
+                                                                          _import(module) is not None)) if not ok]
+    if missing:
+        raise Vit2TrtError(f"running {Path(engine_path).name} needs {' and '.join(missing)}, missing here.")
+    if module == "tensorrt_rtx":
+        os.environ.setdefault("POLYGRAPHY_USE_TENSORRT_RTX", "1")   # Polygraphy drives TensorRT-RTX then
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    runner = TrtRunner(EngineFromBytes(Path(engine_path).read_bytes()))
+    runner.activate()
+    return lambda x: runner.infer({input_name: x})
+
+
 def report_dict(report: Optional[BuildReport]) -> Optional[dict]:
     return None if report is None else asdict(report)
 

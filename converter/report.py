@@ -115,6 +115,12 @@ def _markdown(report: dict, has_plot: bool) -> str:
                       f"{accuracy['compressed_top1'] * 100:.1f}% |",
                       f"| top-5 accuracy, original / compressed | {accuracy['reference_top5'] * 100:.1f}% / "
                       f"{accuracy['compressed_top5'] * 100:.1f}% |"]
+        engine = validation.get("engine")
+        if isinstance(engine, dict):
+            lines.append(f"| engine: top-1 agreement, max abs error | {engine['top1_agreement'] * 100:.1f}%, "
+                         f"{engine['max_abs_error']:.3g} |")
+        elif engine:
+            lines.append(f"| engine | {engine} |")
         for failure in validation.get("failures", []):
             lines.append(f"| **failed** | {failure} |")
         lines.append("")

@@ -133,13 +133,15 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
         "relative_error": float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)),
         "batch_dependence": float(np.abs(singles - got[:len(singles)]).max()),
         "surgery_error": surgery_error,   # vs the PyTorch model compressed the same way (relative)
-        "engine": "not run: loading a TensorRT engine needs a GPU and the tensorrt module",
+        "engine": _engine_check(out_dir, name, x, batch, want),
     }
     if truth is not None:
         result["accuracy"] = {
             "reference_top1": _top_k_hits(want, truth, 1), "reference_top5": _top_k_hits(want, truth, 5),
             "compressed_top1": _top_k_hits(got, truth, 1), "compressed_top5": _top_k_hits(got, truth, 5)}
         result["accuracy"]["top1_drop"] = result["accuracy"]["reference_top1"] - result["accuracy"]["compressed_top1"]
+    if isinstance(result["engine"], dict):
+        result["engine_top1_agreement"] = result["engine"]["top1_agreement"]
     failures = []
     t = thresholds
     if t.min_top1_agreement is not None and result["top1_agreement"] < t.min_top1_agreement:
@@ -155,3 +157,19 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     update_report(out_dir, "validation", result)
     render_report(out_dir)
     return result
+
+
+def _engine_check(out_dir: Path, input_name: str, x: np.ndarray, batch: int, want: np.ndarray):
+    """The engine's outputs against the reference where it can run (a GPU), else why not."""
+    engine = out_dir / "model.engine"
+    if not engine.is_file():
+        return "not run: no model.engine in OUT"
+    from vit2trt.converter.engine import engine_runner
+
+    try:
+        run = engine_runner(engine, input_name)
+    except Vit2TrtError as exc:
+        return f"not run: {exc}"
+    got = np.concatenate([np.asarray(next(iter(run(x[i:i + batch]).values()))) for i in range(0, len(x), batch)])
+    return {"top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
+            "max_abs_error": float(np.abs(got - want).max())}

@@ -51,3 +51,15 @@ def test_bad_bench_requests_exit_2(converted, argv, needle):
 def test_torch_cuda_without_a_gpu_says_so(converted):
     result = CliRunner().invoke(app, ["bench", str(converted), "--repeats", "1", "--backend", "torch-cuda"])
     assert result.exit_code == 2 and "needs a CUDA GPU" in " ".join(result.output.split())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_engine_timing_without_a_gpu_says_so(tmp_path, deit_tiny_ts):
+    out = tmp_path / "built"
+    result = CliRunner().invoke(app, ["convert", str(deit_tiny_ts.onnx_path), "--method", "tome", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    if not (out / "model.engine").exists():
+        pytest.skip("no TensorRT module built an engine")
+    result = CliRunner().invoke(app, ["bench", str(out), "--repeats", "1", "--backend", "tensorrt"])
+    assert result.exit_code == 2 and "needs a CUDA GPU" in " ".join(result.output.split())
+    assert not (out / ".original.engine").exists()

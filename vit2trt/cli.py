@@ -234,7 +234,12 @@ def validate(
             table.add_row("top-5 accuracy reference / compressed",
                           f"{a['reference_top5'] * 100:.1f}% / {a['compressed_top5'] * 100:.1f}%")
         out.print(table)
-        out.print(f"engine: {result['engine']}")
+        engine = result["engine"]
+        if isinstance(engine, dict):
+            out.print(f"engine: top-1 agreement {engine['top1_agreement'] * 100:.1f}%, "
+                      f"max abs error {engine['max_abs_error']:.3g}")
+        else:
+            out.print(f"engine: {engine}")
         for failure in result["failures"]:
             err.print(f"[bold red]failed:[/] {escape(failure)}")
         if result["failures"]:
@@ -248,7 +253,7 @@ def bench(
     batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, comma-separated (default: 1 and the engine profile's opt batch, else 1,8)."),
     repeats: int = typer.Option(20, "--repeats", help="Interleaved rounds per batch size."),
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
-    backend: List[str] = typer.Option(["ort"], "--backend", help="ort (ONNX Runtime CPU), torch-cuda (PyTorch references with CUDA graphs) or torch-cpu; repeatable."),
+    backend: List[str] = typer.Option(["ort"], "--backend", help="ort (ONNX Runtime CPU), tensorrt (the engines, on a GPU), torch-cuda (PyTorch references with CUDA graphs) or torch-cpu; repeatable."),
 ):
     """Time the original and the compressed model side by side in one run (interleaved rounds,
     median and p90, speedup as the ratio of medians). Results go into OUT/report.json."""
