@@ -52,6 +52,20 @@ def read_labels(path: Path, files: list[Path]) -> np.ndarray:
     return np.array([table.get(f.name, table.get(f.stem)) for f in files], dtype=np.int64)
 
 
+def _label_array(path: Path, count: int) -> np.ndarray:
+    if path.suffix != ".npy":
+        raise Vit2TrtError(f"--labels {path}: with an .npy of images, give the labels as an .npy of class indices "
+                           "in the same order.")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise Vit2TrtError(f"--labels {path}: not a readable .npy array ({exc}).") from None
+    if labels.shape != (count,) or labels.dtype.kind not in "iu":
+        raise Vit2TrtError(f"--labels {path}: expected {count} integer labels, got shape {list(labels.shape)} "
+                           f"of {labels.dtype}.")
+    return labels.astype(np.int64)
+
+
 def _top_k_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     top = np.argsort(-logits, axis=1)[:, :k]
     return float(np.mean([label in row for row, label in zip(top, labels)]))
@@ -93,9 +107,10 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
         x = load_calibration(images, input_size, record.preprocessing, limit)
     truth = None
     if labels is not None:
-        if files is None:
-            raise Vit2TrtError("--labels needs --images to be a folder (labels are matched by file name).")
-        truth = read_labels(Path(labels), files)
+        if files is None:   # an array of images: labels are an array in the same order
+            truth = _label_array(Path(labels), len(x))
+        else:
+            truth = read_labels(Path(labels), files)
 
     progress(f"running the PyTorch reference on {len(x)} images")
     model = build_model(record).eval()

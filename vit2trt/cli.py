@@ -279,6 +279,35 @@ def bench(
             out.print(table)
 
 
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("vit2trt-demo"), "--out", "-o", help="Output folder: demo.md, demo.json, demo.png and one convert folder per method."),
+    repeats: int = typer.Option(10, "--repeats", help="Interleaved timing rounds."),
+    threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
+    build: bool = typer.Option(True, "--build/--no-build", help="Build TensorRT engines where a TensorRT module is present."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+):
+    """Every method on the bundled, really trained digits ViT: convert with toast, asvit, cait and
+    tome, validate each on the fixed test split (accuracy), time all of them side by side, and print
+    one table (also demo.md with a plot)."""
+    with _user_errors():
+        from vit2trt.converter.demo import run_demo
+
+        with _progress("demo") as report:
+            summary = run_demo(out_dir, repeats, threads, build, overwrite, progress=report)
+        table = Table(title=f"bundled digits ViT, {summary['test_images']} test images; ONNX Runtime CPU, "
+                            f"{threads} threads, median of {repeats} interleaved rounds", box=box.SIMPLE_HEAD)
+        for column in ("method", "GFLOPs", "FLOPs x", "speed b1", "speed b8", "accuracy", "delta", "engine"):
+            table.add_column(column, justify="left" if column in ("method", "engine") else "right", no_wrap=True)
+        for name, row in summary["rows"].items():
+            table.add_row(name, f"{row['gflops']:.4f}", f"{row.get('flops_ratio', 1.0):.2f}",
+                          f"{row['speedup_b1']:.2f}x", f"{row['speedup_b8']:.2f}x", f"{row['accuracy'] * 100:.1f}%",
+                          f"{row['accuracy_delta'] * 100:+.1f}", row.get("engine") or "-")
+        out.print(table)
+        out.print(f"wrote {out_dir}/demo.md, demo.json, demo.png and {', '.join(r for r in summary['rows'] if r != 'uncompressed')}/ "
+                  "(each with report.html)")
+
+
 @contextmanager
 def _progress(first: str):
     """A progress line on stderr: a bar while the step says 'k/n', a spinner otherwise."""
