@@ -37,7 +37,7 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch: in
     return float(np.mean(predicted == labels))
 
 
-def train(epochs: int, batch: int, lr: float, seed: int, threads: int, curriculum: float = 0.4, log=print) -> tuple[nn.Module, dict]:
+def train(epochs: int, batch: int, lr: float, seed: int, threads: int, curriculum: float = 0.4, hold: float = 0.1, log=print) -> tuple[nn.Module, dict]:
     torch.set_num_threads(threads)
     train_digits, train_labels, _, _ = load_split()
     test_images, test_labels = test_set()
@@ -53,8 +53,8 @@ def train(epochs: int, batch: int, lr: float, seed: int, threads: int, curriculu
     start = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        # Centred for the first tenth of the epochs, then a range growing to the whole canvas.
-        spread = min(1.0, max(0.0, epoch - 0.1 * epochs) / max(1.0, curriculum * epochs))
+        # Centred for the first `hold` of the epochs, then a range growing to the whole canvas.
+        spread = min(1.0, max(0.0, epoch - hold * epochs) / max(1.0, curriculum * epochs))
         images = torch.from_numpy(compose(train_digits, rng, spread))
         order = torch.from_numpy(rng.permutation(len(images)))
         running = 0.0
@@ -70,7 +70,7 @@ def train(epochs: int, batch: int, lr: float, seed: int, threads: int, curriculu
             log(f"epoch {epoch + 1}/{epochs}: loss {running / len(order):.3f}, test accuracy "
                 f"{accuracy(model, test_images, test_labels) * 100:.1f}%, {time.perf_counter() - start:.0f} s")
     info = {"model": MODEL_NAME, "args": MODEL_ARGS, "epochs": epochs, "batch": batch, "lr": lr, "seed": seed,
-            "curriculum": curriculum,
+            "curriculum": curriculum, "hold": hold,
             "test_accuracy": accuracy(model, test_images, test_labels), "test_images": len(test_labels),
             "train_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
     return model.eval(), info
@@ -83,9 +83,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hold", type=float, default=0.1, help="fraction of epochs with centred digits")
+    parser.add_argument("--curriculum", type=float, default=0.4, help="fraction of epochs over which positions spread")
     parser.add_argument("--out", default=str(CHECKPOINT))
     args = parser.parse_args()
-    model, info = train(args.epochs, args.batch, args.lr, args.seed, args.threads)
+    model, info = train(args.epochs, args.batch, args.lr, args.seed, args.threads, args.curriculum, args.hold)
     from safetensors.torch import save_file
 
     out = Path(args.out)
