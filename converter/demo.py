@@ -29,7 +29,7 @@ DEMO_METHODS = {
 }
 
 
-def run_demo(out_dir: str | os.PathLike, repeats: int = 10, threads: int = 2, build: bool = True,
+def run_demo(out_dir: str | os.PathLike, repeats: int = 30, threads: int = 2, build: bool = True,
              overwrite: bool = False, progress: Callable[[str], None] = lambda msg: None) -> dict:
     from vit2trt.converter.bench import interleaved_times, ort_runner
     from vit2trt.converter.convert import ConvertOptions, convert

@@ -1,11 +1,12 @@
 """Train the bundled digits ViT (models/digits.py) on CPU, reproducibly.
 
-    python -m vit2trt.models.train_digits [--epochs 120] [--out models/digits_vit.safetensors]
+    python -m vit2trt.models.train_digits [--epochs 260] [--out models/digits_vit.safetensors]
 
-Seeded throughout; every epoch places the training digits at new random positions (the only
-augmentation), centred for the first tenth of the epochs, then within a range around the centre that grows
-to the whole canvas over the next 40% (a curriculum: from fully random positions this small ViT sits at chance). Writes the weights as safetensors and a JSON beside them with the settings and
-the test accuracy measured at the end.
+Seeded throughout. Every epoch places the training digits at new random positions (the only
+augmentation): centred for the first 5% of the epochs, then within a range around the centre that
+grows to the whole canvas over the next 25% (a curriculum: from fully random positions this small
+ViT sits at chance). Writes the weights as safetensors and, beside them, a JSON with the settings
+and the test accuracy measured at the end.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch: in
     return float(np.mean(predicted == labels))
 
 
-def train(epochs: int, batch: int, lr: float, seed: int, threads: int, curriculum: float = 0.4, hold: float = 0.1, log=print) -> tuple[nn.Module, dict]:
+def train(epochs: int, batch: int, lr: float, seed: int, threads: int, curriculum: float = 0.25, hold: float = 0.05,
+          log=print) -> tuple[nn.Module, dict]:
     torch.set_num_threads(threads)
     train_digits, train_labels, _, _ = load_split()
     test_images, test_labels = test_set()
@@ -78,13 +80,13 @@ def train(epochs: int, batch: int, lr: float, seed: int, threads: int, curriculu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=250)
+    parser.add_argument("--epochs", type=int, default=260)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hold", type=float, default=0.1, help="fraction of epochs with centred digits")
-    parser.add_argument("--curriculum", type=float, default=0.4, help="fraction of epochs over which positions spread")
+    parser.add_argument("--hold", type=float, default=0.05, help="fraction of epochs with centred digits")
+    parser.add_argument("--curriculum", type=float, default=0.25, help="fraction of epochs over which positions spread")
     parser.add_argument("--out", default=str(CHECKPOINT))
     args = parser.parse_args()
     model, info = train(args.epochs, args.batch, args.lr, args.seed, args.threads, args.curriculum, args.hold)

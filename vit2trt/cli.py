@@ -282,7 +282,7 @@ def bench(
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("vit2trt-demo"), "--out", "-o", help="Output folder: demo.md, demo.json, demo.png and one convert folder per method."),
-    repeats: int = typer.Option(10, "--repeats", help="Interleaved timing rounds."),
+    repeats: int = typer.Option(30, "--repeats", help="Interleaved timing rounds."),
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build TensorRT engines where a TensorRT module is present."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
@@ -295,12 +295,12 @@ def demo(
 
         with _progress("demo") as report:
             summary = run_demo(out_dir, repeats, threads, build, overwrite, progress=report)
-        table = Table(title=f"bundled digits ViT, {summary['test_images']} test images; ONNX Runtime CPU, "
-                            f"{threads} threads, median of {repeats} interleaved rounds", box=box.SIMPLE_HEAD)
-        for column in ("method", "GFLOPs", "FLOPs x", "speed b1", "speed b8", "accuracy", "delta", "engine"):
+        table = Table(title=f"bundled digits ViT: accuracy on {summary['test_images']} test images; speedup (b1, b8) "
+                            f"in ONNX Runtime CPU, {threads} threads, median of {repeats} rounds", box=box.SIMPLE_HEAD)
+        for column in ("method", "GFLOPs", "FLOPs×", "b1", "b8", "acc.", "Δ acc.", "engine"):
             table.add_column(column, justify="left" if column in ("method", "engine") else "right", no_wrap=True)
         for name, row in summary["rows"].items():
-            table.add_row(name, f"{row['gflops']:.4f}", f"{row.get('flops_ratio', 1.0):.2f}",
+            table.add_row(name, f"{row['gflops']:.3f}", f"{row.get('flops_ratio', 1.0):.2f}",
                           f"{row['speedup_b1']:.2f}x", f"{row['speedup_b8']:.2f}x", f"{row['accuracy'] * 100:.1f}%",
                           f"{row['accuracy_delta'] * 100:+.1f}", row.get("engine") or "-")
         out.print(table)
