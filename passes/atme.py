@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from vit2trt.converter.graph_utils import GraphBuilder, export_like, open_for_surgery
 from vit2trt.converter.vit_graph import ViTGraph

@@ -126,7 +126,7 @@ def test_channels_zeroed_in_training_are_stripped_first(tmp_path):
     """A checkpoint with consistent zeroed channels (CAIT's learned masks) loses them physically."""
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", depth=3, num_classes=10).eval()
-    heads, hd, d = 6, 64, 384
+    heads, hd = 6, 64
     dead_qk, dead_v = list(range(0, 64, 4)), list(range(1, 64, 8))
     with torch.no_grad():
         for blk in model.blocks:
