@@ -161,14 +161,18 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
                          agreement, build, notes)
 
 
-def _run_toast(model, vit, options: ConvertOptions, model_path, progress):
-    current, passes, keeps, notes = vit, [], [], []
+def _strip_zeroed(model, vit, progress):
+    """Remove structure a masked fine-tune zeroed: (model, description, pass report, keeps)."""
     progress("stripping zeroed structure")
-    result, strip_keeps = strip_dead_structure(model, current)
-    passes.append(result.report)
-    if strip_keeps:
-        model, keeps = result.model, strip_keeps
-        current = describe_vit(model, "stripped graph")
+    result, keeps = strip_dead_structure(model, vit)
+    if not keeps:
+        return model, vit, result.report, []
+    return result.model, describe_vit(result.model, "stripped graph"), result.report, keeps
+
+
+def _run_toast(model, vit, options: ConvertOptions, model_path, progress):
+    model, current, stripped, keeps = _strip_zeroed(model, vit, progress)
+    passes, notes = [stripped], []
     plan = plan_toast(current, options.head_sparsity, options.fc1_ratios, options.fc2_ratios,
                       options.target_gflops, options.model_name or _recorded_name(model_path))
     notes.extend(plan.notes)
@@ -248,14 +252,10 @@ def _run_cait(model, vit, options: ConvertOptions, model_path, progress):
     stages = options.stages or default_stages(vit.depth)
     plan_atme(vit, stages)   # refuse bad stages before any work
     ratio = 0.25 if options.channel_ratio is None else options.channel_ratio
-    current, passes, keeps, notes = vit, [], [], []
-    progress("stripping zeroed structure")
-    result, strip_keeps = strip_dead_structure(model, current)
-    passes.append(result.report)
-    if strip_keeps:
-        model, keeps = result.model, strip_keeps
-        current = describe_vit(model, "stripped graph")
-        notes.append("attention channels zeroed in the checkpoint (learned masks) were removed first.")
+    model, current, stripped, keeps = _strip_zeroed(model, vit, progress)
+    passes, notes = [stripped], []
+    if keeps:
+        notes.append("structure zeroed in the checkpoint (learned masks) was removed first.")
     progress(f"CDCP: removing {ratio:g} of every head's attention channels, the same in every head")
     result, cdcp_keeps = cdcp(model, current, ratio)
     passes.append(result.report)
