@@ -260,12 +260,7 @@ def bench(
     with _user_errors():
         from vit2trt.converter.bench import bench as run_bench
 
-        batches = None
-        if batch is not None:
-            try:
-                batches = [int(v) for v in batch.split(",")]
-            except ValueError:
-                raise Vit2TrtError(f"--batch takes comma-separated sizes such as 1,8, not '{batch}'.") from None
+        batches = None if batch is None else _int_list(batch, "--batch takes comma-separated sizes such as 1,8")
         with _progress("timing") as report:
             result = run_bench(out_dir, original, batches, repeats, threads, tuple(backend), progress=report)
         for name, rows in result["backends"].items():
@@ -329,24 +324,26 @@ def _progress(first: str):
         yield report
 
 
-def _batch_profile(text: str) -> tuple[int, int, int]:
+def _int_list(text: str, usage: str) -> list[int]:
+    """Comma-separated integers, or an error that says what the option takes."""
     try:
-        values = tuple(int(v) for v in text.split(","))
+        return [int(v) for v in text.split(",")]
     except ValueError:
-        values = ()
+        raise Vit2TrtError(f"{usage}, not '{text}'.") from None
+
+
+def _batch_profile(text: str) -> tuple[int, int, int]:
+    values = _int_list(text, "--batch takes min,opt,max such as 1,1,8")
     if len(values) != 3:
         raise Vit2TrtError(f"--batch takes min,opt,max such as 1,1,8, not '{text}'.")
-    return values
+    return tuple(values)
 
 
 def _asvit_settings(thresholds: Optional[str], stages: Optional[str]):
     """--thresholds as numbers or a JSON file (which may also name the stages); --stages as numbers."""
     parsed_stages = None
     if stages is not None:
-        try:
-            parsed_stages = [int(v) for v in stages.split(",")]
-        except ValueError:
-            raise Vit2TrtError(f"--stages takes comma-separated block indices such as 4,7,10, not '{stages}'.") from None
+        parsed_stages = _int_list(stages, "--stages takes comma-separated block indices such as 4,7,10")
     if thresholds is None:
         return None, parsed_stages
     path = Path(thresholds)
