@@ -230,6 +230,11 @@ def _run_asvit(model, vit, options: ConvertOptions, model_path, progress):
             raise Vit2TrtError(f"--target-flops is a fraction of the full model's FLOPs in (0, 1], "
                                f"got {options.target_flops}.")
         thresholds, calibration = _calibrate_asvit(vit, stages, options, model_path, progress)
+        if calibration["flops_fraction"] > options.target_flops + 1e-6:
+            raise Vit2TrtError(f"--target-flops {options.target_flops:g} cannot be met by dropping tokens at stages "
+                               f"{stages}: even dropping every patch token there leaves "
+                               f"{calibration['flops_fraction']:.3f} of the FLOPs. Raise the target or prune at "
+                               "earlier stages (--stages).")
         notes.append(f"AS-ViT thresholds {[round(t, 5) for t in thresholds]} calibrated without training on "
                      f"{calibration['inputs']} for {options.target_flops:g} of the FLOPs (reached "
                      f"{calibration['flops_fraction']:.3f} on average); the paper learns them with 30 epochs of "
@@ -274,15 +279,34 @@ def _run_cait(model, vit, options: ConvertOptions, model_path, progress):
 
 
 def _calibrate_asvit(vit, stages, options: ConvertOptions, model_path, progress):
+    from vit2trt.models.asvit_reference import calibrate_thresholds
+
+    model, images, described = asvit_inputs(vit, options, model_path)
+    progress(f"calibrating AS-ViT thresholds on {len(images)} inputs")
+    block_flops, fixed = asvit_flops_model(vit)
+    thresholds, fraction = calibrate_thresholds(
+        model, images, stages, block_flops, fixed, options.target_flops,
+        progress=lambda step, total: progress(f"calibrating AS-ViT thresholds on {len(images)} inputs: "
+                                              f"step {step}/{total}"))
+    return thresholds, {"inputs": described, "flops_fraction": fraction}
+
+
+def asvit_flops_model(vit) -> tuple[list[tuple], int]:
+    """Per block (projections, attention matmuls, FFN) at full length, and the length-free rest."""
+    block_flops = [(b.flops.attn_proj, b.flops.attn_matmul, b.flops.ffn) for b in vit.blocks]
+    return block_flops, vit.flops.patch_embed + vit.flops.head + vit.flops.other
+
+
+def asvit_inputs(vit, options: ConvertOptions, model_path):
+    """The original's PyTorch reference and the calibration inputs: (model, images [N,C,H,W], description)."""
     import torch
 
-    from vit2trt.models.asvit_reference import calibrate_thresholds
     from vit2trt.models.reference import ReferenceRecord, build_model
 
     record_path = ReferenceRecord.path_for(model_path)
     if not record_path.is_file():
-        raise Vit2TrtError(f"calibrating AS-ViT thresholds needs the PyTorch reference ({record_path.name}, written "
-                           "by vit2trt export); pass --thresholds instead.")
+        raise Vit2TrtError(f"AS-ViT thresholds are calibrated on the PyTorch reference ({record_path.name}, written "
+                           "by vit2trt export), which is missing; pass --thresholds instead.")
     record = ReferenceRecord.load(record_path)
     if options.calib:
         from vit2trt.converter.calibration import load_calibration
@@ -294,14 +318,7 @@ def _calibrate_asvit(vit, stages, options: ConvertOptions, model_path, progress)
         images = np.random.default_rng(options.seed).standard_normal(
             (16, vit.in_chans, *vit.img_size)).astype(np.float32)
         described = "16 seeded random images (pass --calib with real images for real thresholds)"
-    progress(f"calibrating AS-ViT thresholds on {len(images)} inputs")
-    block_flops = [(b.flops.attn_proj, b.flops.attn_matmul, b.flops.ffn) for b in vit.blocks]
-    fixed = vit.flops.patch_embed + vit.flops.head + vit.flops.other
-    thresholds, fraction = calibrate_thresholds(
-        build_model(record), torch.from_numpy(images), stages, block_flops, fixed, options.target_flops,
-        progress=lambda step, total: progress(f"calibrating AS-ViT thresholds on {len(images)} inputs: "
-                                              f"step {step}/{total}"))
-    return thresholds, {"inputs": described, "flops_fraction": fraction}
+    return build_model(record), torch.from_numpy(images), described
 
 
 def _record(model_path) -> Optional[dict]:

@@ -79,7 +79,8 @@ def calibrate_thresholds(model: nn.Module, images: torch.Tensor, stages: list[in
                     pending.append(token_scores(probs, per_head)[0])
             if index + 1 in stages:
                 pool = torch.cat([s[protected:] for s in pending])
-                theta = float(torch.quantile(pool, 1.0 - rho)) if rho < 1.0 else 0.0
+                # An empty pool: every patch token is already gone, nothing is left to drop.
+                theta = float(torch.quantile(pool, 1.0 - rho)) if rho < 1.0 and pool.numel() else 0.0
                 thresholds.append(max(theta, 0.0))
                 for i, s in enumerate(pending):
                     keep = s > thresholds[-1]

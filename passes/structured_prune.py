@@ -120,7 +120,7 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
 
     `score_bias` ([B, 1, 1, N]) is added to the scaled scores (ToMe's proportional attention).
     Returns what was done and the new graph tensors of interest: "k" ([B, N, heads·dim], the keys
-    before the head split), "input" (the attention's input), "probs" ([B, heads, N, N]) and
+    before the head split), "k_heads" ([B, heads, dim, N], as the scores use them), "input" (the attention's input), "probs" ([B, heads, N, N]) and
     "context" ([B, heads, N, dim], each head's output before the heads are merged).
     """
     attn = block.attn
@@ -183,7 +183,7 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
     proj.inputs[0] = ctx
     proj.inputs[1] = _const(f"{prefix}/proj.weight", w.wproj[v_cols, :], dtype)
     record = {"heads": h, "head_dim_qk": [w.head_dim_qk, dqk], "head_dim_v": [w.head_dim_v, dv], "scale": scale}
-    return record, {"k": parts[1], "input": x, "probs": probs, "context": heads_ctx}
+    return record, {"k": parts[1], "k_heads": k, "input": x, "probs": probs, "context": heads_ctx}
 
 
 def _prune_ffn(graph, tensors, nodes, block, keep: BlockKeep, dtype) -> dict:

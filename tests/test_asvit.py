@@ -133,6 +133,7 @@ def test_thresholds_from_a_json_file(export_cache, tmp_path):
     (["--thresholds", "0.1,0.2"], "one threshold per stage"),
     (["--thresholds", "0.1,-1,0.1"], "non-negative"),
     (["--target-flops", "1.5"], "fraction"),
+    (["--target-flops", "0.05"], "cannot be met"),
     (["--asvit-form", "magic"], "graph form"),
 ])
 def test_bad_asvit_requests_write_nothing(export_cache, tmp_path, argv, needle):

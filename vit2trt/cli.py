@@ -196,6 +196,47 @@ def convert(
                 raise typer.Exit(1)
 
 
+@app.command("tune-thresholds")
+def tune_thresholds(
+    model: Path = typer.Argument(..., help="An exported ViT .onnx file (with its .reference.json from `vit2trt export`)."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Thresholds JSON to write, for `convert --method asvit --thresholds FILE`."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images or .npy [N,C,H,W] to tune on (default: 16 seeded noise images, which says little)."),
+    target_flops: float = typer.Option(0.65, "--target-flops", help="Mean FLOPs fraction of the full model to meet."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Blocks before which tokens are dropped (default 4,7,10 for 12 blocks)."),
+    epochs: int = typer.Option(30, "--epochs", help="Passes over the calibration inputs."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N calibration inputs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the input order (and of the noise inputs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+):
+    """Learn AS-ViT's thresholds for a FLOPs budget on CPU: the backbone stays frozen, the thresholds
+    learn by distillation from the full model with soft keep masks, starting from the training-free
+    calibrated ones; then the hard budget is met exactly. The paper trains backbone and thresholds
+    together (30 epochs on ImageNet); this tunes the thresholds alone."""
+    with _user_errors():
+        from vit2trt.converter.tune import tune_asvit_thresholds
+
+        parsed = _int_list(stages, "--stages takes comma-separated block indices such as 4,7,10") if stages else None
+        with _progress("tuning AS-ViT thresholds") as report:
+            result = tune_asvit_thresholds(model, out_file, str(calib) if calib else None, target_flops, parsed,
+                                           epochs, seed, limit, overwrite, progress=report)
+        table = Table(title=f"AS-ViT thresholds for {target_flops:g} of the FLOPs, {result['inputs']}",
+                      box=box.SIMPLE_HEAD)
+        table.add_column("")
+        for column in (f"θ at stages {','.join(map(str, result['stages']))}", "FLOPs fraction",
+                       "top-1 agreement with the full model"):
+            table.add_column(column, justify="right")
+        start = result["start"]
+        table.add_row("calibrated (start)", ",".join(f"{t:.3g}" for t in start["thresholds"]),
+                      f"{start['flops_fraction']:.3f}", f"{start['top1_agreement'] * 100:.1f}%")
+        table.add_row("tuned", ",".join(f"{t:.3g}" for t in result["thresholds"]),
+                      f"{result['flops_fraction']:.3f}", f"{result['top1_agreement'] * 100:.1f}%")
+        out.print(table)
+        if result["kept_start"]:
+            out.print("note: the tuned thresholds agreed less with the full model than the calibrated ones; "
+                      "the calibrated ones were written.", style="yellow")
+        out.print(f"wrote {out_file}; use it with: vit2trt convert {model} --method asvit --thresholds {out_file}")
+
+
 @app.command()
 def validate(
     out_dir: Path = typer.Argument(..., help="A folder written by `vit2trt convert --out`."),

@@ -1,0 +1,59 @@
+"""`vit2trt tune-thresholds`: AS-ViT thresholds learned for a FLOPs budget, backbone frozen, on CPU.
+
+Starts from the training-free calibrated thresholds, learns them by distillation from the full
+model under the budget (models/asvit_tuning.py), and writes a JSON file that
+`vit2trt convert --method asvit --thresholds FILE` reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+from vit2trt.converter.convert import ConvertOptions, asvit_flops_model, asvit_inputs
+from vit2trt.converter.graph_reader import read_vit
+from vit2trt.errors import Vit2TrtError
+
+
+def tune_asvit_thresholds(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: Optional[str],
+                          target_flops: float = 0.65, stages: Optional[list[int]] = None, epochs: int = 30,
+                          seed: int = 0, calib_limit: Optional[int] = None, overwrite: bool = False,
+                          progress: Callable[[str], None] = lambda message: None) -> dict:
+    from vit2trt.models.asvit_reference import calibrate_thresholds
+    from vit2trt.models.asvit_tuning import tune_thresholds
+    from vit2trt.passes.asvit import check_settings, default_stages
+
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise Vit2TrtError(f"{out_path} exists; pass --overwrite to replace it.")
+    if not 0.0 < target_flops < 1.0:
+        raise Vit2TrtError(f"--target-flops is a fraction of the full model's FLOPs in (0, 1), got {target_flops}.")
+    if epochs < 1:
+        raise Vit2TrtError(f"--epochs must be at least 1, got {epochs}.")
+    vit = read_vit(model_path)
+    stages = stages or default_stages(vit.depth)
+    check_settings(vit, stages, [0.0] * len(stages), "dynamic")
+    options = ConvertOptions(method="asvit", calib=calib, calib_limit=calib_limit, target_flops=target_flops,
+                             seed=seed, build=False)
+    model, images, described = asvit_inputs(vit, options, model_path)
+    block_flops, fixed = asvit_flops_model(vit)
+    progress(f"calibrating starting thresholds on {described}")
+    start, fraction = calibrate_thresholds(model, images, stages, block_flops, fixed, target_flops)
+    if fraction > target_flops + 1e-6 or any(t <= 0 for t in start):
+        raise Vit2TrtError(f"--target-flops {target_flops:g} cannot be met by dropping tokens at stages {stages} "
+                           f"(reached {fraction:.3f}); raise the target or prune at earlier stages.")
+    result = tune_thresholds(
+        model, images, stages, start, block_flops, fixed, target_flops, epochs=epochs, seed=seed,
+        progress=lambda epoch, total, loss: progress(f"tuning thresholds: epoch {epoch}/{total}, loss {loss:.4f}"))
+    record = {"thresholds": result.thresholds, "stages": result.stages, "target_flops": target_flops,
+              "model": str(model_path), "inputs": described, "epochs": epochs, "seed": seed,
+              "how": "AS-ViT thresholds learned alone (backbone frozen) by distillation under a FLOPs budget; "
+                     "vit2trt tune-thresholds"}
+    record.update({k: v for k, v in result.to_dict().items() if k not in record})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out_path.parent, delete=False, suffix=".tmp") as fh:
+        json.dump(record, fh, indent=2)
+    os.replace(fh.name, out_path)
+    return record
