@@ -64,6 +64,7 @@ class SoftASViT(nn.Module):
                  fixed_flops: int, tau_fraction: float = TAU_FRACTION):
         super().__init__()
         self.tau_fraction = tau_fraction
+        self.model = model   # registered, so that fine-tuning the backbone too sees its parameters
         self.parts = vit_parts(model.eval())
         self.stage_of = {s - 1: i for i, s in enumerate(stages)}   # scored after block s-1
         self.register_buffer("start", torch.tensor(start, dtype=torch.float32))
