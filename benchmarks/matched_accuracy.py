@@ -8,9 +8,10 @@ trained ourselves: timm vit_tiny_patch16_224 shape, dim 64, depth 5, 65 tokens, 
    test accuracy is within --tolerance of the uncompressed model.
 2. Fine-tuned, as the papers do before they report accuracy (short, on CPU, from the bundled
    weights, on the training split only):
-   - CAIT at its defaults (CDCP 0.25 + ATME): the CDCP channels (vit2trt's training-free choice)
-     are zeroed and kept at zero while the model trains with ATME in its forward; then vit2trt
-     converts the exported checkpoint, stripping the zeroed channels physically (--channel-ratio 0).
+   - CAIT (CDCP 0.25 with ATME at three stage choices) and ToaSt (SCWP head sparsity 0.5, 0.25):
+     the channels vit2trt's training-free criterion removes are zeroed and held at zero while the
+     model trains (ATME in CAIT's forward); then vit2trt converts the exported checkpoint,
+     stripping the zeroed channels physically (ToaSt's main path; CAIT with --channel-ratio 0).
    - AS-ViT at 0.65 of the FLOPs: backbone and thresholds trained together with soft keep masks
      and the budget loss (models/asvit_tuning.py's relaxation), then the hard budget met exactly on
      the calibration images, and converted with the learned thresholds.
@@ -53,6 +54,10 @@ SWEEPS = {
     "cait": [{"stages": s, "channel_ratio": c} for s in ([4], [3], [2], [1, 3]) for c in (0.0, 0.125, 0.25)],
     "toast": [{"head_sparsity": h} for h in (0.125, 0.25, 0.5)],
 }
+# Fine-tuned with the pruned channels held at zero, then stripped (AS-ViT is fine-tuned separately).
+FINE_TUNED = [("cait", {"stages": [1, 3], "channel_ratio": 0.25}), ("cait", {"stages": [2], "channel_ratio": 0.25}),
+              ("cait", {"stages": [3], "channel_ratio": 0.25}), ("toast", {"head_sparsity": 0.5}),
+              ("toast", {"head_sparsity": 0.25})]
 
 
 def onnx_accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
@@ -182,22 +187,27 @@ def main() -> None:
 
         print(f"\n2. fine-tuned ({args.epochs} epochs each, training split only)")
         record = ReferenceRecord.load(original.record_path)
-        # CAIT: CDCP channels zeroed and held at zero, ATME in the forward.
-        cdcp = run("cait", {})
-        decisions = decisions_of(cdcp["path"])
-        model = build_model(record).train()
-        restore_zeros = zero_cdcp_channels(model, decisions["blocks"])
-        atme = decisions["atme"]
-        cait_model = CAITViT(model, atme["stages"], atme["axes"])
-        model.train()
-        t0 = time.perf_counter()
-        train_loop(model, cait_model, args.epochs, args.lr, args.seed, after_step=restore_zeros)
-        print(f"  CAIT fine-tuned in {time.perf_counter() - t0:.0f} s")
-        tuned = save_and_export(model.eval(), tmp, "cait_finetuned")
-        row = run("cait", {"channel_ratio": 0.0, "stages": atme["stages"]}, source=tuned.onnx_path, tag="_ft")
-        row["settings"] = {"stages": atme["stages"], "channel_ratio": 0.25, "fine_tuned_epochs": args.epochs}
-        chosen[f"cait fine-tuned {row['settings']}"] = row
-        print(f"  cait fine-tuned: {row['accuracy'] * 100:.1f}% at {row['flops_ratio']:.2f}x fewer FLOPs")
+        # CAIT and ToaSt: the pruned channels zeroed and held at zero while training (ATME in CAIT's
+        # forward), then vit2trt strips the zeroed channels of the exported checkpoint.
+        for method, settings in FINE_TUNED:
+            decisions = decisions_of(run(method, dict(settings))["path"])
+            model = build_model(record)
+            restore_zeros = zero_cdcp_channels(model, decisions["blocks"])
+            forward = model
+            strip = {}
+            if method == "cait":
+                atme = decisions["atme"]
+                forward = CAITViT(model, atme["stages"], atme["axes"])
+                strip = {"channel_ratio": 0.0, "stages": atme["stages"]}
+            model.train()
+            t0 = time.perf_counter()
+            train_loop(model, forward, args.epochs, args.lr, args.seed, after_step=restore_zeros)
+            tuned = save_and_export(model.eval(), tmp, f"{method}_finetuned_{len(chosen)}")
+            row = run(method, strip, source=tuned.onnx_path, tag="_ft")
+            row["settings"] = dict(settings, fine_tuned_epochs=args.epochs)
+            chosen[f"{method} fine-tuned {settings}"] = row
+            print(f"  {method} {settings} fine-tuned in {time.perf_counter() - t0:.0f} s: {row['accuracy'] * 100:.1f}% "
+                  f"at {row['flops_ratio']:.2f}x fewer FLOPs")
 
         # AS-ViT: backbone and thresholds together under the budget (soft masks), then the hard budget.
         start = run("asvit", {"target_flops": 0.65})
@@ -246,13 +256,15 @@ def main() -> None:
         batches = [1, 8, 64]
         paths = {"uncompressed": original.onnx_path, **{name: row["path"] for name, row in chosen.items()}}
         median = interleaved_medians(paths, batches, args.repeats, args.threads, inputs=images[:64])
-        print(f"| variant | accuracy | Δ | FLOPs × | {' | '.join(f'speedup b{b}' for b in batches)} |")
-        print("|---|---|---|---|" + "---|" * len(batches))
-        print(f"| uncompressed | {base_accuracy * 100:.1f}% | — | 1.00 | " + " | ".join("1.00×" for _ in batches) + " |")
+        print(f"| variant | accuracy | Δ | matched | FLOPs × | {' | '.join(f'speedup b{b}' for b in batches)} |")
+        print("|---|---|---|---|---|" + "---|" * len(batches))
+        print(f"| uncompressed | {base_accuracy * 100:.1f}% | — | | 1.00 | " + " | ".join("1.00×" for _ in batches)
+              + " |")
         for name, row in chosen.items():
             speed = [median[("uncompressed", b)] / median[(name, b)] for b in batches]
+            matched = "yes" if row["accuracy"] >= base_accuracy - args.tolerance - 1e-9 else "no"
             print(f"| {name} | {row['accuracy'] * 100:.1f}% | {(row['accuracy'] - base_accuracy) * 100:+.1f} | "
-                  f"{row['flops_ratio']:.2f} | " + " | ".join(f"{s:.2f}×" for s in speed) + " |")
+                  f"{matched} | {row['flops_ratio']:.2f} | " + " | ".join(f"{s:.2f}×" for s in speed) + " |")
 
 
 def decisions_of(onnx_path) -> dict:

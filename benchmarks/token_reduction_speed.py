@@ -12,7 +12,9 @@ and with merging alone (channel ratio 0). Weights are seeded random: speed does 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -70,6 +72,7 @@ def main() -> None:
         median = interleaved_medians(variants, batches, args.repeats, args.threads, inputs=inputs)
         print_speed_table(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of "
                           f"{args.repeats} interleaved rounds, inputs: {where}", flops, median, batches)
+        _asvit_per_image(base, asvit, exported.record_path, inputs, args)
         print("\nShare of each graph's kernel time (ONNX Runtime profiler, median node times). 'selection' is"
               " scoring, matching, top-k and gathers; 'merging' is ToMe's weighted sums, size tracking and"
               " proportional-attention bias (its nodes are under tome/merge/). AS-ViT and ATME nodes all count as"
@@ -86,6 +89,60 @@ def main() -> None:
                 print(f"{name}, batch {b}: selection {selection:.2f} ms = {selection / total * 100:.1f}%, "
                       f"merging {merging:.2f} ms = {merging / total * 100:.1f}%, "
                       f"together {(selection + merging) / total * 100:.1f}%")
+
+
+def _asvit_per_image(base: Path, asvit, record_path: Path, inputs: np.ndarray, args) -> None:
+    """AS-ViT's cost depends on the image, and the table's batch 1 times only the first one. Here:
+    every photo alone (interleaved with the original, median of a few runs each), summed, against
+    the FLOPs those photos really need; and the FLOPs a batch of 8 really executes (each stage
+    keeps the batch's largest count)."""
+    import torch
+
+    from vit2trt.converter.bench import ort_runner
+    from vit2trt.converter.convert import asvit_flops_model
+    from vit2trt.models.asvit_reference import ASViT
+    from vit2trt.models.reference import ReferenceRecord, build_model
+
+    settings = asvit.decisions["asvit"]
+    pruned = ASViT(build_model(ReferenceRecord.load(record_path)), settings["stages"], settings["thresholds"])
+    with torch.no_grad():
+        pruned(torch.from_numpy(inputs))
+    block_flops, fixed = asvit_flops_model(read_vit(base))
+    full = fixed + sum(sum(f) for f in block_flops)
+
+    def flops(counts):
+        tokens = pruned.kept[0][0]
+        return fixed + sum(p * n / tokens + m * (n / tokens) ** 2 + f * n / tokens
+                           for n, (p, m, f) in zip(counts, block_flops))
+
+    per_image = [flops(c) for c in pruned.kept]
+    runners = {"uncompressed": ort_runner(base, args.threads), "asvit": ort_runner(asvit.onnx_path, args.threads)}
+    totals = {"uncompressed": 0.0, "asvit": 0.0}
+    for x in inputs:
+        times = {name: [] for name in runners}
+        for name, run in runners.items():
+            run(x[None])
+        for _ in range(5):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run(x[None])
+                times[name].append(time.perf_counter() - start)
+        for name in runners:
+            totals[name] += statistics.median(times[name])
+    ratio = full * len(per_image) / sum(per_image)
+    speed = totals["uncompressed"] / totals["asvit"]
+    print(f"\nAS-ViT, each of the {len(inputs)} inputs alone (batch 1, 5 interleaved runs each, medians summed): "
+          f"{speed:.2f}x faster at {ratio:.2f}x fewer FLOPs (quotient {speed / ratio:.2f}); per-image FLOPs "
+          f"fraction {min(per_image) / full:.2f}..{max(per_image) / full:.2f}, the first input's "
+          f"{per_image[0] / full:.2f}.")
+    for b in (8,):
+        executed = [max(c[i] for c in pruned.kept[start:start + b]) for start in range(0, len(inputs) - b + 1, b)
+                    for i in range(len(pruned.kept[0]))]
+        blocks = len(pruned.kept[0])
+        batch_flops = [flops(executed[j:j + blocks]) for j in range(0, len(executed), blocks)]
+        print(f"AS-ViT at batch {b}: the first batch executes {full / batch_flops[0]:.2f}x fewer FLOPs than the "
+              f"original (each stage keeps the batch's largest count; mean over all batches "
+              f"{full * len(batch_flops) / sum(batch_flops):.2f}x), against {ratio:.2f}x for the images alone.")
 
 
 if __name__ == "__main__":
