@@ -42,7 +42,7 @@ class ConvertOptions:
     asvit_thresholds: Optional[list[float]] = None   # AS-ViT: θ per stage (else calibrated)
     stages: Optional[list[int]] = None               # AS-ViT / CAIT: blocks before which tokens drop / merge
     target_flops: float = 0.65                       # AS-ViT: calibrated FLOPs fraction
-    asvit_form: str = "dynamic"
+    asvit_form: str = "packed"
     channel_ratio: Optional[float] = None            # CAIT: attention channels removed per head (default 0.25)
     restore_grid: bool = False                       # CAIT: also output the final tokens on the full grid
     model_name: Optional[str] = None        # timm name, to pick a published schedule

@@ -27,7 +27,7 @@ from vit2trt.converter.vit_graph import (
 from vit2trt.errors import NotAViTError, Vit2TrtError
 
 # Ops that only move data around (or scale it) between a projection and the attention MatMuls.
-_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather",
+_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather", "Pad",
                "Identity", "Cast", "Flatten", "Mul", "Div"}
 _LINEAR_OPS = {"MatMul", "Gemm"}
 _FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention"}
@@ -449,7 +449,8 @@ class _Reader:
         for _ in range(8):
             # Other readers of the per-head outputs (AS-ViT's scores) are not on this path.
             candidates = [n for n in t.outputs
-                          if n.op in ("Transpose", "Reshape", "Flatten", "Identity", "Cast", "MatMul", "Gemm")]
+                          if n.op in ("Transpose", "Reshape", "Flatten", "Identity", "Cast", "MatMul", "Gemm",
+                                      "Gather", "Unsqueeze")]
             node = candidates[0] if len(candidates) == 1 else None
             if node is None:
                 break

@@ -75,11 +75,11 @@ class GraphBuilder:
     def f(self, name: str, value) -> gs.Constant:
         return gs.Constant(f"{self.prefix}/{name}", values=np.array(value, dtype=self.dtype))
 
-    def reduce(self, op: str, x, axes: list[int], keepdims: bool, name: str):
+    def reduce(self, op: str, x, axes: list[int], keepdims: bool, name: str, out_dtype=None):
         """ReduceMean/Max/Sum/SumSquare: axes are an input from opset 18 (13 for ReduceSum)."""
         if self.opset >= (13 if op == "ReduceSum" else 18):
-            return self.op(op, [x, self.i64(f"{name}_axes", axes)], name, keepdims=int(keepdims))
-        return self.op(op, [x], name, axes=axes, keepdims=int(keepdims))
+            return self.op(op, [x, self.i64(f"{name}_axes", axes)], name, out_dtype=out_dtype, keepdims=int(keepdims))
+        return self.op(op, [x], name, out_dtype=out_dtype, axes=axes, keepdims=int(keepdims))
 
     def reduce_mean(self, x, axes: list[int], keepdims: bool, name: str):
         return self.reduce("ReduceMean", x, axes, keepdims, name)

@@ -34,7 +34,7 @@ def tune_asvit_thresholds(model_path: str | os.PathLike, out_path: str | os.Path
         raise Vit2TrtError(f"--epochs must be at least 1, got {epochs}.")
     vit = read_vit(model_path)
     stages = stages or default_stages(vit.depth)
-    check_settings(vit, stages, [0.0] * len(stages), "dynamic")
+    check_settings(vit, stages, [0.0] * len(stages), "packed")
     options = ConvertOptions(method="asvit", calib=calib, calib_limit=calib_limit, target_flops=target_flops,
                              seed=seed, build=False)
     model, images, described = asvit_inputs(vit, options, model_path)

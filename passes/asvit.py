@@ -9,13 +9,16 @@ Before each stage block, tokens with s_j ≤ θ_stage (scores of the block just 
 for good; extra tokens (class, distillation, registers) always stay. Each image keeps as many
 tokens as it needs.
 
-Two graph forms, with identical outputs:
-- "dynamic": the sequence really shrinks. Each stage keeps K = the batch's largest kept count
-  (a TopK whose K is computed from the scores: ONNX Runtime runs it, TensorRT-RTX cannot), in
-  original order; an image's tokens beyond its own count are masked out of attention. At batch 1
-  K is the image's own count.
+Three graph forms, with identical outputs:
+- "packed" (default): the sequence really shrinks, and at batch > 1 the linear layers (QKV,
+  projection, FFN: most of the FLOPs) run on the kept tokens of all images packed into one
+  sequence [1, T, C]; attention alone runs per image, padded to the batch's largest count with
+  the padding masked. Each block gathers into and out of the padded layout once.
+- "dynamic": the sequence shrinks to K = the batch's largest kept count for every layer, in
+  original order; an image's tokens beyond its own count are masked out of attention.
 - "bounded": no shrinking; dropped tokens are masked out of attention (−10⁴ on their key columns,
-  exp of which is exactly 0 in float32). Every runtime builds it, TensorRT-RTX included.
+  exp of which is exactly 0 in float32). It uses no data-dependent shape.
+At batch 1 "packed" and "dynamic" run the image's own count.
 Masked tokens never influence kept ones and pooling reads the class token, so an image's output
 does not depend on its batch neighbours.
 """
@@ -34,7 +37,7 @@ from vit2trt.passes.base import PassResult
 from vit2trt.passes.structured_prune import BlockKeep, rebuild_attention
 
 MASKED = -1e4
-FORMS = ("dynamic", "bounded")
+FORMS = ("dynamic", "bounded", "packed")
 
 
 def default_stages(depth: int) -> list[int]:
@@ -46,7 +49,7 @@ def default_stages(depth: int) -> list[int]:
 class ASViTSettings:
     stages: list[int]          # blocks before which tokens are dropped
     thresholds: list[float]    # θ per stage
-    form: str                  # "dynamic" or "bounded"
+    form: str                  # "dynamic", "bounded" or "packed"
     protected: int             # leading extra tokens that always stay
 
 
@@ -55,7 +58,7 @@ def check_settings(vit: ViTGraph, stages: list[int], thresholds: list[float], fo
         raise Vit2TrtError("AS-ViT scores tokens by class attention; this model has no class token.")
     if form not in FORMS:
         raise Vit2TrtError(f"unknown AS-ViT graph form '{form}'; choose {' or '.join(FORMS)}.")
-    if form == "dynamic" and any(b.attn.mask_inputs for b in vit.blocks):
+    if form != "bounded" and any(b.attn.mask_inputs for b in vit.blocks):
         raise Vit2TrtError("this graph adds a fixed-size mask to its attention scores (as Hugging Face dynamo "
                            "exports do), which cannot follow a shrinking sequence: use --asvit-form bounded, or "
                            "export with --exporter torchscript.")
@@ -69,7 +72,7 @@ def check_settings(vit: ViTGraph, stages: list[int], thresholds: list[float], fo
 
 
 def apply_asvit(model: onnx.ModelProto, vit: ViTGraph, stages: list[int], thresholds: list[float],
-                form: str = "dynamic") -> PassResult:
+                form: str = "packed") -> PassResult:
     settings = check_settings(vit, stages, thresholds, form)
     surgery = open_for_surgery(model)
     graph, tensors, nodes, opset, dtype = (surgery.graph, surgery.tensors, surgery.nodes,
@@ -77,11 +80,17 @@ def apply_asvit(model: onnx.ModelProto, vit: ViTGraph, stages: list[int], thresh
     theta = dict(zip([s - 1 for s in settings.stages], settings.thresholds))  # scored after block s-1
     first_scored = min(theta)
     bias, keep = None, None      # attention bias [B,1,1,N] and keep mask [B,N] (bool) once pruning began
+    packing = None               # packed form, once pruning began: (pad_map [B,K], pack_index [T])
     for block in vit.blocks:
         b = GraphBuilder(graph, f"vit2trt/blocks.{block.index}/asvit", dtype, opset)
         if block.index < first_scored and bias is None:
             continue  # untouched until the first scored block
-        _, handles = rebuild_attention(graph, tensors, nodes, block, BlockKeep(block.index), dtype, score_bias=bias)
+        hooks = {}
+        if packing is not None:   # linear layers on the packed tokens, attention padded per image
+            hooks = {"qkv_hook": lambda t, b=b, p=packing: _unpack(b, t, p, "qkv"),
+                     "context_hook": lambda t, b=b, p=packing: _pack(b, t, p, "context")}
+        _, handles = rebuild_attention(graph, tensors, nodes, block, BlockKeep(block.index), dtype, score_bias=bias,
+                                       **hooks)
         if block.index not in theta:
             continue
         scores = _scores(b, handles["probs"], handles["context"])                        # [B, N]
@@ -95,16 +104,21 @@ def apply_asvit(model: onnx.ModelProto, vit: ViTGraph, stages: list[int], thresh
         above = b.op("Or", [above, protected], "keep_new", out_dtype=np.bool_)
         keep = above if keep is None else b.op("And", [above, keep], "keep", out_dtype=np.bool_)
         out = nodes[block.residual_ffn].outputs[0]
-        if settings.form == "dynamic":
-            x, keep = _shrink(b, out, keep, vit.embed_dim)
-            for consumer in list(out.outputs):
-                if consumer.name.startswith(b.prefix):
-                    continue
-                consumer.inputs = [x if t is out else t for t in consumer.inputs]
+        if settings.form in ("dynamic", "packed"):
+            if settings.form == "dynamic":
+                x, keep = _shrink(b, out, keep, vit.embed_dim)
+            else:
+                padded = out if packing is None else _unpack(b, out, packing, "tokens")
+                x, packing, keep = _repack(b, padded, keep)
+            _replace_uses(out, x, b.prefix)
         as_float = b.op("Cast", [keep], "keep_float", to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
         penalty = b.op("Mul", [b.op("Sub", [as_float, b.f("one", 1.0)], "dropped"), b.f("masked", -MASKED)],
                        "penalty")
         bias = b.op("Reshape", [penalty, b.i64("bias_shape", [0, 1, 1, -1])], "bias")
+    if packing is not None:   # the final norm and head read [B, K, C], class token first
+        b = GraphBuilder(graph, "vit2trt/asvit_unpack", dtype, opset)
+        last = nodes[vit.blocks[-1].residual_ffn].outputs[0]
+        _replace_uses(last, _unpack(b, last, packing, "tokens"), b.prefix)
     report = {"pass": "asvit", "stages": settings.stages, "thresholds": settings.thresholds, "form": settings.form,
               "protected_tokens": settings.protected}
     return PassResult(export_like(graph, model), report)
@@ -116,6 +130,72 @@ def _scores(b: GraphBuilder, probs, context):
     share = b.op("Div", [norms, b.reduce("ReduceSum", norms, [1], True, "ctx_norm_sum")], "head_share")
     cls_row = b.op("Gather", [probs, b.i64("cls_query", 0)], "cls_attention", axis=2)                  # [B,H,N]
     return b.reduce("ReduceSum", b.op("Mul", [share, cls_row], "weighted"), [1], False, "score")
+
+
+def _replace_uses(old, new, own_prefix: str) -> None:
+    """Consumers of `old` read `new`, except the nodes that made `new` (under `own_prefix`)."""
+    for consumer in list(old.outputs):
+        if not consumer.name.startswith(own_prefix):
+            consumer.inputs = [new if t is old else t for t in consumer.inputs]
+
+
+def _flat_positions(b: GraphBuilder, mask, count, name: str):
+    """Ascending flat indices [T] of the true entries of `mask` [B, K]: a TopK (K = count, [1]) on
+    mask · (B·K − i), which puts the kept positions first, smallest index first."""
+    flat = b.op("Cast", [b.op("Reshape", [mask, b.i64(f"{name}_flat_shape", [-1])], f"{name}_flat",
+                              out_dtype=np.bool_)], f"{name}_flat_f", to=onnx.TensorProto.FLOAT, out_dtype=np.float32)
+    size = b.op("Shape", [flat], f"{name}_size", out_dtype=np.int64)
+    size = b.op("Cast", [b.op("Squeeze", [size], f"{name}_size_scalar", out_dtype=np.int64)], f"{name}_size_f",
+                to=onnx.TensorProto.FLOAT, out_dtype=np.float32)
+    rank = b.op("Range", [size, b.op("Cast", [b.i64(f"{name}_zero", 0)], f"{name}_zero_f", to=onnx.TensorProto.FLOAT,
+                                     out_dtype=np.float32),
+                          b.op("Cast", [b.i64(f"{name}_step", -1)], f"{name}_step_f", to=onnx.TensorProto.FLOAT,
+                               out_dtype=np.float32)], f"{name}_rank", out_dtype=np.float32)
+    _, index = b.op("TopK", [b.op("Mul", [flat, rank], f"{name}_ranked", out_dtype=np.float32), count],
+                    f"{name}_positions", n_out=2, out_dtype=np.float32, axis=0, largest=1, sorted=1)
+    index.dtype = np.int64
+    return index
+
+
+def _repack(b: GraphBuilder, padded, keep):
+    """Packed form: the kept tokens of all images in one sequence [1, T, C] (image after image, each in
+    its original order), and the maps between it and the per-image padded layout [B, K]:
+    pad_map [B, K] (packed row; 0 for a padding row) and pack_index [T] (flat padded position)."""
+    keep_f = b.op("Cast", [keep], "keep_count_f", to=onnx.TensorProto.FLOAT, out_dtype=np.float32)
+    counts = b.op("Cast", [b.reduce("ReduceSum", keep_f, [1], False, "counts_f")], "counts",
+                  to=onnx.TensorProto.INT64, out_dtype=np.int64)                                  # [B]
+    total = b.reduce("ReduceSum", counts, [0], True, "total", out_dtype=np.int64)                  # [1]
+    rows = _flat_positions(b, keep, total, "kept")
+    tokens = b.op("Gather", [b.op("Flatten", [padded], "padded_rows", axis=2), rows], "packed_rows", axis=0)
+    packed = b.op("Unsqueeze", [tokens, b.i64("packed_axis", [0])], "packed")                      # [1, T, C]
+    longest = b.reduce("ReduceMax", counts, [0], False, "longest", out_dtype=np.int64)             # scalar
+    column = b.op("Range", [b.i64("range_start", 0), longest, b.i64("range_step", 1)], "column", out_dtype=np.int64)
+    offsets = b.op("CumSum", [counts, b.i64("count_axis", 0)], "offsets", out_dtype=np.int64, exclusive=1)
+    valid = b.op("Less", [b.op("Unsqueeze", [column, b.i64("col_axis", [0])], "column_row", out_dtype=np.int64),
+                          b.op("Unsqueeze", [counts, b.i64("count_col", [1])], "counts_col", out_dtype=np.int64)],
+                 "valid", out_dtype=np.bool_)                                                    # [B, K]
+    position = b.op("Add", [b.op("Unsqueeze", [offsets, b.i64("offset_col", [1])], "offsets_col", out_dtype=np.int64),
+                            b.op("Unsqueeze", [column, b.i64("col_axis2", [0])], "column_row2", out_dtype=np.int64)],
+                    "position", out_dtype=np.int64)
+    pad_map = b.op("Where", [valid, position, b.i64("padding_row", 0)], "pad_map", out_dtype=np.int64)
+    pack_index = _flat_positions(b, valid, total, "valid")
+    return packed, (pad_map, pack_index), valid
+
+
+def _unpack(b: GraphBuilder, packed, packing, name: str):
+    """[1, T, W] packed rows -> [B, K, W] per image. Padding rows repeat row 0: attention masks them
+    as keys, and their own outputs are dropped when packing again, so no zero row is copied in."""
+    pad_map, _ = packing
+    padded = b.op("Gather", [packed, pad_map], f"{name}_gathered", axis=1)                      # [1, B, K, W]
+    return b.op("Squeeze", [padded, b.i64(f"{name}_batch_axis", [0])], f"{name}_padded")
+
+
+def _pack(b: GraphBuilder, padded, packing, name: str):
+    """[B, K, W] per image -> [1, T, W] packed rows."""
+    _, pack_index = packing
+    rows = b.op("Gather", [b.op("Flatten", [padded], f"{name}_flat", axis=2), pack_index], f"{name}_packed_rows",
+                axis=0)
+    return b.op("Unsqueeze", [rows, b.i64(f"{name}_packed_axis", [0])], f"{name}_packed")
 
 
 def _shrink(b: GraphBuilder, x, keep, channels: int):

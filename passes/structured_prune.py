@@ -115,10 +115,13 @@ def _const(name: str, value: np.ndarray, dtype=None) -> gs.Constant:
     return gs.Constant(name, values=value)
 
 
-def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, score_bias=None) -> tuple[dict, dict]:
+def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, score_bias=None,
+                      qkv_hook=None, context_hook=None) -> tuple[dict, dict]:
     """Rebuild one block's attention in canonical form with the kept dims.
 
     `score_bias` ([B, 1, 1, N]) is added to the scaled scores (ToMe's proportional attention).
+    `qkv_hook` and `context_hook` may re-lay the fused projection's output before the heads split
+    and the merged heads before the output projection (AS-ViT's packed form pads and packs there).
     Returns what was done and the new graph tensors of interest: "k" ([B, N, heads·dim], the keys
     before the head split), "k_heads" ([B, heads, dim, N], as the scores use them), "input" (the attention's input), "probs" ([B, heads, N, N]) and
     "context" ([B, heads, N, dim], each head's output before the heads are merged).
@@ -153,6 +156,8 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
                                w.bk[qk_cols] if w.bk is not None else zeros(len(qk_cols)),
                                w.bv[v_cols] if w.bv is not None else zeros(len(v_cols))])
         qkv = node("Add", [qkv, _const(f"{prefix}/qkv.bias", bias, dtype)], "qkv/Add")
+    if qkv_hook is not None:
+        qkv = qkv_hook(qkv)
     widths = np.array([h * dqk, h * dqk, h * dv], dtype=np.int64)
     parts = [gs.Variable(f"{prefix}/qkv/Split_out{i}", dtype=dtype) for i in range(3)]
     graph.nodes.append(gs.Node("Split", name=f"{prefix}/qkv/Split", inputs=[qkv, _const(f"{prefix}/qkv.widths", widths)],
@@ -177,6 +182,8 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
     ctx = node("Transpose", [heads_ctx], "context/Transpose", {"perm": [0, 2, 1, 3]})
     ctx = node("Reshape", [ctx, _const(f"{prefix}/context.shape", np.array([0, 0, h * dv], dtype=np.int64))],
                "context/Reshape")
+    if context_hook is not None:
+        ctx = context_hook(ctx)
     proj = nodes[attn.proj.node]
     if proj.op != "MatMul":
         raise Vit2TrtError(f"block {block.index}: output projection '{proj.name}' is a {proj.op}, expected MatMul.")

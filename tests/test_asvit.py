@@ -52,14 +52,14 @@ def _thresholds(vit, model=None, x=None):
     return thresholds
 
 
-@pytest.mark.parametrize("form", ["dynamic", "bounded"])
+@pytest.mark.parametrize("form", ["dynamic", "bounded", "packed"])
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("case_id,spec,args", CASES, ids=[c[0] for c in CASES])
 def test_asvit_matches_the_per_image_reference(tmp_path, export_cache, case_id, spec, args, exporter, form):
     exported = export_cache(spec, args, exporter)
     model = load_onnx(exported.onnx_path)
     vit = describe_vit(model)
-    if form == "dynamic" and any(b.attn.mask_inputs for b in vit.blocks):
+    if form != "bounded" and any(b.attn.mask_inputs for b in vit.blocks):
         with pytest.raises(Vit2TrtError, match="bounded"):  # HF dynamo's fixed-size mask cannot shrink
             apply_asvit(model, vit, STAGES, [0.01] * 3, form)
         return
@@ -81,7 +81,7 @@ def test_asvit_matches_the_per_image_reference(tmp_path, export_cache, case_id, 
     assert rel_error(single, got) <= 1e-5
 
 
-def test_dynamic_form_really_shrinks_the_sequence(export_cache, tmp_path):
+def test_dynamic_and_packed_forms_really_shrink_the_sequence(export_cache, tmp_path):
     exported = export_cache("timm:deit_small_patch16_224", {"depth": 4}, "torchscript")
     model = load_onnx(exported.onnx_path)
     vit = describe_vit(model)
@@ -89,18 +89,22 @@ def test_dynamic_form_really_shrinks_the_sequence(export_cache, tmp_path):
     onnx.save(apply_asvit(model, vit, STAGES, _thresholds(vit), "dynamic").model, str(path))
     tokens = [b.tokens for b in read_vit(path).blocks]      # the reader's probe image, batch 1
     assert tokens[0] == 197 and tokens[-1] <= tokens[1] < 197
+    packed = tmp_path / "packed.onnx"
+    onnx.save(apply_asvit(model, vit, STAGES, _thresholds(vit), "packed").model, str(packed))
+    assert [b.tokens for b in read_vit(packed).blocks] == tokens    # batch 1: packed is the image's own count
     bounded = tmp_path / "bounded.onnx"
     onnx.save(apply_asvit(model, vit, STAGES, _thresholds(vit), "bounded").model, str(bounded))
     assert [b.tokens for b in read_vit(bounded).blocks] == [197] * 4
 
 
 @pytest.mark.skipif(tensorrt_backend()[1] is None, reason="no tensorrt or tensorrt_rtx module")
-def test_bounded_form_builds_with_tensorrt(export_cache, tmp_path):
+@pytest.mark.parametrize("form", ["bounded", "packed"])
+def test_forms_build_with_tensorrt(export_cache, tmp_path, form):
     exported = export_cache("timm:deit_small_patch16_224", {"depth": 4}, "dynamo")
     model = load_onnx(exported.onnx_path)
     vit = describe_vit(model)
     path = tmp_path / "asvit.onnx"
-    onnx.save(apply_asvit(model, vit, STAGES, _thresholds(vit), "bounded").model, str(path))
+    onnx.save(apply_asvit(model, vit, STAGES, _thresholds(vit), form).model, str(path))
     report = build_engine(path)
     assert report.status == "built", report.message
 

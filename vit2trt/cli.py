@@ -140,7 +140,7 @@ def convert(
     channel_ratio: Optional[float] = typer.Option(None, "--channel-ratio", help="CAIT: fraction of every head's attention channels to remove, the same channels in every head (default 0.25)."),
     restore_grid: bool = typer.Option(False, "--restore-grid", help="CAIT: add an output with the final tokens copied back onto the full token grid, for dense heads."),
     target_flops: float = typer.Option(0.65, "--target-flops", help="AS-ViT: FLOPs fraction the calibrated thresholds meet on average."),
-    asvit_form: str = typer.Option("dynamic", "--asvit-form", help="AS-ViT graph: dynamic (the sequence shrinks; ONNX Runtime) or bounded (masking only; builds everywhere)."),
+    asvit_form: str = typer.Option("packed", "--asvit-form", help="AS-ViT graph: packed (the sequence shrinks; at batch > 1 the linear layers run on all images' kept tokens packed together), dynamic (the sequence shrinks to the batch's largest count) or bounded (masking only, no data-dependent shapes)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W] array for the agreement check."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build a TensorRT engine of the result (--no-build: same as --engine none)."),
     engine: str = typer.Option("auto", "--engine", help="auto (TensorRT with a GPU, else TensorRT-RTX, else none), tensorrt, tensorrt-rtx or none."),
