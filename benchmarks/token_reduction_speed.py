@@ -2,7 +2,8 @@
 
 One run, variants interleaved, medians. Inputs are real photographs when ../shared/assets/calib
 is there (AS-ViT keeps as many tokens as each image needs, so its speed depends on the images),
-else seeded noise. AS-ViT thresholds are calibrated on the same folder for --target-flops. Also
+else seeded noise. AS-ViT thresholds are calibrated on the same folder for --target-flops, and
+its default (packed) graph is timed beside the dynamic form with the same thresholds. Also
 prints the share of each graph's kernel time spent in token scoring/matching/top-k/gather/merge
 nodes (ONNX Runtime's node profiler). CAIT runs at its defaults (stages 4,8, channel ratio 0.25)
 and with merging alone (channel ratio 0). Weights are seeded random: speed does not depend on them.
@@ -61,6 +62,10 @@ def main() -> None:
         asvit = convert(base, tmp / "asvit", ConvertOptions(
             method="asvit", target_flops=args.target_flops, calib=str(tmp / "inputs.npy"), build=False))
         variants[f"AS-ViT {args.target_flops:g} FLOPs"] = asvit.onnx_path
+        chosen = asvit.decisions["asvit"]
+        variants["  same, dynamic form"] = convert(base, tmp / "asvit_dynamic", ConvertOptions(
+            method="asvit", asvit_thresholds=chosen["thresholds"], stages=chosen["stages"], asvit_form="dynamic",
+            build=False)).onnx_path
         variants["CAIT ATME only"] = convert(base, tmp / "cait_atme", ConvertOptions(
             method="cait", channel_ratio=0.0, build=False)).onnx_path
         variants["CAIT ATME + CDCP 0.25"] = convert(base, tmp / "cait", ConvertOptions(
@@ -69,6 +74,7 @@ def main() -> None:
         flops = {name: read_vit(path).flops.total for name, path in variants.items()}
         # AS-ViT's FLOPs depend on the image: use the calibration mean, not the reader's probe image.
         flops[f"AS-ViT {args.target_flops:g} FLOPs"] = int(flops["uncompressed"] * calibrated)
+        flops["  same, dynamic form"] = flops[f"AS-ViT {args.target_flops:g} FLOPs"]
         median = interleaved_medians(variants, batches, args.repeats, args.threads, inputs=inputs)
         print_speed_table(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of "
                           f"{args.repeats} interleaved rounds, inputs: {where}", flops, median, batches)
@@ -135,15 +141,20 @@ def _asvit_per_image(base: Path, asvit, record_path: Path, inputs: np.ndarray, a
           f"{speed:.2f}x faster at {ratio:.2f}x fewer FLOPs (quotient {speed / ratio:.2f}); per-image FLOPs "
           f"fraction {min(per_image) / full:.2f}..{max(per_image) / full:.2f}, the first input's "
           f"{per_image[0] / full:.2f}.")
-    for b in (8,):
-        executed = [max(c[i] for c in pruned.kept[start:start + b]) for start in range(0, len(inputs) - b + 1, b)
-                    for i in range(len(pruned.kept[0]))]
-        blocks = len(pruned.kept[0])
-        batch_flops = [flops(executed[j:j + blocks]) for j in range(0, len(executed), blocks)]
-        print(f"AS-ViT at batch {b}: the first batch executes {full / batch_flops[0]:.2f}x fewer FLOPs than the "
-              f"original (each stage keeps the batch's largest count; mean over all batches "
-              f"{full * len(batch_flops) / sum(batch_flops):.2f}x), against {ratio:.2f}x for the images alone.")
-
+    b, blocks, tokens = 8, len(pruned.kept[0]), pruned.kept[0][0]
+    dynamic, packed = [], []
+    for start in range(0, len(inputs) - b + 1, b):
+        batch = pruned.kept[start:start + b]
+        longest = [max(c[i] for c in batch) for i in range(blocks)]
+        dynamic.append(b * flops(longest))
+        # packed: linear layers at each image's own count, attention at the batch's largest
+        packed.append(sum(fixed + sum(p * c[i] / tokens + f * c[i] / tokens + m * (longest[i] / tokens) ** 2
+                                      for i, (p, m, f) in enumerate(block_flops)) for c in batch))
+    executed = {name: full * b * len(v) / sum(v) for name, v in (("dynamic", dynamic), ("packed", packed))}
+    print(f"AS-ViT at batch {b}, FLOPs a batch executes, fewer than the original by: packed form (the default: "
+          f"linear layers at each image's own count, attention at the batch's largest) {executed['packed']:.2f}x, "
+          f"dynamic form (every layer at the batch's largest count) {executed['dynamic']:.2f}x; the images alone "
+          f"{ratio:.2f}x.")
 
 if __name__ == "__main__":
     main()
