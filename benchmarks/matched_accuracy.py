@@ -77,7 +77,8 @@ def train_loop(model: nn.Module, forward, epochs: int, lr: float, seed: int, aft
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     steps = epochs * math.ceil(len(digits) / 64)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
     start = time.perf_counter()
     for epoch in range(epochs):
         images = torch.from_numpy(compose(digits, rng, 1.0))
