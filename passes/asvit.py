@@ -141,18 +141,16 @@ def _replace_uses(old, new, own_prefix: str) -> None:
 
 def _flat_positions(b: GraphBuilder, mask, count, name: str):
     """Ascending flat indices [T] of the true entries of `mask` [B, K]: a TopK (K = count, [1]) on
-    mask · (B·K − i), which puts the kept positions first, smallest index first."""
+    mask · (B·K − i), which puts the kept positions first, smallest index first. In int64, so that
+    an fp16 engine cannot round the ranks (fp16 counts exactly only to 2048)."""
     flat = b.op("Cast", [b.op("Reshape", [mask, b.i64(f"{name}_flat_shape", [-1])], f"{name}_flat",
-                              out_dtype=np.bool_)], f"{name}_flat_f", to=onnx.TensorProto.FLOAT, out_dtype=np.float32)
-    size = b.op("Shape", [flat], f"{name}_size", out_dtype=np.int64)
-    size = b.op("Cast", [b.op("Squeeze", [size], f"{name}_size_scalar", out_dtype=np.int64)], f"{name}_size_f",
-                to=onnx.TensorProto.FLOAT, out_dtype=np.float32)
-    rank = b.op("Range", [size, b.op("Cast", [b.i64(f"{name}_zero", 0)], f"{name}_zero_f", to=onnx.TensorProto.FLOAT,
-                                     out_dtype=np.float32),
-                          b.op("Cast", [b.i64(f"{name}_step", -1)], f"{name}_step_f", to=onnx.TensorProto.FLOAT,
-                               out_dtype=np.float32)], f"{name}_rank", out_dtype=np.float32)
-    _, index = b.op("TopK", [b.op("Mul", [flat, rank], f"{name}_ranked", out_dtype=np.float32), count],
-                    f"{name}_positions", n_out=2, out_dtype=np.float32, axis=0, largest=1, sorted=1)
+                              out_dtype=np.bool_)], f"{name}_flat_i", to=onnx.TensorProto.INT64, out_dtype=np.int64)
+    size = b.op("Squeeze", [b.op("Shape", [flat], f"{name}_size", out_dtype=np.int64)], f"{name}_size_scalar",
+                out_dtype=np.int64)
+    rank = b.op("Range", [size, b.i64(f"{name}_zero", 0), b.i64(f"{name}_step", -1)], f"{name}_rank",
+                out_dtype=np.int64)
+    _, index = b.op("TopK", [b.op("Mul", [flat, rank], f"{name}_ranked", out_dtype=np.int64), count],
+                    f"{name}_positions", n_out=2, out_dtype=np.int64, axis=0, largest=1, sorted=1)
     index.dtype = np.int64
     return index
 

@@ -155,3 +155,24 @@ def test_models_without_class_token_are_refused(export_cache):
     model = load_onnx(exported.onnx_path)
     with pytest.raises(Vit2TrtError, match="no class token"):
         apply_asvit(model, describe_vit(model), [1], [0.01])
+
+
+def test_packed_form_keeps_its_order_in_fp16_at_large_batches(export_cache, tmp_path):
+    """The packed rows are ranked over B·K positions, and fp16 counts exactly only to 2048: the
+    ranking is int64, so converting the graph for an fp16 engine leaves it alone (ONNX Runtime's
+    TopK breaks ties by index, TensorRT's makes no such promise), and a batch with 12 × 197 > 2048
+    positions still gives the fp32 graph's answers."""
+    from vit2trt.converter import engine
+
+    exported = export_cache("timm:deit_small_patch16_224", {"depth": 4}, "torchscript")
+    model = load_onnx(exported.onnx_path)
+    vit = describe_vit(model)
+    path = tmp_path / "asvit.onnx"
+    onnx.save(apply_asvit(model, vit, STAGES, _thresholds(vit), "packed").model, str(path))
+    half, _ = engine._graph_in_precision(path, "fp16", tmp_path)
+    rankings = [n for n in onnx.load(str(half)).graph.node if n.name.endswith("_positions")]
+    assert rankings and all("_cast" not in i for n in rankings for i in n.input)   # not converted to fp16
+    x = np.random.default_rng(3).standard_normal((12, 3, 224, 224)).astype(np.float32)
+    want, got = run_onnx(path, x), run_onnx(half, x)
+    assert rel_error(got, want) < 2e-2
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
