@@ -41,12 +41,20 @@ def tune_asvit_thresholds(model_path: str | os.PathLike, out_path: str | os.Path
     block_flops, fixed = asvit_flops_model(vit)
     progress(f"calibrating starting thresholds on {described}")
     start, fraction = calibrate_thresholds(model, images, stages, block_flops, fixed, target_flops)
-    if fraction > target_flops + 1e-6 or any(t <= 0 for t in start):
+    if fraction > target_flops + 1e-6:
         raise Vit2TrtError(f"--target-flops {target_flops:g} cannot be met by dropping tokens at stages {stages} "
                            f"(reached {fraction:.3f}); raise the target or prune at earlier stages.")
-    result = tune_thresholds(
-        model, images, stages, start, block_flops, fixed, target_flops, epochs=epochs, seed=seed,
-        progress=lambda epoch, total, loss: progress(f"tuning thresholds: epoch {epoch}/{total}, loss {loss:.4f}"))
+    if any(t <= 0 for t in start):
+        raise Vit2TrtError(f"calibration for --target-flops {target_flops:g} already drops every patch token before "
+                           f"some of stages {stages} (thresholds {start}), which leaves those stages nothing to "
+                           "learn; raise the target or use fewer stages.")
+    try:
+        result = tune_thresholds(
+            model, images, stages, start, block_flops, fixed, target_flops, epochs=epochs, seed=seed,
+            progress=lambda epoch, total, loss: progress(f"tuning thresholds: epoch {epoch}/{total}, "
+                                                         f"loss {loss:.4f}"))
+    except ValueError as exc:
+        raise Vit2TrtError(f"tuning could not meet --target-flops {target_flops:g}: {exc}.") from None
     record = {"thresholds": result.thresholds, "stages": result.stages, "target_flops": target_flops,
               "model": str(model_path), "inputs": described, "epochs": epochs, "seed": seed,
               "how": "AS-ViT thresholds learned alone (backbone frozen) by distillation under a FLOPs budget; "

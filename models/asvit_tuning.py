@@ -167,7 +167,8 @@ def tune_thresholds(model: nn.Module, images: torch.Tensor, stages: list[int], s
 
 
 def _meet_budget(model, images, stages, thresholds, block_flops, fixed_flops, teacher_top1, target, steps):
-    """Scale all thresholds by one factor, as little as needed, so that the hard FLOPs meet `target`."""
+    """The smallest common factor on all thresholds whose hard FLOPs meet `target` (raising them when
+    over budget, lowering them to the budget line when under), and its (FLOPs, agreement)."""
     def at(factor):
         scaled = [t * factor for t in thresholds]
         return scaled, hard_evaluation(model, images, stages, scaled, block_flops, fixed_flops, teacher_top1)
@@ -178,6 +179,8 @@ def _meet_budget(model, images, stages, thresholds, block_flops, fixed_flops, te
         while best[1][0] > target and hi < 1e4:
             lo, hi = hi, hi * 2
             best = at(hi)
+        if best[1][0] > target:
+            raise ValueError(f"no common factor on thresholds {thresholds} meets {target:g} of the FLOPs")
         for _ in range(steps):
             mid = (lo + hi) / 2
             candidate = at(mid)

@@ -56,6 +56,10 @@ class ASViTSettings:
 def check_settings(vit: ViTGraph, stages: list[int], thresholds: list[float], form: str) -> ASViTSettings:
     if not any(t.kind == "class" for t in vit.extra_tokens):
         raise Vit2TrtError("AS-ViT scores tokens by class attention; this model has no class token.")
+    if vit.pooling != "token":
+        raise Vit2TrtError(f"AS-ViT drops tokens, and this model's head averages all of them ({vit.pooling} pooling), "
+                           "so its output would change with every dropped token; AS-ViT supports models whose head "
+                           "reads the class token (timm global_pool='token').")
     if form not in FORMS:
         raise Vit2TrtError(f"unknown AS-ViT graph form '{form}'; choose {' or '.join(FORMS)}.")
     if form != "bounded" and any(b.attn.mask_inputs for b in vit.blocks):
@@ -139,44 +143,56 @@ def _replace_uses(old, new, own_prefix: str) -> None:
             consumer.inputs = [new if t is old else t for t in consumer.inputs]
 
 
-def _flat_positions(b: GraphBuilder, mask, count, name: str):
-    """Ascending flat indices [T] of the true entries of `mask` [B, K]: a TopK (K = count, [1]) on
-    mask · (B·K − i), which puts the kept positions first, smallest index first. In int64, so that
-    an fp16 engine cannot round the ranks (fp16 counts exactly only to 2048)."""
-    flat = b.op("Cast", [b.op("Reshape", [mask, b.i64(f"{name}_flat_shape", [-1])], f"{name}_flat",
-                              out_dtype=np.bool_)], f"{name}_flat_i", to=onnx.TensorProto.INT64, out_dtype=np.int64)
-    size = b.op("Squeeze", [b.op("Shape", [flat], f"{name}_size", out_dtype=np.int64)], f"{name}_size_scalar",
-                out_dtype=np.int64)
-    rank = b.op("Range", [size, b.i64(f"{name}_zero", 0), b.i64(f"{name}_step", -1)], f"{name}_rank",
-                out_dtype=np.int64)
-    _, index = b.op("TopK", [b.op("Mul", [flat, rank], f"{name}_ranked", out_dtype=np.int64), count],
-                    f"{name}_positions", n_out=2, out_dtype=np.int64, axis=0, largest=1, sorted=1)
-    index.dtype = np.int64
-    return index
-
-
 def _repack(b: GraphBuilder, padded, keep):
     """Packed form: the kept tokens of all images in one sequence [1, T, C] (image after image, each in
     its original order), and the maps between it and the per-image padded layout [B, K]:
-    pad_map [B, K] (packed row; 0 for a padding row) and pack_index [T] (flat padded position)."""
-    keep_f = b.op("Cast", [keep], "keep_count_f", to=onnx.TensorProto.FLOAT, out_dtype=np.float32)
-    counts = b.op("Cast", [b.reduce("ReduceSum", keep_f, [1], False, "counts_f")], "counts",
-                  to=onnx.TensorProto.INT64, out_dtype=np.int64)                                  # [B]
-    total = b.reduce("ReduceSum", counts, [0], True, "total", out_dtype=np.int64)                  # [1]
-    rows = _flat_positions(b, keep, total, "kept")
-    tokens = b.op("Gather", [b.op("Flatten", [padded], "padded_rows", axis=2), rows], "packed_rows", axis=0)
-    packed = b.op("Unsqueeze", [tokens, b.i64("packed_axis", [0])], "packed")                      # [1, T, C]
-    longest = b.reduce("ReduceMax", counts, [0], False, "longest", out_dtype=np.int64)             # scalar
-    column = b.op("Range", [b.i64("range_start", 0), longest, b.i64("range_step", 1)], "column", out_dtype=np.int64)
+    pad_map [B, K] (packed row; 0 for a padding row) and pack_index [T] (flat padded position).
+
+    Every TopK ranks within one image (K ≤ its tokens; TensorRT caps K at 3840) and counts are
+    int64, so an fp16 engine cannot round them."""
+    keep_i = b.op("Cast", [keep], "keep_i", to=onnx.TensorProto.INT64, out_dtype=np.int64)          # [B, K_old]
+    counts = b.reduce("ReduceSum", keep_i, [1], False, "counts", out_dtype=np.int64)                # [B]
+    total = b.reduce("ReduceSum", counts, [0], False, "total", out_dtype=np.int64)                  # scalar
+    longest = b.reduce("ReduceMax", counts, [0], True, "longest", out_dtype=np.int64)              # [1]
     offsets = b.op("CumSum", [counts, b.i64("count_axis", 0)], "offsets", out_dtype=np.int64, exclusive=1)
-    valid = b.op("Less", [b.op("Unsqueeze", [column, b.i64("col_axis", [0])], "column_row", out_dtype=np.int64),
+    # Packed row t: its image (how many images start at or before t, minus one) and its place there.
+    t = b.op("Range", [b.i64("t_start", 0), total, b.i64("t_step", 1)], "packed_row", out_dtype=np.int64)  # [T]
+    started = b.op("LessOrEqual", [b.op("Unsqueeze", [offsets, b.i64("offset_row", [0])], "offsets_row",
+                                        out_dtype=np.int64),
+                                   b.op("Unsqueeze", [t, b.i64("t_col", [1])], "t_col", out_dtype=np.int64)],
+                   "started", out_dtype=np.bool_)                                                 # [T, B]
+    image = b.op("Sub", [b.reduce("ReduceSum", b.op("Cast", [started], "started_i", to=onnx.TensorProto.INT64,
+                                                     out_dtype=np.int64), [1], False, "images_started",
+                                  out_dtype=np.int64), b.i64("one_i", 1)], "image", out_dtype=np.int64)
+    local = b.op("Sub", [t, b.op("Gather", [offsets, image], "image_offset", out_dtype=np.int64, axis=0)], "local",
+                 out_dtype=np.int64)                                                              # [T]
+    # Each image's kept columns, ascending: TopK on keep · (K_old − column), K = the largest count.
+    width = b.op("Shape", [keep_i], "old_width", out_dtype=np.int64, start=1, end=2)               # [1]
+    rank = b.op("Range", [b.op("Squeeze", [width], "old_width_scalar", out_dtype=np.int64), b.i64("rank_end", 0),
+                          b.i64("rank_step", -1)], "rank", out_dtype=np.int64)
+    _, kept_columns = b.op("TopK", [b.op("Mul", [keep_i, rank], "ranked", out_dtype=np.int64), longest],
+                           "kept_columns", n_out=2, out_dtype=np.int64, axis=1, largest=1, sorted=1)
+    kept_columns.dtype = np.int64                                                                 # [B, longest]
+    column = b.op("Gather", [b.op("Reshape", [kept_columns, b.i64("columns_flat", [-1])], "columns_flat",
+                                  out_dtype=np.int64),
+                             b.op("Add", [b.op("Mul", [image, longest], "image_base", out_dtype=np.int64), local],
+                                  "column_index", out_dtype=np.int64)], "source_column", out_dtype=np.int64, axis=0)
+    source = b.op("Add", [b.op("Mul", [image, width], "old_base", out_dtype=np.int64), column], "source_row",
+                  out_dtype=np.int64)                                                             # [T]
+    tokens = b.op("Gather", [b.op("Flatten", [padded], "padded_rows", axis=2), source], "packed_rows", axis=0)
+    packed = b.op("Unsqueeze", [tokens, b.i64("packed_axis", [0])], "packed")                      # [1, T, C]
+    # The new padded layout [B, longest]: image b's kept tokens in columns 0 .. count_b − 1.
+    columns = b.op("Range", [b.i64("range_start", 0), b.op("Squeeze", [longest], "longest_scalar", out_dtype=np.int64),
+                             b.i64("range_step", 1)], "column", out_dtype=np.int64)
+    valid = b.op("Less", [b.op("Unsqueeze", [columns, b.i64("col_axis", [0])], "column_row", out_dtype=np.int64),
                           b.op("Unsqueeze", [counts, b.i64("count_col", [1])], "counts_col", out_dtype=np.int64)],
                  "valid", out_dtype=np.bool_)                                                    # [B, K]
     position = b.op("Add", [b.op("Unsqueeze", [offsets, b.i64("offset_col", [1])], "offsets_col", out_dtype=np.int64),
-                            b.op("Unsqueeze", [column, b.i64("col_axis2", [0])], "column_row2", out_dtype=np.int64)],
+                            b.op("Unsqueeze", [columns, b.i64("col_axis2", [0])], "column_row2", out_dtype=np.int64)],
                     "position", out_dtype=np.int64)
     pad_map = b.op("Where", [valid, position, b.i64("padding_row", 0)], "pad_map", out_dtype=np.int64)
-    pack_index = _flat_positions(b, valid, total, "valid")
+    pack_index = b.op("Add", [b.op("Mul", [image, longest], "new_base", out_dtype=np.int64), local], "pack_index",
+                      out_dtype=np.int64)                                                         # [T]
     return packed, (pad_map, pack_index), valid
 
 

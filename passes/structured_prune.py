@@ -120,8 +120,11 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
     """Rebuild one block's attention in canonical form with the kept dims.
 
     `score_bias` ([B, 1, 1, N]) is added to the scaled scores (ToMe's proportional attention).
+    `score_bias` is also where AS-ViT masks dropped or padding tokens out as keys.
     `qkv_hook` and `context_hook` may re-lay the fused projection's output before the heads split
-    and the merged heads before the output projection (AS-ViT's packed form pads and packs there).
+    and the merged heads before the output projection (AS-ViT's packed form pads and packs there);
+    with them, the returned "k", "k_heads", "probs" and "context" are in the padded per-image
+    layout, while "input" stays packed.
     Returns what was done and the new graph tensors of interest: "k" ([B, N, heads·dim], the keys
     before the head split), "k_heads" ([B, heads, dim, N], as the scores use them), "input" (the attention's input), "probs" ([B, heads, N, N]) and
     "context" ([B, heads, N, dim], each head's output before the heads are merged).

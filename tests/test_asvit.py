@@ -149,6 +149,13 @@ def test_bad_asvit_requests_write_nothing(export_cache, tmp_path, argv, needle):
     assert not (tmp_path / "out").exists()
 
 
+def test_models_that_average_tokens_are_refused(export_cache):
+    exported = export_cache("timm:vit_small_patch16_224", {"depth": 2, "global_pool": "avg"}, "torchscript")
+    model = load_onnx(exported.onnx_path)
+    with pytest.raises(Vit2TrtError, match="averages all of them"):
+        apply_asvit(model, describe_vit(model), [1], [0.01])
+
+
 def test_models_without_class_token_are_refused(export_cache):
     exported = export_cache("timm:vit_small_patch16_224", {"depth": 2, "class_token": False, "global_pool": "avg"},
                             "torchscript")
@@ -158,10 +165,9 @@ def test_models_without_class_token_are_refused(export_cache):
 
 
 def test_packed_form_keeps_its_order_in_fp16_at_large_batches(export_cache, tmp_path):
-    """The packed rows are ranked over B·K positions, and fp16 counts exactly only to 2048: the
-    ranking is int64, so converting the graph for an fp16 engine leaves it alone (ONNX Runtime's
-    TopK breaks ties by index, TensorRT's makes no such promise), and a batch with 12 × 197 > 2048
-    positions still gives the fp32 graph's answers."""
+    """fp16 counts exactly only to 2048: the packed form's counts and rankings are int64, so
+    converting the graph for an fp16 engine leaves them alone, and a batch of 12 × 197 > 2048
+    token positions still gives the fp32 graph's answers."""
     from vit2trt.converter import engine
 
     exported = export_cache("timm:deit_small_patch16_224", {"depth": 4}, "torchscript")
@@ -170,7 +176,7 @@ def test_packed_form_keeps_its_order_in_fp16_at_large_batches(export_cache, tmp_
     path = tmp_path / "asvit.onnx"
     onnx.save(apply_asvit(model, vit, STAGES, _thresholds(vit), "packed").model, str(path))
     half, _ = engine._graph_in_precision(path, "fp16", tmp_path)
-    rankings = [n for n in onnx.load(str(half)).graph.node if n.name.endswith("_positions")]
+    rankings = [n for n in onnx.load(str(half)).graph.node if n.name.endswith(("/kept_columns", "/counts"))]
     assert rankings and all("_cast" not in i for n in rankings for i in n.input)   # not converted to fp16
     x = np.random.default_rng(3).standard_normal((12, 3, 224, 224)).astype(np.float32)
     want, got = run_onnx(path, x), run_onnx(half, x)
