@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from vit2trt.converter.files import write_atomically
 from vit2trt.converter.vit_graph import BuildReport
 from vit2trt.errors import Vit2TrtError
 
@@ -239,19 +240,12 @@ def build_engine(
            "size_mib": round(serialized.nbytes / 2**20, 2), "seconds": round(seconds, 2)}
     if engine_path is not None:
         engine_path = Path(engine_path)
-        _write_atomically(engine_path, bytes(serialized))
-        _write_atomically(engine_path.with_name(engine_path.name + ".json"),
+        write_atomically(engine_path, bytes(serialized))
+        write_atomically(engine_path.with_name(engine_path.name + ".json"),
                           (json.dumps(how, indent=1, sort_keys=True) + "\n").encode())
     return BuildReport(backend, "built", seconds,
                        f"{serialized.nbytes / 2**20:.1f} MiB engine, batch {lo_b}..{hi_b}, {options.precision}",
                        how=how, layers=layers)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as fh:
-        fh.write(data)
-    os.replace(fh.name, path)
 
 
 def engine_runner(engine_path: Path, input_name: str):

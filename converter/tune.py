@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 from vit2trt.converter.convert import ConvertOptions, asvit_flops_model, asvit_inputs
+from vit2trt.converter.files import write_atomically
 from vit2trt.converter.graph_reader import read_vit
 from vit2trt.errors import Vit2TrtError
 
@@ -60,8 +60,5 @@ def tune_asvit_thresholds(model_path: str | os.PathLike, out_path: str | os.Path
               "how": "AS-ViT thresholds learned alone (backbone frozen) by distillation under a FLOPs budget; "
                      "vit2trt tune-thresholds"}
     record.update({k: v for k, v in result.to_dict().items() if k not in record})
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out_path.parent, delete=False, suffix=".tmp") as fh:
-        json.dump(record, fh, indent=2)
-    os.replace(fh.name, out_path)
+    write_atomically(out_path, json.dumps(record, indent=2).encode())
     return record

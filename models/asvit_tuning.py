@@ -173,33 +173,28 @@ def _meet_budget(model, images, stages, thresholds, block_flops, fixed_flops, te
         scaled = [t * factor for t in thresholds]
         return scaled, hard_evaluation(model, images, stages, scaled, block_flops, fixed_flops, teacher_top1)
 
-    best = at(1.0)
-    lo, hi = 1.0, 1.0
-    if best[1][0] > target:            # over budget: raise thresholds
-        while best[1][0] > target and hi < 1e4:
-            lo, hi = hi, hi * 2
-            best = at(hi)
-        if best[1][0] > target:
-            raise ValueError(f"no common factor on thresholds {thresholds} meets {target:g} of the FLOPs")
-        for _ in range(steps):
-            mid = (lo + hi) / 2
-            candidate = at(mid)
-            if candidate[1][0] <= target:
-                hi, best = mid, candidate
-            else:
-                lo = mid
-    else:                              # under budget: lower them while the budget still holds
-        while lo > 1e-4:
-            candidate = at(lo / 2)
-            if candidate[1][0] > target:
-                break
-            lo, best = lo / 2, candidate
-        low = lo / 2
-        for _ in range(steps):
-            mid = (low + lo) / 2
-            candidate = at(mid)
-            if candidate[1][0] <= target:
-                lo, best = mid, candidate
-            else:
-                low = mid
-    return best
+    within = at(1.0)
+    within_factor, over_factor = 1.0, None
+    if within[1][0] > target:
+        within, within_factor, over_factor = None, None, 1.0
+    # Bracket the budget line: double the factor while over budget, halve it while within.
+    step, factor = (0.5, 1.0) if within is not None else (2.0, 1.0)
+    while (within is None or over_factor is None) and 1e-4 < factor < 1e4:
+        factor *= step
+        candidate = at(factor)
+        if candidate[1][0] <= target:
+            within, within_factor = candidate, factor
+        else:
+            over_factor = factor
+    if within is None:
+        raise ValueError(f"no common factor on thresholds {thresholds} meets {target:g} of the FLOPs")
+    if over_factor is None:
+        return within
+    for _ in range(steps):
+        mid = (within_factor + over_factor) / 2
+        candidate = at(mid)
+        if candidate[1][0] <= target:
+            within, within_factor = candidate, mid
+        else:
+            over_factor = mid
+    return within
