@@ -204,7 +204,7 @@ def _torch_runners(out_dir: Path, backend: str, threads: int) -> dict[str, Calla
     device = "cuda" if backend == "torch-cuda" else "cpu"
     decisions = json.loads(decisions_path.read_text())
     return {"original": torch_runner(build_model(record), device, threads),
-            "compressed": torch_runner(compressed_reference(build_model(record), decisions), device, threads)}
+            "compressed": torch_runner(compressed_reference(build_model(record), decisions, out_dir), device, threads)}
 
 
 def _read_json(path: Path) -> dict:

@@ -19,14 +19,15 @@ from vit2trt.converter.loading import load_onnx
 from vit2trt.converter.report import block_table, flops_breakdown, render_report
 from vit2trt.converter.vit_graph import BuildReport
 from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.scwp import scwp
+from vit2trt.passes.scwp import scwp_keep
 from vit2trt.passes.strip_zeros import strip_dead_structure
-from vit2trt.passes.structured_prune import BlockKeep
+from vit2trt.passes.structured_prune import BlockKeep, prune_structure
 from vit2trt.passes.tcs import apply_tcs, tcs_blocks
 from vit2trt.passes.toast_plan import plan_toast
 from vit2trt.passes.tome import apply_tome
 
 METHODS = ("toast", "tome", "asvit", "cait")
+COMPENSATION_FILE = "compensation.safetensors"
 _TWO_GB = 2**31
 
 
@@ -41,7 +42,11 @@ class ConvertOptions:
     tome_r: int = 13                        # ToMe: tokens merged per block
     asvit_thresholds: Optional[list[float]] = None   # AS-ViT: θ per stage (else calibrated)
     stages: Optional[list[int]] = None               # AS-ViT / CAIT: blocks before which tokens drop / merge
-    target_flops: float = 0.65                       # AS-ViT: calibrated FLOPs fraction
+    target_flops: Optional[float] = None             # FLOPs fraction: AS-ViT calibrates for it (default 0.65);
+                                                     # toast and cait allocate pruning by sensitivity for it
+    multiple: int = 1                                # toast / cait: kept head dims and FFN channels are multiples
+    compensate: Optional[bool] = None                # closed-form compensation (default: on with --calib)
+    fit_limit: int = 512                             # calibration images the compensation fits on
     asvit_form: str = "packed"
     channel_ratio: Optional[float] = None            # CAIT: attention channels removed per head (default 0.25)
     restore_grid: bool = False                       # CAIT: also output the final tokens on the full grid
@@ -100,6 +105,26 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
         raise Vit2TrtError("--channel-ratio and --restore-grid belong to --method cait.")
     if options.method not in ("asvit", "cait") and options.stages is not None:
         raise Vit2TrtError("--stages belongs to --method asvit or cait.")
+    if options.method == "tome" and options.target_flops is not None:
+        raise Vit2TrtError("--target-flops belongs to --method toast, cait or asvit; ToMe's budget is --r.")
+    if options.method not in ("toast", "cait") and (options.multiple != 1 or options.compensate):
+        raise Vit2TrtError("--multiple and --compensate belong to the structured methods, --method toast or cait.")
+    if options.compensate and not options.calib:
+        raise Vit2TrtError("compensation fits on calibration images: give --calib DIR (or drop --compensate).")
+    if options.method == "toast" and options.target_flops is not None and (
+            options.head_sparsity is not None or options.target_gflops is not None):
+        raise Vit2TrtError("--target-flops chooses every block's dims itself; give it without --head-sparsity and "
+                           "--target-gflops (ToaSt's published schedules).")
+    if options.method == "cait" and options.target_flops is not None and options.channel_ratio is not None:
+        raise Vit2TrtError("--target-flops chooses every block's channels itself; give it without --channel-ratio.")
+    if options.target_flops is not None and not 0.0 < options.target_flops <= 1.0:
+        raise Vit2TrtError(f"--target-flops is a fraction of the original model's FLOPs in (0, 1], "
+                           f"got {options.target_flops}.")
+    if options.fit_limit < 1:
+        raise Vit2TrtError(f"--fit-images must be at least 1, got {options.fit_limit}.")
+    if options.target_flops is not None and options.method in ("toast", "cait") and not options.calib:
+        raise Vit2TrtError(f"--target-flops for --method {options.method} measures each block's sensitivity on "
+                           "calibration images: give --calib DIR.")
     build_options = BuildOptions(options.engine if options.build else "none", tuple(options.batch), options.precision)
     check_build(build_options)   # a module asked for but missing, or a precision it cannot build: before any work
     out_dir = Path(out_dir)
@@ -110,6 +135,9 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
     vit = describe_vit(original, str(model_path))
     run = {"toast": _run_toast, "tome": _run_tome, "asvit": _run_asvit, "cait": _run_cait}[options.method]
     model, current, sections, notes = run(original, vit, options, model_path, progress)
+    compensation = sections.pop("compensation_weights", None)
+    if compensation:   # the fitted weights, which the PyTorch reference sets after pruning the same way
+        sections["compensation"] = {"file": COMPENSATION_FILE, "tensors": sorted(compensation)}
 
     progress("checking against the original graph")
     if options.calib:
@@ -138,6 +166,10 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
             onnx.save(model, str(onnx_path), save_as_external_data=True, location="model.onnx.data")
         else:
             onnx.save(model, str(onnx_path))
+        if compensation:
+            from safetensors.numpy import save_file
+
+            save_file(compensation, str(tmp / COMPENSATION_FILE))
         (tmp / "decisions.json").write_text(json.dumps(decisions, indent=1, sort_keys=True) + "\n")
         record_path = Path(str(model_path) + ".reference.json")
         if record_path.is_file():   # lets `vit2trt validate OUT` rebuild the PyTorch reference
@@ -173,18 +205,32 @@ def _strip_zeroed(model, vit, progress):
 def _run_toast(model, vit, options: ConvertOptions, model_path, progress):
     model, current, stripped, keeps = _strip_zeroed(model, vit, progress)
     passes, notes = [stripped], []
-    plan = plan_toast(current, options.head_sparsity, options.fc1_ratios, options.fc2_ratios,
-                      options.target_gflops, options.model_name or _recorded_name(model_path))
-    notes.extend(plan.notes)
+    stats = _calibration_stats(model, current, options, model_path, progress)
+    budget, compensation = None, {}
+    if options.target_flops is not None:
+        plan = plan_toast(current, None, options.fc1_ratios, options.fc2_ratios, None, None)
+        from vit2trt.passes.sensitivity import plan_budget
+
+        new_keeps, budget = plan_budget(model, current, stats, options.target_flops * vit.flops.total,
+                                        options.multiple, progress=progress)
+        model, current, keeps = _prune_compensated(model, current, keeps, new_keeps, stats, options, passes,
+                                                   compensation, "sensitivity budget", progress)
+        notes.append(f"dims and channels allocated by measured sensitivity for {options.target_flops:g} of the "
+                     f"original FLOPs on {stats.images} calibration images, without training.")
+    else:
+        plan = plan_toast(current, options.head_sparsity, options.fc1_ratios, options.fc2_ratios,
+                          options.target_gflops, options.model_name or _recorded_name(model_path))
+        notes.extend(plan.notes)
     if plan.head_sparsity:
         progress(f"SCWP at head sparsity {plan.head_sparsity:g}")
-        result, scwp_keeps = scwp(model, current, plan.head_sparsity, options.skip_blocks)
-        passes.append(result.report)
+        scwp_keeps = scwp_keep(model, current, plan.head_sparsity, options.skip_blocks, options.multiple)
         if scwp_keeps:
-            model, keeps = result.model, compose_keeps(keeps, scwp_keeps)
-            current = describe_vit(model, "pruned graph")
+            model, current, keeps = _prune_compensated(model, current, keeps, scwp_keeps, stats, options, passes,
+                                                       compensation, "scwp", progress)
+            passes[-1].update({"head_sparsity": plan.head_sparsity, "skipped_blocks": list(options.skip_blocks)})
             notes.append("SCWP pruned weights without fine-tuning: ToaSt fine-tunes afterwards (about 300 epochs "
-                         "for DeiT) to recover accuracy; the agreement below is before any fine-tuning.")
+                         "for DeiT) to recover accuracy" + (", and closed-form compensation repaired what it could"
+                                                            if stats else "") + ".")
     tcs_record = None
     if plan.fc1_ratios is not None:
         progress("inserting Token Channel Selection")
@@ -197,15 +243,51 @@ def _run_toast(model, vit, options: ConvertOptions, model_path, progress):
             tcs_record = {"blocks": result.report["blocks"], "settings": result.report["settings"],
                           "fc1_ratios": plan.fc1_ratios, "fc2_ratios": plan.fc2_ratios}
     if not keeps and tcs_record is None:
-        notes.append("nothing was compressed: no zeroed structure was found and no --head-sparsity, "
+        notes.append("nothing was compressed: no zeroed structure was found and no --head-sparsity, --target-flops, "
                      "--target-gflops or TCS ratios were given.")
+    notes.extend(_fusion_notes(current))
     sections = {
         "settings": {"head_sparsity": plan.head_sparsity, "skip_blocks": list(options.skip_blocks),
                      "target_gflops": options.target_gflops, "schedule": plan.schedule,
-                     "tcs_shared": options.tcs_shared},
-        "passes": passes, "blocks": [k.to_dict() for k in keeps], "tcs": tcs_record,
+                     "tcs_shared": options.tcs_shared, "target_flops": options.target_flops,
+                     "multiple": options.multiple},
+        "passes": passes, "blocks": [k.to_dict() for k in keeps], "tcs": tcs_record, "budget": budget,
     }
+    sections["compensation_weights"] = compensation
     return model, current, sections, notes
+
+
+def _calibration_stats(model, vit, options: ConvertOptions, model_path, progress):
+    """Activation moments for compensation and budgets, when calibration images are given."""
+    if not options.calib or options.compensate is False and options.target_flops is None:
+        return None
+    from vit2trt.converter.calibration import load_calibration
+    from vit2trt.passes.calibration_stats import check_enough, collect_stats
+
+    inputs = load_calibration(options.calib, (vit.in_chans, *vit.img_size),
+                              (_record(model_path) or {}).get("preprocessing"), options.fit_limit,
+                              progress=lambda done, total: progress(f"reading calibration images {done}/{total}"))
+    stats = collect_stats(model, vit, inputs,
+                          progress=lambda done, total: progress(f"calibration statistics {done}/{total} images"))
+    check_enough(stats, vit)
+    return stats
+
+
+def _prune_compensated(model, current, keeps, new_keeps, stats, options, passes, compensation, name, progress):
+    """Remove what `new_keeps` drops, with compensation when statistics are at hand."""
+    if stats is not None and options.compensate is not False:
+        from vit2trt.passes.sensitivity import compensate_keeps
+
+        progress("fitting compensation")
+        fitted, tensors = compensate_keeps(model, current, stats, new_keeps)
+        passes.append(fitted.report)
+        model = fitted.model
+        compensation.update(tensors)
+    result = prune_structure(model, current, new_keeps)
+    result.report["pass"] = name
+    passes.append(result.report)
+    model = result.model
+    return model, describe_vit(model, f"graph after {name}"), compose_keeps(keeps, new_keeps)
 
 
 def _run_tome(model, vit, options: ConvertOptions, model_path, progress):
@@ -226,6 +308,7 @@ def _run_asvit(model, vit, options: ConvertOptions, model_path, progress):
     thresholds = options.asvit_thresholds
     if thresholds is None:
         check_settings(vit, stages, [0.0] * len(stages), options.asvit_form)
+        options.target_flops = 0.65 if options.target_flops is None else options.target_flops
         if not 0.0 < options.target_flops <= 1.0:
             raise Vit2TrtError(f"--target-flops is a fraction of the full model's FLOPs in (0, 1], "
                                f"got {options.target_flops}.")
@@ -252,30 +335,55 @@ def _run_asvit(model, vit, options: ConvertOptions, model_path, progress):
 
 def _run_cait(model, vit, options: ConvertOptions, model_path, progress):
     from vit2trt.passes.atme import apply_atme, default_stages, plan_atme
-    from vit2trt.passes.cdcp import cdcp
+    from vit2trt.passes.cdcp import cdcp_keep
 
     stages = options.stages or default_stages(vit.depth)
-    plan_atme(vit, stages)   # refuse bad stages before any work
+    atme_plan = plan_atme(vit, stages)   # refuse bad stages before any work
     ratio = 0.25 if options.channel_ratio is None else options.channel_ratio
     model, current, stripped, keeps = _strip_zeroed(model, vit, progress)
-    passes, notes = [stripped], []
+    passes, notes, compensation, budget = [stripped], [], {}, None
     if keeps:
         notes.append("structure zeroed in the checkpoint (learned masks) was removed first.")
-    progress(f"CDCP: removing {ratio:g} of every head's attention channels, the same in every head")
-    result, cdcp_keeps = cdcp(model, current, ratio)
-    passes.append(result.report)
-    if cdcp_keeps:
-        model, keeps = result.model, compose_keeps(keeps, cdcp_keeps)
-        current = describe_vit(model, "channel-pruned graph")
+    stats = _calibration_stats(model, current, options, model_path, progress)
+    if options.target_flops is not None:
+        from vit2trt.passes.sensitivity import plan_budget
+
+        ratio = None
+        new_keeps, budget = plan_budget(model, current, stats, options.target_flops * vit.flops.total,
+                                        options.multiple, consistent=True, tokens=atme_plan.tokens,
+                                        progress=progress)
+        name = "sensitivity budget"
+        notes.append(f"channels allocated by measured sensitivity (the same channels in every head) for "
+                     f"{options.target_flops:g} of the original FLOPs with ATME, without training.")
+    else:
+        progress(f"CDCP: removing {ratio:g} of every head's attention channels, the same in every head")
+        new_keeps, name = cdcp_keep(model, current, ratio, multiple=options.multiple), "cdcp"
         notes.append("CDCP chose channels without training (weight norms); CAIT learns them in fine-tuning, "
-                     "so expect an accuracy drop until the pruned model is fine-tuned.")
+                     "so expect an accuracy drop until the pruned model is fine-tuned"
+                     + (", which closed-form compensation reduces." if stats else "."))
+    if new_keeps:
+        model, current, keeps = _prune_compensated(model, current, keeps, new_keeps, stats, options, passes,
+                                                   compensation, name, progress)
     progress(f"ATME: merging neighbouring tokens before blocks {stages}")
     result = apply_atme(model, current, stages, restore_grid=options.restore_grid)
     passes.append(result.report)
     current = describe_vit(result.model, "graph with ATME")
-    sections = {"settings": {"stages": stages, "channel_ratio": ratio, "restore_grid": options.restore_grid},
-                "passes": passes, "blocks": [k.to_dict() for k in keeps], "atme": result.report}
+    notes.extend(_fusion_notes(current))
+    sections = {"settings": {"stages": stages, "channel_ratio": ratio, "restore_grid": options.restore_grid,
+                             "target_flops": options.target_flops, "multiple": options.multiple},
+                "passes": passes, "blocks": [k.to_dict() for k in keeps], "atme": result.report, "budget": budget,
+                "compensation_weights": compensation}
     return result.model, current, sections, notes
+
+
+def _fusion_notes(vit) -> list[str]:
+    """TensorRT fuses attention only for head dims 16-256 that are multiples of 8 (its developer guide)."""
+    bad = [f"{b.index} ({b.attn.head_dim_qk}/{b.attn.head_dim_v})" for b in vit.blocks
+           if not all(16 <= d <= 256 and d % 8 == 0 for d in (b.attn.head_dim_qk, b.attn.head_dim_v))]
+    if not bad:
+        return []
+    return [f"attention in blocks {', '.join(bad)} (QK/V head dims) cannot use TensorRT's fused attention, which "
+            "needs head dims from 16 to 256 that are multiples of 8; --multiple 8 (and at least 16 dims) keeps it."]
 
 
 def _calibrate_asvit(vit, stages, options: ConvertOptions, model_path, progress):

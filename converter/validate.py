@@ -131,7 +131,7 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
         from vit2trt.models.compressed_reference import compressed_reference
 
         progress("running the PyTorch reference of the compressed model")
-        compressed = compressed_reference(build_model(record), json.loads(decisions_path.read_text()))
+        compressed = compressed_reference(build_model(record), json.loads(decisions_path.read_text()), out_dir)
         with torch.no_grad():
             same = np.concatenate([compressed(torch.from_numpy(x[i:i + batch])).numpy()
                                    for i in range(0, len(x), batch)])

@@ -48,9 +48,10 @@ def merge_neighbours(x: torch.Tensor, importance: torch.Tensor, sizes: torch.Ten
 class CAITViT(nn.Module):
     """A timm or HF ViT with CAIT: pruned attention channels (`decisions`) and ATME before `stages`."""
 
-    def __init__(self, model: nn.Module, stages: list[int], axes: list[str], decisions: Optional[dict] = None):
+    def __init__(self, model: nn.Module, stages: list[int], axes: list[str], decisions: Optional[dict] = None,
+                 weights: Optional[dict] = None):
         super().__init__()
-        self.model = apply_decisions(model, decisions) if decisions else model.eval()
+        self.model = apply_decisions(model, decisions, weights) if decisions else model.eval()
         self.stages, self.axes = dict(zip(stages, axes)), axes
         self.parts = vit_parts(self.model)
         self.restored: Optional[torch.Tensor] = None   # final normed tokens on the full grid, after forward

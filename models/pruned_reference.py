@@ -96,9 +96,11 @@ class TCSMlp(nn.Module):
         return self._selected(self.act(self._selected(x, self.fc1, self.fc1_keep)), self.fc2, self.fc2_keep)
 
 
-def apply_decisions(model: nn.Module, decisions: dict) -> nn.Module:
+def apply_decisions(model: nn.Module, decisions: dict, weights: Optional[dict] = None) -> nn.Module:
     """A compressed copy of `model` (timm VisionTransformer or HFLogits) following decisions.json:
-    'blocks' (kept attention dims and FFN channels) and 'tcs' (Token Channel Selection)."""
+    'blocks' (kept attention dims and FFN channels) and 'tcs' (Token Channel Selection). `weights`
+    are compensated weights of the pruned layers ((in, out) arrays by 'blocks.{i}.{q|proj|fc2}.
+    {weight|bias}'), set once the layers are pruned."""
     model = copy.deepcopy(model).eval()
     hf = isinstance(model, HFLogits)
     blocks = model.model.vit.layers if hf else model.blocks
@@ -112,6 +114,7 @@ def apply_decisions(model: nn.Module, decisions: dict) -> nn.Module:
                 channels = torch.tensor(sorted(keep["ffn_keep"]), dtype=torch.long)
                 mlp.fc1 = _prune_linear_rows(mlp.fc1, channels)
                 mlp.fc2 = _prune_linear_inputs(mlp.fc2, channels)
+        _set_compensated(blocks, hf, weights or {})
         tcs = decisions.get("tcs")
         for spec in (tcs or {}).get("blocks", []):
             block = blocks[spec["index"]]
@@ -150,3 +153,17 @@ def _prune_block_attention(block: nn.Module, hf: bool, keep: dict) -> None:
         block.attention = new
     else:
         block.attn = new
+
+
+def _set_compensated(blocks, hf: bool, weights: dict) -> None:
+    for key, value in weights.items():
+        _, index, layer, kind = key.split(".")
+        block = blocks[int(index)]
+        attn = block.attention if hf else block.attn
+        target = {"q": getattr(attn, "q", None), "proj": attn.proj if isinstance(attn, PrunedAttention) else None,
+                  "fc2": block.mlp.fc2}[layer]
+        param = getattr(target, kind, None) if target is not None else None
+        value = torch.as_tensor(value)
+        if param is None or param.shape != (value.t() if kind == "weight" else value).shape:
+            raise ValueError(f"compensated weight {key} {list(value.shape)} does not fit the pruned model.")
+        param.copy_(value.t() if kind == "weight" else value)

@@ -20,7 +20,7 @@ from vit2trt.converter.graph_utils import open_for_surgery
 from vit2trt.converter.vit_graph import ViTGraph
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
-from vit2trt.passes.scwp import kept_count
+from vit2trt.passes.scwp import kept_count, rounded_count
 from vit2trt.passes.structured_prune import BlockKeep, attention_weights, prune_structure
 
 
@@ -37,7 +37,8 @@ def channel_scores(wa: np.ndarray, wb: np.ndarray, heads: int, head_dim: int) ->
     return (na * nb).sum(0)
 
 
-def cdcp_keep(model: onnx.ModelProto, vit: ViTGraph, ratio: float, skip_blocks: tuple[int, ...] = ()) -> list[BlockKeep]:
+def cdcp_keep(model: onnx.ModelProto, vit: ViTGraph, ratio: float, skip_blocks: tuple[int, ...] = (),
+              multiple: int = 1) -> list[BlockKeep]:
     if not 0.0 <= ratio < 1.0:
         raise Vit2TrtError(f"--channel-ratio is the fraction of attention channels to remove, in [0, 1); got {ratio}.")
     bad = [b for b in skip_blocks if not 0 <= b < vit.depth]
@@ -51,8 +52,10 @@ def cdcp_keep(model: onnx.ModelProto, vit: ViTGraph, ratio: float, skip_blocks: 
         if block.index in skip_blocks:
             continue
         w = attention_weights(tensors, block.attn)
-        qk = _top_channels(channel_scores(w.wq, w.wk, w.heads, w.head_dim_qk), kept_count(w.head_dim_qk, ratio))
-        v = _top_channels(channel_scores(w.wv, w.wproj.T, w.heads, w.head_dim_v), kept_count(w.head_dim_v, ratio))
+        n_qk = rounded_count(kept_count(w.head_dim_qk, ratio), multiple, w.head_dim_qk)
+        n_v = rounded_count(kept_count(w.head_dim_v, ratio), multiple, w.head_dim_v)
+        qk = _top_channels(channel_scores(w.wq, w.wk, w.heads, w.head_dim_qk), n_qk)
+        v = _top_channels(channel_scores(w.wv, w.wproj.T, w.heads, w.head_dim_v), n_v)
         keeps.append(BlockKeep(block.index, [qk] * w.heads, [v] * w.heads, None))
     return keeps
 

@@ -14,8 +14,7 @@ import onnx
 from vit2trt.converter.graph_utils import open_for_surgery
 from vit2trt.converter.vit_graph import ViTGraph
 from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.base import PassResult
-from vit2trt.passes.structured_prune import BlockKeep, attention_weights, prune_structure
+from vit2trt.passes.structured_prune import BlockKeep, attention_weights
 
 
 def kept_count(head_dim: int, sparsity: float) -> int:
@@ -23,16 +22,28 @@ def kept_count(head_dim: int, sparsity: float) -> int:
     return max(1, int(head_dim * (1.0 - sparsity) + 1e-9))
 
 
+def rounded_count(count: int, multiple: int, full: int) -> int:
+    """`count` rounded to the nearest multiple of `multiple` (at least one multiple, at most `full`)."""
+    if multiple <= 1:
+        return count
+    return min(full, max(multiple, int(round(count / multiple)) * multiple))
+
+
+def lower_median(rows: np.ndarray) -> np.ndarray:
+    """Coordinate-wise median as torch.median takes it: the lower middle value, never an average."""
+    return np.sort(rows, axis=0)[(len(rows) - 1) // 2]
+
+
 def _rank_dims(rows: np.ndarray, keep: int) -> list[int]:
-    """Keep the `keep` rows farthest from the coordinate-wise median (ties: lower index)."""
-    median = np.median(rows, axis=0)
-    distance = np.linalg.norm(rows.astype(np.float64) - median, axis=1)
+    """Keep the `keep` rows farthest from the coordinate-wise median (ties: lower index). The distance
+    is computed in the weights' own precision, as the official code does."""
+    distance = np.sqrt(np.sum(np.square(rows - lower_median(rows)), axis=1))
     order = np.argsort(-distance, kind="stable")
     return sorted(int(j) for j in order[:keep])
 
 
 def scwp_keep(model: onnx.ModelProto, vit: ViTGraph, head_sparsity: float,
-              skip_blocks: tuple[int, ...] = (0,)) -> list[BlockKeep]:
+              skip_blocks: tuple[int, ...] = (0,), multiple: int = 1) -> list[BlockKeep]:
     if not 0.0 <= head_sparsity < 1.0:
         raise Vit2TrtError(f"--head-sparsity must be in [0, 1), got {head_sparsity}.")
     tensors = open_for_surgery(model).tensors
@@ -41,7 +52,8 @@ def scwp_keep(model: onnx.ModelProto, vit: ViTGraph, head_sparsity: float,
         if block.index in skip_blocks or head_sparsity == 0.0:
             continue
         w = attention_weights(tensors, block.attn)
-        n_qk, n_v = kept_count(w.head_dim_qk, head_sparsity), kept_count(w.head_dim_v, head_sparsity)
+        n_qk = rounded_count(kept_count(w.head_dim_qk, head_sparsity), multiple, w.head_dim_qk)
+        n_v = rounded_count(kept_count(w.head_dim_v, head_sparsity), multiple, w.head_dim_v)
         qk_keep, v_keep = [], []
         for h in range(w.heads):
             qk = slice(h * w.head_dim_qk, (h + 1) * w.head_dim_qk)
@@ -52,13 +64,3 @@ def scwp_keep(model: onnx.ModelProto, vit: ViTGraph, head_sparsity: float,
             v_keep.append(_rank_dims(vo_rows, n_v))
         keeps.append(BlockKeep(block.index, qk_keep, v_keep, None))
     return keeps
-
-
-def scwp(model: onnx.ModelProto, vit: ViTGraph, head_sparsity: float,
-         skip_blocks: tuple[int, ...] = (0,)) -> tuple[PassResult, list[BlockKeep]]:
-    keeps = scwp_keep(model, vit, head_sparsity, skip_blocks)
-    if not keeps:
-        return PassResult(model, {"pass": "scwp", "blocks": []}), keeps
-    result = prune_structure(model, vit, keeps)
-    result.report.update({"pass": "scwp", "head_sparsity": head_sparsity, "skipped_blocks": list(skip_blocks)})
-    return result, keeps

@@ -1,7 +1,9 @@
 """Strip structure a masked fine-tune already zeroed: the main ToaSt deployment path.
 
-A Q/K dim of a head is dead when its Q or its K projection column (and bias) is all zero — its
-product term q_j·k_j is then zero whatever the other side holds. A V dim is dead when its V column
+A Q/K dim of a head is dead when its K weight column is all zero, whatever the biases: k_j is then
+the same for every key, so q_j·k_j adds to each query's scores a term the softmax ignores. (Real
+masked checkpoints keep their Q/K biases: the official ToaSt code zeroes weights, never biases.) It
+is also dead when its Q weight column and Q bias are zero, so that q_j·k_j is zero. A V dim is dead when its V column
 (and bias) or the matching input row of the output projection is zero. An FFN channel is dead when
 its fc2 input row is zero, or its fc1 column and bias are zero and the activation maps 0 to 0.
 Removing dead structure changes the output only by float rounding. Works for any masked-pruned
@@ -48,7 +50,7 @@ def find_dead_structure(model: onnx.ModelProto, vit: ViTGraph) -> list[BlockKeep
     keeps = []
     for block in vit.blocks:
         w = attention_weights(tensors, block.attn)
-        qk_dead = _zero_columns(w.wq, w.bq) | _zero_columns(w.wk, w.bk)
+        qk_dead = _zero_columns(w.wq, w.bq) | _zero_columns(w.wk, None)
         v_dead = _zero_columns(w.wv, w.bv) | np.all(w.wproj == 0, axis=1)
         qk_keep = _per_head_keep(qk_dead, w.heads, w.head_dim_qk)
         v_keep = _per_head_keep(v_dead, w.heads, w.head_dim_v)

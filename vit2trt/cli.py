@@ -139,7 +139,10 @@ def convert(
     stages: Optional[str] = typer.Option(None, "--stages", help="AS-ViT: blocks before which tokens are dropped (default 4,7,10 for 12 blocks). CAIT: blocks before which neighbouring tokens merge (default 4,8)."),
     channel_ratio: Optional[float] = typer.Option(None, "--channel-ratio", help="CAIT: fraction of every head's attention channels to remove, the same channels in every head (default 0.25)."),
     restore_grid: bool = typer.Option(False, "--restore-grid", help="CAIT: add an output with the final tokens copied back onto the full token grid, for dense heads."),
-    target_flops: float = typer.Option(0.65, "--target-flops", help="AS-ViT: FLOPs fraction the calibrated thresholds meet on average."),
+    target_flops: Optional[float] = typer.Option(None, "--target-flops", help="Fraction of the original FLOPs. toast, cait: every block's QK dims, V dims and FFN channels are chosen by measured sensitivity (needs --calib). asvit: the thresholds are calibrated to meet it on average (default 0.65)."),
+    multiple: int = typer.Option(1, "--multiple", help="toast, cait: kept head dims and FFN channels are multiples of N (8 lets TensorRT fuse attention for head dims 16-256)."),
+    compensate: Optional[bool] = typer.Option(None, "--compensate/--no-compensate", help="toast, cait: fit what pruning removes from what it keeps, in closed form on the --calib images, and fold it into the kept weights (default: on with --calib)."),
+    fit_images: int = typer.Option(512, "--fit-images", help="Calibration images the compensation and the sensitivity budget use at most."),
     asvit_form: str = typer.Option("packed", "--asvit-form", help="AS-ViT graph: packed (the sequence shrinks; at batch > 1 the linear layers run on all images' kept tokens packed together), dynamic (the sequence shrinks to the batch's largest count) or bounded (masking only, no data-dependent shapes)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W] array for the agreement check."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build a TensorRT engine of the result (--no-build: same as --engine none)."),
@@ -150,8 +153,10 @@ def convert(
     seed: int = typer.Option(0, "--seed", help="Seed of the check inputs."),
 ):
     """Compress a ViT graph by surgery. toast: strip zeroed QK/VO dims and FFN channels (the main path
-    after masked fine-tuning); prune head dims by SCWP (--head-sparsity); insert Token Channel
-    Selection (--fc1/--fc2, or a whole schedule with --target-gflops). tome: ToMe token merging of
+    after masked fine-tuning); prune head dims by SCWP (--head-sparsity), or QK dims, V dims and FFN
+    channels of every block by measured sensitivity (--target-flops with --calib); insert Token Channel
+    Selection (--fc1/--fc2, or a whole schedule with --target-gflops). With --calib, structured pruning
+    is compensated in closed form on the calibration images. tome: ToMe token merging of
     --r tokens per block. asvit: adaptive token pruning by class attention (--thresholds or
     calibrated for --target-flops). cait: consistent attention channel pruning (--channel-ratio) and
     asymmetric merging of neighbouring tokens (--stages). Every graph is native ONNX."""
@@ -162,7 +167,8 @@ def convert(
         options = ConvertOptions(method=method, head_sparsity=head_sparsity, target_gflops=target_gflops,
                                  asvit_thresholds=asvit_thresholds, stages=asvit_stages,
                                  channel_ratio=channel_ratio, restore_grid=restore_grid,
-                                 target_flops=target_flops, asvit_form=asvit_form,
+                                 target_flops=target_flops, asvit_form=asvit_form, multiple=multiple,
+                                 compensate=compensate, fit_limit=fit_images,
                                  fc1_ratios=_ratios(fc1, "--fc1"), fc2_ratios=_ratios(fc2, "--fc2"),
                                  tcs_shared=tcs_shared, tome_r=tome_r, calib=str(calib) if calib else None, build=build,
                                  engine=engine, batch=_batch_profile(batch), precision=precision,
