@@ -282,6 +282,7 @@ def _prune_compensated(model, current, keeps, new_keeps, stats, options, passes,
         fitted, tensors = compensate_keeps(model, current, stats, new_keeps)
         passes.append(fitted.report)
         model = fitted.model
+        current = describe_vit(model, "compensated graph")   # the fitted weights are new constants
         compensation.update(tensors)
     result = prune_structure(model, current, new_keeps)
     result.report["pass"] = name

@@ -73,14 +73,17 @@ def compensate_queries(wq: np.ndarray, bq: Optional[np.ndarray], key_cov: np.nda
     return new_w.astype(wq.dtype), None if new_b is None else new_b.astype(bq.dtype)
 
 
-def removal_error(cov: np.ndarray, gram: np.ndarray, keep: list[int], compensate: bool = True) -> float:
-    """E‖Δy‖² when the inputs outside `keep` are removed: tr(G_RR Σ_{R|S}) with the fit, tr(G_RR Σ_RR)
-    without (Σ the covariance of what the fit sees; G = W Wᵀ)."""
+def removal_error(cov: np.ndarray, gram: np.ndarray, keep: list[int], compensate: bool = True,
+                  mean: Optional[np.ndarray] = None) -> float:
+    """E‖Δy‖² when the inputs outside `keep` are removed: tr(G_RR Σ_{R|S}) with the fit (whose bias
+    takes the means), tr(G_RR (Σ_RR + μ_R μ_Rᵀ)) without (Σ the covariance of the inputs; G = W Wᵀ)."""
     keep = np.asarray(sorted(keep), dtype=np.int64)
     removed = np.setdiff1d(np.arange(len(cov)), keep)
     if not len(removed):
         return 0.0
     residual = cov[np.ix_(removed, removed)]
+    if not compensate and mean is not None:
+        residual = residual + np.outer(mean[removed], mean[removed])
     if compensate and len(keep):
         b = regression(cov, keep, removed)
         # Σ_RR − Bᵀ Σ_SR − Σ_RS B + Bᵀ Σ_SS B: the covariance of what the ridge fit leaves
@@ -135,31 +138,28 @@ def greedy_removal(layers: list[tuple[np.ndarray, np.ndarray]], min_keep: int = 
 
 # --- writing fitted weights back into the graph -------------------------------------------------
 
-def _write(tensor, value: np.ndarray) -> None:
-    if isinstance(tensor, gs.Constant):
-        tensor.values = np.ascontiguousarray(value.astype(tensor.values.dtype))
-        return
-    node = tensor.inputs[0] if tensor.inputs else None
-    if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-        node.attrs["value"].values = np.ascontiguousarray(value.astype(node.attrs["value"].values.dtype))
-        return
-    raise Vit2TrtError(f"weight '{tensor.name}' is not a constant the converter can rewrite.")
+def _replace_input(node, name: str, value: np.ndarray, dtype) -> None:
+    """Give `node` a constant of its own in place of its input `name`: the exporter may share one
+    initializer between layers whose values happen to be equal, so it is never written in place."""
+    for slot, tensor in enumerate(node.inputs):
+        if tensor.name == name:
+            node.inputs[slot] = gs.Constant(f"{name}_compensated", values=np.ascontiguousarray(value.astype(dtype)))
+            return
+    raise Vit2TrtError(f"node '{node.name}' does not read '{name}'; cannot write the compensated weights.")
 
 
-def write_linear(tensors: dict, lin: Linear, weight: np.ndarray, bias: Optional[np.ndarray],
+def write_linear(nodes: dict, tensors: dict, lin: Linear, weight: np.ndarray, bias: Optional[np.ndarray],
                  columns: Optional[slice] = None) -> None:
     """Write (in, out) `weight` and `bias` into `lin`, or into its output columns `columns`."""
-    tensor = tensors[lin.weight]
-    stored = np.asarray(const_value(tensor))
+    stored = np.asarray(const_value(tensors[lin.weight]))
     full = stored.T.copy() if lin.weight_layout == "out_in" else stored.copy()
     full[:, columns or slice(None)] = weight
-    _write(tensor, full.T if lin.weight_layout == "out_in" else full)
+    _replace_input(nodes[lin.node], lin.weight, full.T if lin.weight_layout == "out_in" else full, stored.dtype)
     if bias is not None and lin.bias is not None:
-        btensor = tensors[lin.bias]
-        stored_b = np.asarray(const_value(btensor))
+        stored_b = np.asarray(const_value(tensors[lin.bias]))
         new_b = stored_b.reshape(-1).copy()
         new_b[columns or slice(None)] = bias
-        _write(btensor, new_b.reshape(stored_b.shape))
+        _replace_input(nodes[lin.bias_node], lin.bias, new_b.reshape(stored_b.shape), stored_b.dtype)
 
 
 def query_columns(attn: Attention) -> tuple[Linear, slice]:

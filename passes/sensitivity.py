@@ -171,7 +171,7 @@ def compensate_keeps(model: onnx.ModelProto, vit: ViTGraph, stats: CalibrationSt
     which the PyTorch reference sets after pruning the same way."""
     parts = block_parts(model, vit, stats)
     surgery = open_for_surgery(model)
-    tensors, written, report = surgery.tensors, {}, []
+    tensors, nodes, written, report = surgery.tensors, surgery.nodes, {}, []
     for keep in keeps:
         p, block = parts[keep.index], vit.blocks[keep.index]
         w, record = p.w, {"index": keep.index}
@@ -189,7 +189,7 @@ def compensate_keeps(model: onnx.ModelProto, vit: ViTGraph, stats: CalibrationSt
                     wq[:, c] = new_w
                     if bq is not None:
                         bq[c] = new_b
-            write_linear(tensors, lin, wq, bq, cols)
+            write_linear(nodes, tensors, lin, wq, bq, cols)
             kept = _head_columns(keep.qk_keep, w.head_dim_qk)
             written[f"blocks.{keep.index}.q.weight"] = wq[:, kept]
             if bq is not None:
@@ -207,10 +207,10 @@ def compensate_keeps(model: onnx.ModelProto, vit: ViTGraph, stats: CalibrationSt
                 wp[rows] = new_w
                 if bp is not None:
                     bp += shift
-                before += removal_error(cov, gram, dims, compensate=False)
+                before += removal_error(cov, gram, dims, compensate=False, mean=mean)
                 after += removal_error(cov, gram, dims)
             bp = None if bp is None else bp.astype(w.wproj.dtype)
-            write_linear(tensors, block.attn.proj, wp, bp)
+            write_linear(nodes, tensors, block.attn.proj, wp, bp)
             written[f"blocks.{keep.index}.proj.weight"] = wp[_head_columns(keep.v_keep, w.head_dim_v)]
             if bp is not None:
                 written[f"blocks.{keep.index}.proj.bias"] = bp
@@ -218,11 +218,11 @@ def compensate_keeps(model: onnx.ModelProto, vit: ViTGraph, stats: CalibrationSt
         if keep.ffn_keep is not None:
             mean, cov, gram = p.ffn_layer()
             new_w, new_b = compensate_inputs(p.fc2, p.fc2_bias, mean, cov, keep.ffn_keep)
-            write_linear(tensors, block.ffn.fc2, new_w, new_b)
+            write_linear(nodes, tensors, block.ffn.fc2, new_w, new_b)
             written[f"blocks.{keep.index}.fc2.weight"] = new_w[sorted(keep.ffn_keep)]
             if new_b is not None:
                 written[f"blocks.{keep.index}.fc2.bias"] = new_b
-            record["ffn"] = _relative(removal_error(cov, gram, keep.ffn_keep, compensate=False),
+            record["ffn"] = _relative(removal_error(cov, gram, keep.ffn_keep, compensate=False, mean=mean),
                                       removal_error(cov, gram, keep.ffn_keep), p)
         report.append(record)
     result = PassResult(export_like(surgery.graph, model), {"pass": "compensation", "images": stats.images,

@@ -168,3 +168,64 @@ def test_convert_of_a_non_vit_writes_nothing(tmp_path):
     path.write_text("not a graph")
     result = runner.invoke(app, ["convert", str(path), "--out", str(tmp_path / "out"), "--no-build"])
     assert result.exit_code == 2 and not (tmp_path / "out").exists()
+
+
+def _official_scwp_keep(rows_q: torch.Tensor, rows_k: torch.Tensor, keep: int) -> list[int]:
+    """A straight copy of the official ToaSt rule (toast/importance.py gm_score, weight_pruning.py)."""
+    w = torch.cat([rows_q, rows_k], dim=1)
+    median = torch.median(w, dim=0)[0]
+    importance = torch.sqrt(torch.sum((w - median) ** 2, dim=1))
+    return sorted(torch.topk(importance, keep).indices.tolist())
+
+
+def test_scwp_keeps_the_same_dims_as_the_official_rule():
+    from vit2trt.passes.scwp import _rank_dims
+
+    differs_from_averaged_median = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        q, k = torch.randn(64, 384), torch.randn(64, 384)   # one head's Q and K weight rows (even count)
+        rows = torch.cat([q, k], dim=1).numpy()
+        for keep in (6, 32):
+            assert _rank_dims(rows, keep) == _official_scwp_keep(q, k, keep)
+            averaged = np.linalg.norm(rows - np.median(rows, axis=0), axis=1)
+            differs_from_averaged_median += sorted(np.argsort(-averaged)[:keep].tolist()) != _official_scwp_keep(q, k, keep)
+    assert differs_from_averaged_median > 0   # the rule matters: np.median's average picks other dims
+
+
+def _official_masked_deit(tmp_path, zero_biases: bool):
+    """DeiT-S masked as the official code masks: Q/K/V weight rows and proj columns of 58 of 64 dims
+    per head zeroed in blocks 1-2, biases left live (unless `zero_biases`)."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", depth=3, num_classes=10).eval()
+    d, hd = 384, 64
+    with torch.no_grad():
+        for blk in model.blocks[1:]:
+            blk.attn.qkv.bias.normal_()
+            for h in range(6):
+                for j in range(58):
+                    for part in range(3):
+                        blk.attn.qkv.weight[part * d + h * hd + (j + 3 * h) % hd] = 0
+                        if zero_biases:
+                            blk.attn.qkv.bias[part * d + h * hd + (j + 3 * h) % hd] = 0
+                    blk.attn.proj.weight[:, h * hd + (j + 3 * h) % hd] = 0
+    weights = tmp_path / f"masked_{zero_biases}.pth"
+    torch.save(model.state_dict(), weights)
+    result = export_model("timm:deit_small_patch16_224", tmp_path / f"masked_{zero_biases}.onnx", weights=str(weights),
+                          model_args={"depth": 3, "num_classes": 10})
+    return model, result
+
+
+def test_live_qk_biases_strip_to_the_same_size_as_zero_biases(tmp_path):
+    x = np.random.default_rng(2).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    flops = []
+    for zero_biases in (False, True):
+        model, exported = _official_masked_deit(tmp_path, zero_biases)
+        out = convert(exported.onnx_path, tmp_path / f"out_{zero_biases}", ConvertOptions(build=False))
+        with torch.no_grad():
+            assert rel_error(run_onnx(out.onnx_path, x), model(torch.from_numpy(x)).numpy()) <= 1e-5
+        g = read_vit(out.onnx_path)
+        assert [b.attn.head_dim_qk for b in g.blocks] == [64, 6, 6]
+        assert [b.attn.head_dim_v for b in g.blocks] == [64, 6, 6]
+        flops.append(out.flops_after)
+    assert flops[0] == flops[1]

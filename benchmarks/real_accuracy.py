@@ -1,0 +1,161 @@
+"""Real accuracy of structured pruning, with and without closed-form compensation, on the real
+pretrained ViT-Ti in ../shared/real (200 Tiny-ImageNet classes).
+
+Calibrates on the first 512 photos of real/val (sorted file order) and measures top-1 on the other
+4488, which no method sees. For every variant: FLOPs, top-1, the time `convert` took, and ONNX
+Runtime CPU speedups at batch 1 and 8 against the original, from rounds that run the original and
+the variant in turn (median of the per-round ratios, with the interquartile range).
+
+    python benchmarks/real_accuracy.py [--out real-accuracy] [--limit 4488] [--repeats 20] [--variants a,b]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from vit2trt.converter.bench import interleaved_times, ort_runner
+from vit2trt.converter.calibration import image_files, load_calibration
+from vit2trt.converter.convert import ConvertOptions, convert
+from vit2trt.converter.export import export_model
+from vit2trt.converter.graph_reader import read_vit
+
+SHARED_REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+CALIB = 512
+NO = {"compensate": False}
+VARIANTS = {   # name: convert options (calibration images are added)
+    "ToaSt SCWP 0.5": dict(method="toast", head_sparsity=0.5, **NO),
+    "ToaSt SCWP 0.5 + compensation": dict(method="toast", head_sparsity=0.5),
+    "CAIT defaults": dict(method="cait", **NO),
+    "CAIT defaults + compensation": dict(method="cait"),
+    "toast 0.85 FLOPs, sensitivity, no compensation": dict(method="toast", target_flops=0.85, **NO),
+    "toast 0.85 FLOPs + compensation": dict(method="toast", target_flops=0.85),
+    "toast 0.67 FLOPs, sensitivity, no compensation": dict(method="toast", target_flops=0.67, **NO),
+    "toast 0.67 FLOPs + compensation": dict(method="toast", target_flops=0.67),
+    "toast 0.67 FLOPs + compensation, --multiple 8": dict(method="toast", target_flops=0.67, multiple=8),
+    "toast 0.5 FLOPs + compensation": dict(method="toast", target_flops=0.5),
+    "cait 0.5 FLOPs + compensation": dict(method="cait", target_flops=0.5),
+}
+
+
+def labelled_photos(shared: Path) -> tuple[list[Path], np.ndarray]:
+    files = image_files(shared / "val", flag="--images")
+    labels = dict(line.split() for line in (shared / "val.labels.txt").read_text().splitlines() if line.strip())
+    return files, np.array([int(labels[f.name]) for f in files], dtype=np.int64)
+
+
+def top1(path: Path, x: np.ndarray, y: np.ndarray, batch: int = 50) -> float:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    pred = np.concatenate([session.run(None, {name: x[i:i + batch]})[0].argmax(1) for i in range(0, len(x), batch)])
+    return float(np.mean(pred == y))
+
+
+def speed(original: Path, variant: Path, x: np.ndarray, repeats: int, threads: int) -> dict:
+    """Per-round ratios original / variant at batch 1 and 8: median and interquartile range."""
+    runners = {"original": ort_runner(original, threads), "variant": ort_runner(variant, threads)}
+    times = interleaved_times(runners, {1: x[:1], 8: x[:8]}, repeats, warmup=2)
+    out = {}
+    for b in (1, 8):
+        ratios = [o / v for o, v in zip(times[("original", b)], times[("variant", b)])]
+        q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
+        out[f"b{b}"] = {"median": float(q2), "q1": float(q1), "q3": float(q3),
+                        "ms": statistics.median(times[("variant", b)]) * 1e3}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", default=str(SHARED_REAL))
+    parser.add_argument("--out", default="real-accuracy", help="folder for real_accuracy.{md,json,png}")
+    parser.add_argument("--limit", type=int, default=None, help="measure on the first N held-out photos only")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default=None, help="comma-separated subset of the variant names' numbers (1-based)")
+    args = parser.parse_args()
+    shared, out = Path(args.shared), Path(args.out)
+    if not (shared / "vit_tiny_tin200.safetensors").is_file():
+        raise SystemExit(f"{shared} holds no real ViT-Ti (see shared/real/README.md).")
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(VARIANTS)
+    if args.variants:
+        names = [names[int(i) - 1] for i in args.variants.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        exported = export_model("timm:vit_tiny_patch16_224", tmp / "vit_tiny.onnx",
+                                weights=str(shared / "vit_tiny_tin200.safetensors"), model_args={"num_classes": 200})
+        preprocessing = json.loads(exported.record_path.read_text())["preprocessing"]
+        files, labels = labelled_photos(shared)
+        x = load_calibration(shared / "val", (3, 224, 224), preprocessing)
+        np.save(tmp / "calib.npy", x[:CALIB])
+        held_x, held_y = x[CALIB:], labels[CALIB:]
+        if args.limit:
+            held_x, held_y = held_x[:args.limit], held_y[:args.limit]
+        base_flops = read_vit(exported.onnx_path).flops.total
+        rows = [{"variant": "original", "gflops": base_flops / 1e9, "flops_x": 1.0,
+                 "top1": top1(exported.onnx_path, held_x, held_y)}]
+        print(f"original: top-1 {rows[0]['top1'] * 100:.2f}% on {len(held_y)} held-out photos", flush=True)
+        for name in names:
+            options = ConvertOptions(build=False, calib=str(tmp / "calib.npy"), **VARIANTS[name])
+            start = time.perf_counter()
+            result = convert(exported.onnx_path, tmp / "out", replace(options, overwrite=True))
+            seconds = time.perf_counter() - start
+            row = {"variant": name, "gflops": result.flops_after / 1e9, "flops_x": base_flops / result.flops_after,
+                   "top1": top1(result.onnx_path, held_x, held_y), "convert_s": seconds,
+                   "speed": speed(exported.onnx_path, result.onnx_path, held_x, args.repeats, args.threads)}
+            rows.append(row)
+            print(f"{name}: {row['flops_x']:.2f}x fewer FLOPs, top-1 {row['top1'] * 100:.2f}% "
+                  f"({(row['top1'] - rows[0]['top1']) * 100:+.1f} pt), convert {seconds:.0f} s, speedup b1 "
+                  f"{row['speed']['b1']['median']:.2f} b8 {row['speed']['b8']['median']:.2f}", flush=True)
+    (out / "real_accuracy.json").write_text(json.dumps({"held_out": len(held_y), "calibration": CALIB,
+                                                        "rows": rows}, indent=1) + "\n")
+    (out / "real_accuracy.md").write_text(table(rows, len(held_y)))
+    plot(rows, out / "real_accuracy.png")
+    print(table(rows, len(held_y)))
+
+
+def table(rows: list[dict], held: int) -> str:
+    base = rows[0]["top1"]
+    lines = [f"ViT-Ti (real weights), top-1 on {held} held-out photos of shared/real/val, calibrated on the "
+             f"first {CALIB}; ONNX Runtime CPU speedup = median of per-round ratios [interquartile range]", "",
+             "| variant | GFLOPs | FLOPs × | top-1 | change | speedup b1 | speedup b8 | convert s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        sp = r.get("speed")
+        cell = (lambda b: f"{sp[b]['median']:.2f} [{sp[b]['q1']:.2f}–{sp[b]['q3']:.2f}]") if sp else (lambda b: "1")
+        lines.append(f"| {r['variant']} | {r['gflops']:.3f} | {r['flops_x']:.2f} | {r['top1'] * 100:.2f}% | "
+                     f"{(r['top1'] - base) * 100:+.1f} pt | {cell('b1')} | {cell('b8')} | "
+                     f"{r.get('convert_s', 0):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        comp = "compensation" in r["variant"]
+        ax.scatter(r["flops_x"], r["top1"] * 100, marker="o" if comp else "x", color="C0" if comp else "C3")
+        ax.annotate(r["variant"], (r["flops_x"], r["top1"] * 100), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("FLOPs reduction (×)")
+    ax.set_ylabel("top-1 on held-out photos (%)")
+    ax.set_title("Real ViT-Ti: structured pruning without training (o: compensated, x: not)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+if __name__ == "__main__":
+    main()
