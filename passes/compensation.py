@@ -109,31 +109,30 @@ class Removal:
 def greedy_removal(layers: list[tuple[np.ndarray, np.ndarray]], min_keep: int = 1, chunk: int = 1) -> Removal:
     """Remove inputs one (or `chunk`) at a time, always the one whose removal, with the remaining
     inputs refitted, adds the least error: ΔE_j = G_jj / P_jj with P = (Σ + λI)⁻¹ over what is kept,
-    then the compensation of j moves onto the others (rank-one updates of P and G). `layers` holds
-    (Σ, G) pairs that share their input indices and lose the same ones (CAIT's consistent heads);
-    their errors add."""
+    then the compensation of j moves onto the others (rank-one updates of P and G, which also zero
+    j's row and column). `layers` holds (Σ, G) pairs that share their input indices and lose the same
+    ones (CAIT's consistent heads); their errors add."""
     n = len(layers[0][0])
     state = [[np.linalg.inv(c + ridge(c) * np.eye(n)), g.astype(np.float64).copy()] for c, g in layers]
-    alive = list(range(n))
+    alive = np.ones(n, dtype=bool)
     order, errors, total = [], [0.0], 0.0
-    while len(alive) > min_keep:
-        cost = sum(np.diag(g) / np.diag(p) for p, g in state)
-        take = min(chunk, len(alive) - min_keep)
-        picks = np.argsort(cost, kind="stable")[:take].tolist()
-        for pos in sorted(picks, reverse=True):   # from the back: earlier positions stay valid
-            mask = np.ones(len(alive), dtype=bool)
-            mask[pos] = False
+    while alive.sum() > min_keep:
+        cost = np.full(n, np.inf)
+        cost[alive] = sum(np.diag(g)[alive] / np.diag(p)[alive] for p, g in state)
+        take = int(min(chunk, alive.sum() - min_keep))
+        for j in np.argsort(cost, kind="stable")[:take].tolist():
             for item in state:
                 p, g = item
-                pj, gj, pjj, gjj = p[:, pos].copy(), g[:, pos].copy(), p[pos, pos], g[pos, pos]
+                pj, gj, pjj, gjj = p[:, j].copy(), g[:, j].copy(), p[j, j], g[j, j]
                 total += gjj / pjj
                 a = pj / pjj
-                g = g - np.outer(a, gj) - np.outer(gj, a) + np.outer(a, a) * gjj
-                p = p - np.outer(pj, pj) / pjj
-                item[0], item[1] = p[np.ix_(mask, mask)], g[np.ix_(mask, mask)]
-            order.append(alive.pop(pos))
+                g -= np.outer(a, gj) + np.outer(gj, a) - np.outer(a, a) * gjj
+                p -= np.outer(pj, a)
+            alive[j] = False
+            order.append(j)
         errors.extend([total] * take)
-    return Removal(order + alive, np.array(errors + [np.inf] * len(alive)))
+    rest = np.flatnonzero(alive).tolist()
+    return Removal(order + rest, np.array(errors + [np.inf] * len(rest)))
 
 
 # --- writing fitted weights back into the graph -------------------------------------------------

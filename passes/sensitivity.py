@@ -28,7 +28,7 @@ from vit2trt.passes.compensation import (
 )
 from vit2trt.passes.structured_prune import AttentionWeights, BlockKeep, attention_weights, linear_bias, linear_weight
 
-QK_PROBE_LEVELS = 12   # QK levels measured per head; the curve is interpolated in between
+QK_PROBE_LEVELS = 8    # QK levels measured per head; the curve is interpolated in between
 
 
 def _gamma(tensors, scale) -> np.ndarray | float:
@@ -53,15 +53,20 @@ class BlockParts:
     gamma_ffn: np.ndarray | float
     scale: float
     stats: BlockStats
+    _heads: dict = field(default_factory=dict, repr=False)   # per-head tensors on the kept images
 
     def v_layer(self, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Head h's context moments (mean, Σ) and G = (W_proj,h γ)(W_proj,h γ)ᵀ."""
-        dv = self.w.head_dim_v
-        cols = slice(h * dv, (h + 1) * dv)
+        """Head h's part of the output projection's input: mean, Σ and G."""
+        cols = slice(h * self.w.head_dim_v, (h + 1) * self.w.head_dim_v)
+        mean, cov, gram = self.proj_layer()
+        return mean[cols], cov[cols, cols], gram[cols, cols]
+
+    def proj_layer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The whole output projection input's moments (mean, Σ) and G = (W_proj γ)(W_proj γ)ᵀ."""
         ctx = self.stats.context
         mean, cov = (ctx.mean, ctx.cov) if self.proj_bias is not None else (np.zeros(len(ctx.total)), ctx.second)
-        wp = self.w.wproj[cols].astype(np.float64) * self.gamma_attn
-        return mean[cols], cov[cols, cols], wp @ wp.T
+        wp = self.w.wproj.astype(np.float64) * self.gamma_attn
+        return mean, cov, wp @ wp.T
 
     def ffn_layer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hid = self.stats.hidden
@@ -76,23 +81,30 @@ class BlockParts:
     def attention_error(self, h: int, keep: list[int], compensate: bool) -> float:
         """E‖Δ output‖² per token of head h's attention (through the output projection) when its
         QK dims shrink to `keep`, on the calibration images kept whole."""
-        x = self.stats.attn_inputs.astype(np.float64)
-        w, dqk, dv = self.w, self.w.head_dim_qk, self.w.head_dim_v
-        cols = slice(h * dqk, (h + 1) * dqk)
-        wq, bq = w.wq[:, cols], None if w.bq is None else w.bq[cols]
-        wk, bk = w.wk[:, cols], None if w.bk is None else w.bk[cols]
-        q = x @ wq + (0 if bq is None else bq)
-        k = x @ wk + (0 if bk is None else bk)
-        probs = _softmax(q @ k.transpose(0, 2, 1) * self.scale)
+        x, q, k, probs, vp = self._head(h)
+        w, dqk = self.w, self.w.head_dim_qk
         if compensate:
-            wq, bq = compensate_queries(wq, bq, *self.qk_layer(h)[:1], keep)
-            q = x @ wq + (0 if bq is None else bq)
+            cols = slice(h * dqk, (h + 1) * dqk)
+            wq, bq = compensate_queries(w.wq[:, cols], None if w.bq is None else w.bq[cols], self.qk_layer(h)[0], keep)
+            q = x @ wq.astype(np.float32) + (0 if bq is None else bq.astype(np.float32))
         kept = np.asarray(keep)
-        pruned = _softmax(q[..., kept] @ k[..., kept].transpose(0, 2, 1) * self.scale)
-        vcols = slice(h * dv, (h + 1) * dv)
-        v = x @ w.wv[:, vcols] + (0 if w.bv is None else w.bv[vcols])
-        out = (pruned - probs) @ v @ (w.wproj[vcols].astype(np.float64) * self.gamma_attn)
-        return float(np.square(out).sum(-1).mean())
+        pruned = _softmax(q[..., kept] @ k[..., kept].transpose(0, 2, 1) * np.float32(self.scale))
+        return float(np.square((pruned - probs) @ vp).sum(-1).mean(dtype=np.float64))
+
+    def _head(self, h: int):
+        """Head h on the kept images: inputs, queries, keys, probabilities, V through the projection."""
+        if h not in self._heads:
+            x = self.stats.attn_inputs.astype(np.float32)
+            w, dqk, dv = self.w, self.w.head_dim_qk, self.w.head_dim_v
+            cols, vcols = slice(h * dqk, (h + 1) * dqk), slice(h * dv, (h + 1) * dv)
+            bias = lambda b, c: 0 if b is None else b[c].astype(np.float32)  # noqa: E731
+            q = x @ w.wq[:, cols].astype(np.float32) + bias(w.bq, cols)
+            k = x @ w.wk[:, cols].astype(np.float32) + bias(w.bk, cols)
+            probs = _softmax(q @ k.transpose(0, 2, 1) * np.float32(self.scale))
+            v = x @ w.wv[:, vcols].astype(np.float32) + bias(w.bv, vcols)
+            vp = v @ (w.wproj[vcols].astype(np.float64) * self.gamma_attn).astype(np.float32)
+            self._heads[h] = (x, q, k, probs, vp)
+        return self._heads[h]
 
 
 def measure_gains(model: onnx.ModelProto, vit: ViTGraph, parts: list[BlockParts], images: np.ndarray,
@@ -196,25 +208,17 @@ def compensate_keeps(model: onnx.ModelProto, vit: ViTGraph, stats: CalibrationSt
                 written[f"blocks.{keep.index}.q.bias"] = bq[kept]
             record["qk"] = _relative(before, after, p)
         if keep.v_keep is not None:
-            wp = w.wproj.copy()
-            bp = None if p.proj_bias is None else p.proj_bias.astype(np.float64).copy()
-            before = after = 0.0
-            for h, dims in enumerate(keep.v_keep):
-                mean, cov, gram = p.v_layer(h)
-                rows = slice(h * w.head_dim_v, (h + 1) * w.head_dim_v)
-                zero = None if bp is None else np.zeros(wp.shape[1])
-                new_w, shift = compensate_inputs(w.wproj[rows], zero, mean, cov, dims)
-                wp[rows] = new_w
-                if bp is not None:
-                    bp += shift
-                before += removal_error(cov, gram, dims, compensate=False, mean=mean)
-                after += removal_error(cov, gram, dims)
-            bp = None if bp is None else bp.astype(w.wproj.dtype)
-            write_linear(nodes, tensors, block.attn.proj, wp, bp)
-            written[f"blocks.{keep.index}.proj.weight"] = wp[_head_columns(keep.v_keep, w.head_dim_v)]
-            if bp is not None:
-                written[f"blocks.{keep.index}.proj.bias"] = bp
-            record["v"] = _relative(before, after, p)
+            # One fit over the whole projection input: a removed dim of one head is regressed on the
+            # kept dims of every head (any linear function of the projection's input folds into it).
+            kept = _head_columns(keep.v_keep, w.head_dim_v)
+            mean, cov, gram = p.proj_layer()
+            new_w, new_b = compensate_inputs(w.wproj, p.proj_bias, mean, cov, kept)
+            write_linear(nodes, tensors, block.attn.proj, new_w, new_b)
+            written[f"blocks.{keep.index}.proj.weight"] = new_w[kept]
+            if new_b is not None:
+                written[f"blocks.{keep.index}.proj.bias"] = new_b
+            record["v"] = _relative(removal_error(cov, gram, kept, compensate=False, mean=mean),
+                                    removal_error(cov, gram, kept), p)
         if keep.ffn_keep is not None:
             mean, cov, gram = p.ffn_layer()
             new_w, new_b = compensate_inputs(p.fc2, p.fc2_bias, mean, cov, keep.ffn_keep)
