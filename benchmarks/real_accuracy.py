@@ -41,6 +41,10 @@ VARIANTS = {   # name: convert options (calibration images are added)
     "toast 0.67 FLOPs + compensation": dict(method="toast", target_flops=0.67),
     "toast 0.67 FLOPs + compensation, --multiple 8": dict(method="toast", target_flops=0.67, multiple=8),
     "toast 0.5 FLOPs + compensation": dict(method="toast", target_flops=0.5),
+    "CAIT ATME only (stages 4,8)": dict(method="cait", channel_ratio=0.0, **NO),
+    "cait 0.67 FLOPs, stages 6,10, no compensation": dict(method="cait", target_flops=0.67, stages=[6, 10], **NO),
+    "cait 0.67 FLOPs, stages 6,10 + compensation": dict(method="cait", target_flops=0.67, stages=[6, 10]),
+    "cait 0.5 FLOPs, no compensation": dict(method="cait", target_flops=0.5, **NO),
     "cait 0.5 FLOPs + compensation": dict(method="cait", target_flops=0.5),
 }
 

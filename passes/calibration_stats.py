@@ -123,14 +123,16 @@ def collect_stats(model: onnx.ModelProto, vit: ViTGraph, inputs: np.ndarray,
     name = session.get_inputs()[0].name
     wanted = [t[2] for t in taps]
     kept: dict[int, list] = {b.index: [] for b in vit.blocks}
+    # With tokens to spare, every other one (alternating per chunk) is plenty for the wide layers' moments.
+    widest = max(max(b.ffn.hidden, b.attn.heads * b.attn.head_dim_v) for b in vit.blocks)
+    thin = len(inputs) * min(s.tokens for s in blocks) > 8 * widest
     for start in range(0, len(inputs), CHUNK):
         batch = np.ascontiguousarray(inputs[start:start + CHUNK], dtype=np.float32)
         values = dict(zip(wanted, session.run(wanted, {name: batch})))
         for index, role, tensor in taps:
             stats, w = blocks[index], weights[index]
             value = values[tensor].reshape(len(batch), stats.tokens, -1)
-            # of many tokens, every other one (alternating per chunk) is plenty for the wide layers' moments
-            rows = value[:, (start // CHUNK) % 2::2] if stats.tokens >= 64 else value
+            rows = value[:, (start // CHUNK) % 2::2] if thin else value
             if role == "hidden":
                 stats.hidden.add(rows.reshape(-1, value.shape[-1]))
             elif role == "context":

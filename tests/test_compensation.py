@@ -173,3 +173,36 @@ def test_target_flops_for_toast_needs_calibration_images(tmp_path, export_cache)
     result = runner.invoke(app, ["convert", str(exported.onnx_path), "--out", str(tmp_path / "out"), "--no-build",
                                  "--target-flops", "0.6"])
     assert result.exit_code == 2 and "--calib" in result.output and not (tmp_path / "out").exists()
+
+
+SHARED_REAL = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "real"
+
+
+@pytest.mark.skipif(not (SHARED_REAL / "vit_tiny_tin200.safetensors").is_file(),
+                    reason="../shared/real (the real pretrained ViT-Ti) is not present (fresh clone)")
+def test_compensation_recovers_accuracy_on_real_photos(tmp_path):
+    """Real weights, real photos: SCWP 0.5 calibrated on 128 photos, measured on 200 others."""
+    from vit2trt.converter.calibration import image_files, load_calibration
+    from vit2trt.converter.export import export_model
+
+    exported = export_model("timm:vit_tiny_patch16_224", tmp_path / "vit.onnx",
+                            weights=str(SHARED_REAL / "vit_tiny_tin200.safetensors"), model_args={"num_classes": 200})
+    files = image_files(SHARED_REAL / "val")
+    labels = dict(line.split() for line in (SHARED_REAL / "val.labels.txt").read_text().splitlines() if line.strip())
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for f in files[:328]:
+        (folder / f.name).symlink_to(f)
+    record = ReferenceRecord.load(exported.record_path)
+    x = load_calibration(folder, (3, 224, 224), record.preprocessing)
+    y = np.array([int(labels[f.name]) for f in image_files(folder)])
+    np.save(tmp_path / "calib.npy", x[:128])
+    held_x, held_y = x[128:], y[128:]
+    top1 = {}
+    for compensate in (False, True):
+        out = convert(exported.onnx_path, tmp_path / f"out{compensate}", ConvertOptions(
+            build=False, head_sparsity=0.5, calib=str(tmp_path / "calib.npy"), compensate=compensate))
+        top1[compensate] = float(np.mean(run_onnx(out.onnx_path, held_x).argmax(1) == held_y))
+    original = float(np.mean(run_onnx(exported.onnx_path, held_x).argmax(1) == held_y))
+    assert original > 0.55
+    assert top1[True] > top1[False] + 0.05
