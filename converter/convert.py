@@ -107,8 +107,13 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
         raise Vit2TrtError("--stages belongs to --method asvit or cait.")
     if options.method == "tome" and options.target_flops is not None:
         raise Vit2TrtError("--target-flops belongs to --method toast, cait or asvit; ToMe's budget is --r.")
-    if options.method not in ("toast", "cait") and (options.multiple != 1 or options.compensate):
-        raise Vit2TrtError("--multiple and --compensate belong to the structured methods, --method toast or cait.")
+    if options.method not in ("toast", "cait") and (options.multiple != 1 or options.compensate is not None):
+        raise Vit2TrtError("--multiple and --compensate/--no-compensate belong to the structured methods, "
+                           "--method toast or cait.")
+    if options.method == "toast" and options.target_flops is not None and (
+            options.fc1_ratios is not None or options.fc2_ratios is not None):
+        raise Vit2TrtError("--target-flops prunes FFN channels statically and counts no TCS; give it without "
+                           "--fc1/--fc2 (or use --target-gflops for ToaSt's schedules with TCS).")
     if options.compensate and not options.calib:
         raise Vit2TrtError("compensation fits on calibration images: give --calib DIR (or drop --compensate).")
     if options.method == "toast" and options.target_flops is not None and (
@@ -133,6 +138,10 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
     progress("reading the graph")
     original = load_onnx(model_path)
     vit = describe_vit(original, str(model_path))
+    if options.method in ("toast", "cait"):
+        from vit2trt.passes.sensitivity import check_multiple
+
+        check_multiple(vit, options.multiple)
     run = {"toast": _run_toast, "tome": _run_tome, "asvit": _run_asvit, "cait": _run_cait}[options.method]
     model, current, sections, notes = run(original, vit, options, model_path, progress)
     compensation = sections.pop("compensation_weights", None)
@@ -205,12 +214,12 @@ def _strip_zeroed(model, vit, progress):
 def _run_toast(model, vit, options: ConvertOptions, model_path, progress):
     model, current, stripped, keeps = _strip_zeroed(model, vit, progress)
     passes, notes = [stripped], []
-    stats = _calibration_stats(model, current, options, model_path, progress)
-    budget, compensation = None, {}
+    budget, compensation, stats = None, {}, None
     if options.target_flops is not None:
-        plan = plan_toast(current, None, options.fc1_ratios, options.fc2_ratios, None, None)
+        plan = plan_toast(current, None, None, None, None, None)
         from vit2trt.passes.sensitivity import plan_budget
 
+        stats = _calibration_stats(model, current, options, model_path, progress)
         new_keeps, budget = plan_budget(model, current, stats, options.target_flops * vit.flops.total,
                                         options.multiple, progress=progress)
         model, current, keeps = _prune_compensated(model, current, keeps, new_keeps, stats, options, passes,
@@ -225,6 +234,8 @@ def _run_toast(model, vit, options: ConvertOptions, model_path, progress):
         progress(f"SCWP at head sparsity {plan.head_sparsity:g}")
         scwp_keeps = scwp_keep(model, current, plan.head_sparsity, options.skip_blocks, options.multiple)
         if scwp_keeps:
+            if options.compensate is not False:
+                stats = _calibration_stats(model, current, options, model_path, progress)
             model, current, keeps = _prune_compensated(model, current, keeps, scwp_keeps, stats, options, passes,
                                                        compensation, "scwp", progress)
             passes[-1].update({"head_sparsity": plan.head_sparsity, "skipped_blocks": list(options.skip_blocks)})
@@ -259,18 +270,16 @@ def _run_toast(model, vit, options: ConvertOptions, model_path, progress):
 
 def _calibration_stats(model, vit, options: ConvertOptions, model_path, progress):
     """Activation moments for compensation and budgets, when calibration images are given."""
-    if not options.calib or options.compensate is False and options.target_flops is None:
+    if not options.calib:
         return None
     from vit2trt.converter.calibration import load_calibration
-    from vit2trt.passes.calibration_stats import check_enough, collect_stats
+    from vit2trt.passes.calibration_stats import collect_stats
 
     inputs = load_calibration(options.calib, (vit.in_chans, *vit.img_size),
                               (_record(model_path) or {}).get("preprocessing"), options.fit_limit,
                               progress=lambda done, total: progress(f"reading calibration images {done}/{total}"))
-    stats = collect_stats(model, vit, inputs,
-                          progress=lambda done, total: progress(f"calibration statistics {done}/{total} images"))
-    check_enough(stats, vit)
-    return stats
+    return collect_stats(model, vit, inputs,
+                         progress=lambda done, total: progress(f"calibration statistics {done}/{total} images"))
 
 
 def _prune_compensated(model, current, keeps, new_keeps, stats, options, passes, compensation, name, progress):
@@ -310,9 +319,6 @@ def _run_asvit(model, vit, options: ConvertOptions, model_path, progress):
     if thresholds is None:
         check_settings(vit, stages, [0.0] * len(stages), options.asvit_form)
         options.target_flops = 0.65 if options.target_flops is None else options.target_flops
-        if not 0.0 < options.target_flops <= 1.0:
-            raise Vit2TrtError(f"--target-flops is a fraction of the full model's FLOPs in (0, 1], "
-                               f"got {options.target_flops}.")
         thresholds, calibration = _calibrate_asvit(vit, stages, options, model_path, progress)
         if calibration["flops_fraction"] > options.target_flops + 1e-6:
             raise Vit2TrtError(f"--target-flops {options.target_flops:g} cannot be met by dropping tokens at stages "
@@ -345,11 +351,12 @@ def _run_cait(model, vit, options: ConvertOptions, model_path, progress):
     passes, notes, compensation, budget = [stripped], [], {}, None
     if keeps:
         notes.append("structure zeroed in the checkpoint (learned masks) was removed first.")
-    stats = _calibration_stats(model, current, options, model_path, progress)
+    stats = None
     if options.target_flops is not None:
         from vit2trt.passes.sensitivity import plan_budget
 
         ratio = None
+        stats = _calibration_stats(model, current, options, model_path, progress)
         new_keeps, budget = plan_budget(model, current, stats, options.target_flops * vit.flops.total,
                                         options.multiple, consistent=True, tokens=atme_plan.tokens,
                                         progress=progress)
@@ -359,6 +366,8 @@ def _run_cait(model, vit, options: ConvertOptions, model_path, progress):
     else:
         progress(f"CDCP: removing {ratio:g} of every head's attention channels, the same in every head")
         new_keeps, name = cdcp_keep(model, current, ratio, multiple=options.multiple), "cdcp"
+        if new_keeps and options.compensate is not False:
+            stats = _calibration_stats(model, current, options, model_path, progress)
         notes.append("CDCP chose channels without training (weight norms); CAIT learns them in fine-tuning, "
                      "so expect an accuracy drop until the pruned model is fine-tuned"
                      + (", which closed-form compensation reduces." if stats else "."))

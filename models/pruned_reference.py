@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from vit2trt.errors import Vit2TrtError
 from vit2trt.models.reference import HFLogits
 
 
@@ -157,7 +158,11 @@ def _prune_block_attention(block: nn.Module, hf: bool, keep: dict) -> None:
 
 def _set_compensated(blocks, hf: bool, weights: dict) -> None:
     for key, value in weights.items():
-        _, index, layer, kind = key.split(".")
+        parts = key.split(".")
+        if len(parts) != 4 or parts[2] not in ("q", "proj", "fc2") or not parts[1].isdigit() \
+                or int(parts[1]) >= len(blocks):
+            raise Vit2TrtError(f"compensation.safetensors holds '{key}', which names no pruned layer.")
+        _, index, layer, kind = parts
         block = blocks[int(index)]
         attn = block.attention if hf else block.attn
         target = {"q": getattr(attn, "q", None), "proj": attn.proj if isinstance(attn, PrunedAttention) else None,
@@ -165,5 +170,6 @@ def _set_compensated(blocks, hf: bool, weights: dict) -> None:
         param = getattr(target, kind, None) if target is not None else None
         value = torch.as_tensor(value)
         if param is None or param.shape != (value.t() if kind == "weight" else value).shape:
-            raise ValueError(f"compensated weight {key} {list(value.shape)} does not fit the pruned model.")
+            raise Vit2TrtError(f"compensated weight {key} {list(value.shape)} does not fit the pruned model; "
+                               "compensation.safetensors and decisions.json must come from the same convert.")
         param.copy_(value.t() if kind == "weight" else value)

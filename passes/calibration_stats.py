@@ -3,7 +3,7 @@
 One ONNX Runtime pass over the original graph, with the tensors that the fits need added as
 outputs: each block's attention input (the QKV projection's input), the output projection's input
 (the heads' merged context), the FFN's hidden activations (FC2's input) and the block output.
-Moments are accumulated in float64 chunk by chunk, so memory does not grow with the number of
+Moments are summed in float64 chunk by chunk (each chunk's products in float32), so memory does not grow with the number of
 images; a few images' attention inputs are kept whole, to measure attention-output distortion.
 """
 from __future__ import annotations
@@ -109,6 +109,7 @@ def _qk(w: AttentionWeights, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def collect_stats(model: onnx.ModelProto, vit: ViTGraph, inputs: np.ndarray,
                   progress: Callable[[int, int], None] = lambda done, total: None) -> CalibrationStats:
     """Moments of every block's activations over `inputs` [N, C, H, W] (one ONNX Runtime pass)."""
+    check_enough(len(inputs), vit)
     surgery = open_for_surgery(model)
     weights = [attention_weights(surgery.tensors, b.attn) for b in vit.blocks]
     taps = _tap_names(surgery, vit)
@@ -154,12 +155,12 @@ def collect_stats(model: onnx.ModelProto, vit: ViTGraph, inputs: np.ndarray,
     return CalibrationStats(len(inputs), blocks, np.ascontiguousarray(inputs[:PROBE_IMAGES], dtype=np.float32))
 
 
-def check_enough(stats: CalibrationStats, vit: ViTGraph) -> None:
+def check_enough(images: int, vit: ViTGraph) -> None:
     """A fit needs more calibration tokens than the widest layer it regresses on."""
-    tokens = min(s.hidden.count for s in stats.blocks)
+    tokens = images * min(b.tokens or vit.num_tokens for b in vit.blocks)
     widest = max(max(b.ffn.hidden, b.attn.heads * b.attn.head_dim_v) for b in vit.blocks)
     if tokens <= widest:
         raise Vit2TrtError(f"compensation needs more calibration tokens than the {widest} channels it fits on, got "
-                           f"{tokens} ({stats.images} images); give more images with --calib, or --no-compensate.")
+                           f"{tokens} ({images} images); give more images with --calib, or --no-compensate.")
 
 

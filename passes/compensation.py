@@ -4,7 +4,7 @@ When inputs R of a linear map y = x W + b are removed, what they carried is regr
 kept (ridge, centred): x_R ≈ μ_R + (x_S − μ_S) B with B = (Σ_SS + λI)⁻¹ Σ_SR, and the fit is folded
 into the kept weights, W'_S = W_S + B W_R and b' = b + (μ_R − μ_S B) W_R, so the pruned graph keeps
 exactly the shape it has without compensation. Used for FC2's inputs (FFN hidden channels) and,
-per head, for the output projection's inputs (V dims). For QK dims the removed keys are regressed
+for the output projection's inputs (V dims of every head, in one fit). For QK dims the removed keys are regressed
 on the kept keys (centred within each image: softmax ignores any term that is the same for every
 key) and the fit moves into the kept query weights: q'_S = q_S + B q_R (docs/methods/compensation.md).
 
@@ -130,7 +130,7 @@ def greedy_removal(layers: list[tuple[np.ndarray, np.ndarray]], min_keep: int = 
                 p -= np.outer(pj, a)
             alive[j] = False
             order.append(j)
-        errors.extend([total] * take)
+            errors.append(total)
     rest = np.flatnonzero(alive).tolist()
     return Removal(order + rest, np.array(errors + [np.inf] * len(rest)))
 
@@ -142,7 +142,8 @@ def _replace_input(node, name: str, value: np.ndarray, dtype) -> None:
     initializer between layers whose values happen to be equal, so it is never written in place."""
     for slot, tensor in enumerate(node.inputs):
         if tensor.name == name:
-            node.inputs[slot] = gs.Constant(f"{name}_compensated", values=np.ascontiguousarray(value.astype(dtype)))
+            node.inputs[slot] = gs.Constant(f"{node.name}/{name}_compensated",
+                                            values=np.ascontiguousarray(value.astype(dtype)))
             return
     raise Vit2TrtError(f"node '{node.name}' does not read '{name}'; cannot write the compensated weights.")
 

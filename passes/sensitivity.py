@@ -137,7 +137,7 @@ def measure_gains(model: onnx.ModelProto, vit: ViTGraph, parts: list[BlockParts]
     clean = session.run(None, {image_name: images, **zeros})[0]
     gains = []
     for p, name in zip(parts, names):
-        mean, cov, _ = p.ffn_layer()
+        _, cov, _ = p.ffn_layer()
         w2 = p.fc2.astype(np.float64) * p.gamma_ffn
         out_cov = w2.T @ cov @ w2
         vals, vecs = np.linalg.eigh(out_cov)
@@ -348,27 +348,26 @@ def allocated_keeps(knobs: list[Knob], depth: int) -> list[BlockKeep]:
     return [k for k in keeps.values() if k.qk_keep or k.v_keep or k.ffn_keep]
 
 
-def block_flops_at(vit: ViTGraph, tokens: list[int], qk: int, v: int, ffn: int, block) -> int:
+def block_flops_at(tokens: list[int], qk: int, v: int, ffn: int, block) -> int:
     n, d, h = tokens[block.index], block.attn.proj.out_features, block.attn.heads
     return (qk + v) * h * (2 * n * d + n * n) + ffn * 2 * n * d
 
 
 def plan_budget(model: onnx.ModelProto, vit: ViTGraph, stats: CalibrationStats, target: float,
                 multiple: int = 1, consistent: bool = False, tokens: Optional[list[int]] = None,
-                extra_flops: int = 0, progress: Callable[[str], None] = lambda msg: None) -> tuple[list[BlockKeep], dict]:
+                progress: Callable[[str], None] = lambda msg: None) -> tuple[list[BlockKeep], dict]:
     """Keep lists for every block such that the model does at most `target` multiply-accumulates.
-    `tokens` are the tokens each block sees (fewer after token merging); `extra_flops` is work the
-    other passes add."""
+    `tokens` are the tokens each block will see (fewer after token merging)."""
     check_multiple(vit, multiple)
     tokens = tokens or [b.tokens or vit.num_tokens for b in vit.blocks]
     parts = block_parts(model, vit, stats)
     progress("measuring how each block's errors reach the outputs")
     gains = measure_gains(model, vit, parts, stats.probe)
     knobs = measure_knobs(parts, vit, tokens, gains, multiple, consistent, progress)
-    full_blocks = sum(block_flops_at(vit, [vit.num_tokens] * vit.depth, b.attn.head_dim_qk, b.attn.head_dim_v,
+    full_blocks = sum(block_flops_at([b.tokens or vit.num_tokens for b in vit.blocks], b.attn.head_dim_qk, b.attn.head_dim_v,
                                      b.ffn.hidden, b) for b in vit.blocks)
     # What the blocks' prunable matmuls do not cover (patch embedding, head, token-pass extras).
-    fixed = vit.flops.total - full_blocks + extra_flops
+    fixed = vit.flops.total - full_blocks
     allocate(knobs, fixed, target)
     chosen = {(k.block, k.kind): k.counts[k.level] for k in knobs}
     record = {"target_macs": int(target), "multiple": multiple, "consistent": consistent,
