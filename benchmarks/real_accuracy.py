@@ -150,7 +150,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        comp = "compensation" in r["variant"]
+        comp = "+ compensation" in r["variant"]
         ax.scatter(r["flops_x"], r["top1"] * 100, marker="o" if comp else "x", color="C0" if comp else "C3")
         ax.annotate(r["variant"], (r["flops_x"], r["top1"] * 100), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
