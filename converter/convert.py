@@ -393,7 +393,8 @@ def _fusion_notes(vit) -> list[str]:
     if not bad:
         return []
     return [f"attention in blocks {', '.join(bad)} (QK/V head dims) cannot use TensorRT's fused attention, which "
-            "needs head dims from 16 to 256 that are multiples of 8; --multiple 8 (and at least 16 dims) keeps it."]
+            "needs head dims from 16 to 256 that are multiples of 8 (--multiple 8 keeps multiples of 8; a head kept at "
+            "fewer than 16 dims still cannot fuse)."]
 
 
 def _calibrate_asvit(vit, stages, options: ConvertOptions, model_path, progress):

@@ -206,3 +206,13 @@ def test_compensation_recovers_accuracy_on_real_photos(tmp_path):
     original = float(np.mean(run_onnx(exported.onnx_path, held_x).argmax(1) == held_y))
     assert original > 0.55
     assert top1[True] > top1[False] + 0.05
+
+
+@pytest.mark.skipif(__import__("vit2trt.converter.engine", fromlist=["tensorrt_backend"]).tensorrt_backend()[1] is None,
+                    reason="no tensorrt or tensorrt_rtx module")
+def test_budgeted_compensated_graph_builds_with_tensorrt(tmp_path, export_cache, calib_npy):
+    exported = export_cache(*SMALL_VIT, "torchscript")
+    result = runner.invoke(app, ["convert", str(exported.onnx_path), "--method", "cait", "--target-flops", "0.4",
+                                 "--calib", str(calib_npy), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.engine").stat().st_size > 10_000
