@@ -23,7 +23,7 @@ from vit2trt.passes.scwp import scwp_keep
 from vit2trt.passes.strip_zeros import strip_dead_structure
 from vit2trt.passes.structured_prune import BlockKeep, prune_structure
 from vit2trt.passes.tcs import apply_tcs, tcs_blocks
-from vit2trt.passes.toast_plan import plan_toast
+from vit2trt.passes.toast_plan import ToastPlan, plan_toast
 from vit2trt.passes.tome import apply_tome
 
 METHODS = ("toast", "tome", "asvit", "cait")
@@ -216,8 +216,9 @@ def _run_toast(model, vit, options: ConvertOptions, model_path, progress):
     passes, notes = [stripped], []
     budget, compensation, stats = None, {}, None
     if options.target_flops is not None:
-        plan = plan_toast(current, None, None, None, None, None)
         from vit2trt.passes.sensitivity import plan_budget
+
+        plan = ToastPlan(None, None, None)   # the budget replaces SCWP and TCS
 
         stats = _calibration_stats(model, current, options, model_path, progress)
         new_keeps, budget = plan_budget(model, current, stats, options.target_flops * vit.flops.total,
