@@ -11,12 +11,12 @@ from typing import Callable, Optional
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from vit2trt.converter.engine import BuildOptions, build_engine, check_build, report_dict
 from vit2trt.converter.graph_reader import describe_vit
 from vit2trt.converter.loading import load_onnx
 from vit2trt.converter.report import block_table, flops_breakdown, render_report
+from vit2trt.converter.shapes import memory_session
 from vit2trt.converter.vit_graph import BuildReport
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.scwp import scwp_keep
@@ -458,9 +458,7 @@ def _agreement(original: onnx.ModelProto, compressed: onnx.ModelProto, inputs: n
     """ONNX Runtime outputs of both graphs on the same inputs, in batches of 8."""
     outs = []
     for model in (original, compressed):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = memory_session(model)
         name = session.get_inputs()[0].name
         outs.append(np.concatenate([session.run(None, {name: inputs[i:i + 8]})[0] for i in range(0, len(inputs), 8)]))
     ref, got = outs

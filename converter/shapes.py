@@ -17,6 +17,32 @@ from vit2trt.errors import NotAViTError
 _PROTOBUF_LIMIT = 2**31 - 1 - 64 * 2**20  # leave headroom for the graph itself
 
 
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also returns the tensors `names`."""
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(model)
+    present = {o.name for o in tapped.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in present:
+            tapped.graph.output.append(onnx.ValueInfoProto(name=name))
+    return tapped
+
+
+def memory_session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session of an in-memory model, through a temporary file with external
+    data when the model is beyond protobuf's 2 GB limit (ONNX Runtime reads it all at creation)."""
+    options = ort.SessionOptions()
+    if not optimize:   # keep node and tensor names exactly as in the file
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    if model.ByteSize() < _PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 def observe_shapes(
     model: onnx.ModelProto, tensor_names: list[str], input_shape: tuple[int, ...]
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
@@ -25,30 +51,13 @@ def observe_shapes(
     Returns the shapes of `tensor_names` and the values of those that are small integer tensors
     (reshape targets and the like).
     """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    graph_outputs = {o.name for o in probe.graph.output}
-    for name in tensor_names:
-        if name not in graph_outputs:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-            graph_outputs.add(name)
+    probe = with_outputs(model, tensor_names)
     elem_type = model.graph.input[0].type.tensor_type.elem_type
     dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
     data = np.random.default_rng(0).standard_normal(input_shape).astype(dtype)
-    options = ort.SessionOptions()
-    # Keep node and tensor names exactly as in the file.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
     try:
-        if probe.ByteSize() < _PROTOBUF_LIMIT:
-            session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            results = session.run(list(tensor_names), {model.graph.input[0].name: data})
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "probe.onnx")
-                onnx.save(probe, path, save_as_external_data=True, location="probe.onnx.data")
-                session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-                results = session.run(list(tensor_names), {model.graph.input[0].name: data})
+        session = memory_session(probe, optimize=False)
+        results = session.run(list(tensor_names), {model.graph.input[0].name: data})
     except Exception as exc:  # ORT raises many exception types for a graph it cannot run
         raise NotAViTError(
             f"ONNX Runtime could not run the graph at batch 1 with input shape {list(input_shape)}: "

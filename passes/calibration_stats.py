@@ -13,9 +13,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from vit2trt.converter.graph_utils import open_for_surgery
+from vit2trt.converter.shapes import memory_session, with_outputs
 from vit2trt.converter.vit_graph import ViTGraph
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.structured_prune import AttentionWeights, attention_weights
@@ -88,16 +88,6 @@ def _tap_names(surgery, vit: ViTGraph) -> list[tuple[int, str, str]]:
     return taps
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    tapped = onnx.ModelProto()
-    tapped.CopyFrom(model)
-    present = {o.name for o in tapped.graph.output}
-    for name in dict.fromkeys(names):
-        if name not in present:
-            tapped.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return tapped
-
-
 def _qk(w: AttentionWeights, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Queries and keys [B, N, heads, dim] of attention inputs x [B, N, D]."""
     q = x @ w.wq + (0 if w.bq is None else w.bq)
@@ -113,10 +103,7 @@ def collect_stats(model: onnx.ModelProto, vit: ViTGraph, inputs: np.ndarray,
     surgery = open_for_surgery(model)
     weights = [attention_weights(surgery.tensors, b.attn) for b in vit.blocks]
     taps = _tap_names(surgery, vit)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(_with_outputs(model, [t[2] for t in taps]).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = memory_session(with_outputs(model, [t[2] for t in taps]))
     blocks = [BlockStats(b.index, b.tokens or vit.num_tokens) for b in vit.blocks]
     for stats, w in zip(blocks, weights):
         stats.keys = [Moments() for _ in range(w.heads)]
