@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from vit2trt.converter.convert import ConvertOptions, asvit_flops_model, asvit_inputs
 from vit2trt.converter.files import write_atomically
 from vit2trt.converter.graph_reader import read_vit
 from vit2trt.errors import Vit2TrtError
+from vit2trt.passes.methods.asvit import asvit_flops_model, asvit_inputs
 
 
 def tune_asvit_thresholds(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: Optional[str],
@@ -35,9 +35,7 @@ def tune_asvit_thresholds(model_path: str | os.PathLike, out_path: str | os.Path
     vit = read_vit(model_path)
     stages = stages or default_stages(vit.depth)
     check_settings(vit, stages, [0.0] * len(stages), "packed")
-    options = ConvertOptions(method="asvit", calib=calib, calib_limit=calib_limit, target_flops=target_flops,
-                             seed=seed, build=False)
-    model, images, described = asvit_inputs(vit, options, model_path)
+    model, images, described = asvit_inputs(vit, model_path, calib, calib_limit, seed)
     block_flops, fixed = asvit_flops_model(vit)
     progress(f"calibrating starting thresholds on {described}")
     start, fraction = calibrate_thresholds(model, images, stages, block_flops, fixed, target_flops)

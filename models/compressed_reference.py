@@ -29,24 +29,21 @@ def compensation_weights(decisions: dict, out_dir: Optional[Path]) -> Optional[d
 
 
 def compressed_reference(model: nn.Module, decisions: dict, out_dir: Optional[Path] = None) -> nn.Module:
-    """`out_dir` is where decisions.json lies (compensated weights are read from there)."""
-    method = decisions.get("method")
+    """`out_dir` is where decisions.json lies (compensated weights are read from there). The pruned
+    structure of every part (decisions' 'blocks', 'tcs' and compensated weights) is applied first,
+    then each part wraps the model in the order it ran (a composition lists them under 'parts')."""
+    from vit2trt.passes.methods import REGISTRY
+
     weights = compensation_weights(decisions, out_dir)
-    if method == "toast":
+    parts = decisions.get("parts") or [decisions]
+    unknown = [p.get("method") for p in parts if p.get("method") not in REGISTRY]
+    if unknown:
+        raise Vit2TrtError(f"decisions.json names an unknown method '{unknown[0]}'.")
+    if decisions.get("blocks") or decisions.get("tcs") or weights:
         from vit2trt.models.pruned_reference import apply_decisions
 
-        return apply_decisions(model, decisions, weights)
-    if method == "tome":
-        from vit2trt.models.tome_reference import ToMeViT
-
-        return ToMeViT(model, decisions["tome"]["r"]).eval()
-    if method == "asvit":
-        from vit2trt.models.asvit_reference import ASViT
-
-        return ASViT(model, decisions["settings"]["stages"], decisions["settings"]["thresholds"]).eval()
-    if method == "cait":
-        from vit2trt.models.cait_reference import CAITViT
-
-        atme = decisions["atme"]
-        return CAITViT(model, atme["stages"], atme["axes"], {"blocks": decisions.get("blocks", [])}, weights).eval()
-    raise Vit2TrtError(f"decisions.json names an unknown method '{method}'.")
+        model = apply_decisions(model, decisions, weights)
+    model = model.eval()
+    for part in parts:
+        model = REGISTRY[part["method"]].reference(model, part)
+    return model

@@ -352,14 +352,22 @@ def block_flops_at(tokens: list[int], qk: int, v: int, ffn: int, block) -> int:
 
 def plan_budget(model: onnx.ModelProto, vit: ViTGraph, stats: CalibrationStats, target: float,
                 multiple: int = 1, consistent: bool = False, tokens: Optional[list[int]] = None,
-                progress: Callable[[str], None] = lambda msg: None) -> tuple[list[BlockKeep], dict]:
+                progress: Callable[[str], None] = lambda msg: None,
+                cache: Optional[dict] = None) -> tuple[list[BlockKeep], dict]:
     """Keep lists for every block such that the model does at most `target` multiply-accumulates.
-    `tokens` are the tokens each block will see (fewer after token merging)."""
+    `tokens` are the tokens each block will see (fewer after token merging). `cache` keeps the
+    measured gains of a graph for later budgets on the same graph and statistics (the planner)."""
     check_multiple(vit, multiple)
     tokens = tokens or [b.tokens or vit.num_tokens for b in vit.blocks]
     parts = block_parts(model, vit, stats)
-    progress("measuring how each block's errors reach the outputs")
-    gains = measure_gains(model, vit, parts, stats.probe)
+    key = ("gains", id(stats)) if cache is not None else None
+    if key is not None and key in cache:
+        gains = cache[key]
+    else:
+        progress("measuring how each block's errors reach the outputs")
+        gains = measure_gains(model, vit, parts, stats.probe)
+        if key is not None:
+            cache[key] = gains
     knobs = measure_knobs(parts, vit, tokens, gains, multiple, consistent, progress)
     full_blocks = sum(block_flops_at([b.tokens or vit.num_tokens for b in vit.blocks], b.attn.head_dim_qk, b.attn.head_dim_v,
                                      b.ffn.hidden, b) for b in vit.blocks)

@@ -192,7 +192,7 @@ def test_hf_dynamo_masks_are_refused(export_cache):
     (["--method", "cait", "--stages", "2,1"], "increasing block indices"),
     (["--method", "cait", "--stages", "1,9"], "increasing block indices"),
     (["--method", "cait", "--channel-ratio", "1"], "in [0, 1)"),
-    (["--method", "tome", "--channel-ratio", "0.5"], "belong to --method cait"),
+    (["--method", "tome", "--channel-ratio", "0.5"], "belongs to --method cait"),
     (["--method", "toast", "--stages", "1"], "belongs to --method asvit or cait"),
 ])
 def test_bad_cait_requests_write_nothing(tmp_path, export_cache, argv, needle):

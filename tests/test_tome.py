@@ -114,7 +114,7 @@ def test_convert_with_tome_writes_a_reproducible_result(tmp_path, export_cache):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--method", "tome", "--r", "-1"], "non-negative"),
-    (["--method", "tome", "--head-sparsity", "0.5"], "belong to --method toast"),
+    (["--method", "tome", "--head-sparsity", "0.5"], "belongs to --method toast"),
 ])
 def test_bad_tome_requests_write_nothing(tmp_path, export_cache, argv, needle):
     from typer.testing import CliRunner

@@ -1,6 +1,7 @@
 """The `vit2trt` command line."""
 from __future__ import annotations
 
+import inspect as pyinspect
 import json
 import os
 import re
@@ -124,33 +125,68 @@ def inspect(
             _print_description(graph)
 
 
-@app.command()
+def method_option_parameters() -> list[pyinspect.Parameter]:
+    """One command-line option per method option in the registry, grouped by method in --help; an
+    option several methods declare (--target-flops, --stages, --multiple) appears once."""
+    from vit2trt.passes.methods import REGISTRY, available, option_fields
+
+    owners: dict[str, list] = {}
+    for name in available():
+        for spec in option_fields(REGISTRY[name].Options):
+            owners.setdefault(spec.name, []).append((REGISTRY[name], spec))
+    params = []
+    for field_name, declared in owners.items():
+        method, spec = declared[0]
+        meta = spec.metadata
+        cli_type = meta["cli_type"] or (float if spec.default is None else type(spec.default))
+        decls = [f"{meta['flag']}/{meta['secondary']}"] if meta["secondary"] else [meta["flag"]]
+        group = ", ".join(m.name for m, _ in declared)   # plain help has no panels: a prefix groups them
+        default = spec.default
+        params.append(pyinspect.Parameter(
+            field_name, pyinspect.Parameter.KEYWORD_ONLY, annotation=Optional[cli_type],
+            default=typer.Option(default, *decls, help=f"[{group}] {meta['help']}", rich_help_panel=method.title,
+                                 show_default=default is not None)))
+    return params
+
+
+def method_options_given(values: dict, settings: List[str]) -> dict:
+    """The method options the user set: values that differ from their defaults, and --set part.option=value."""
+    from vit2trt.passes.methods import REGISTRY, option_fields
+
+    defaults = {f.name: f.default for m in REGISTRY.values() for f in option_fields(m.Options)}
+    given = {k: v for k, v in values.items() if k in defaults and v != defaults[k]}
+    for pair in settings:
+        key, sep, raw = pair.partition("=")
+        part, dot, name = key.partition(".")
+        if not sep or not dot or not part or not name:
+            raise Vit2TrtError(f"--set '{pair}' is not METHOD.OPTION=VALUE (for example --set cait.stages=6,10).")
+        spec = next((f for f in option_fields(REGISTRY[part].Options) if f.name == name), None) \
+            if part in REGISTRY else None
+        if spec is None:
+            raise Vit2TrtError(f"--set {key}: no such method option; options are named as in decisions.json, "
+                               "e.g. toast.target_flops, cait.stages, tome.r.")
+        cli_type = spec.metadata["cli_type"] or (float if spec.default is None else type(spec.default))
+        try:
+            given[key] = (raw.lower() in ("1", "true", "yes")) if cli_type is bool else cli_type(raw)
+        except ValueError:
+            raise Vit2TrtError(f"--set {key}: '{raw}' is not a {cli_type.__name__}.") from None
+    return given
+
+
 def convert(
     model: Path = typer.Argument(..., help="An exported ViT .onnx file."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: model.onnx, decisions.json, report.json, model.engine."),
-    method: str = typer.Option("toast", "--method", help="Compression method: toast, tome, asvit or cait."),
-    tome_r: int = typer.Option(13, "--r", help="ToMe: tokens merged after each block's attention (clipped to half the tokens)."),
-    head_sparsity: Optional[float] = typer.Option(None, "--head-sparsity", help="ToaSt SCWP: fraction of every head's QK and V dims to remove, e.g. 0.9 (all blocks but the first)."),
-    target_gflops: Optional[float] = typer.Option(None, "--target-gflops", help="Use ToaSt's published schedule for this budget (DeiT-T/S/B, MAE-B/L/H), or solve back-loaded TCS ratios for other models."),
-    fc1: Optional[str] = typer.Option(None, "--fc1", help="TCS: per-block fractions of FC1 input channels to drop, comma-separated."),
-    fc2: Optional[str] = typer.Option(None, "--fc2", help="TCS: per-block fractions of FC2 input channels (hidden units) to drop."),
-    tcs_shared: bool = typer.Option(False, "--tcs-shared", help="TCS: one channel set per batch, as the official code (default: per image, batch-independent)."),
-    thresholds: Optional[str] = typer.Option(None, "--thresholds", help="AS-ViT: θ per stage, comma-separated or a JSON file ({\"thresholds\": [...]}, optional \"stages\"). Default: calibrated."),
-    stages: Optional[str] = typer.Option(None, "--stages", help="AS-ViT: blocks before which tokens are dropped (default 4,7,10 for 12 blocks). CAIT: blocks before which neighbouring tokens merge (default 4,8)."),
-    channel_ratio: Optional[float] = typer.Option(None, "--channel-ratio", help="CAIT: fraction of every head's attention channels to remove, the same channels in every head (default 0.25)."),
-    restore_grid: bool = typer.Option(False, "--restore-grid", help="CAIT: add an output with the final tokens copied back onto the full token grid, for dense heads."),
-    target_flops: Optional[float] = typer.Option(None, "--target-flops", help="Fraction of the original FLOPs. toast, cait: every block's QK dims, V dims and FFN channels are chosen by measured sensitivity (needs --calib). asvit: the thresholds are calibrated to meet it on average (default 0.65)."),
-    multiple: int = typer.Option(1, "--multiple", help="toast, cait: kept head dims and FFN channels are multiples of N (8 lets TensorRT fuse attention for head dims 16-256)."),
-    compensate: Optional[bool] = typer.Option(None, "--compensate/--no-compensate", help="toast, cait: fit what pruning removes from what it keeps, in closed form on the --calib images, and fold it into the kept weights (default: on with --calib)."),
-    fit_images: int = typer.Option(512, "--fit-images", help="Calibration images the compensation and the sensitivity budget use at most."),
-    asvit_form: str = typer.Option("packed", "--asvit-form", help="AS-ViT graph: packed (the sequence shrinks; at batch > 1 the linear layers run on all images' kept tokens packed together), dynamic (the sequence shrinks to the batch's largest count) or bounded (masking only, no data-dependent shapes)."),
+    method: str = typer.Option("toast", "--method", help="Compression method: toast, tome, asvit or cait, or a composition: toast+tome, toast+asvit, cait+tome, toast+cait (structured parts run first, the token part last)."),
+    set_options: List[str] = typer.Option([], "--set", metavar="METHOD.OPTION=VALUE", help="[compositions] An option for one part of a composition, e.g. --set cait.target_flops=0.8 (repeatable).", rich_help_panel="Compositions"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W] array for the agreement check."),
+    fit_images: int = typer.Option(512, "--fit-images", help="Calibration images the compensation and the sensitivity budget use at most."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build a TensorRT engine of the result (--no-build: same as --engine none)."),
     engine: str = typer.Option("auto", "--engine", help="auto (TensorRT with a GPU, else TensorRT-RTX, else none), tensorrt, tensorrt-rtx or none."),
     batch: str = typer.Option("1,1,8", "--batch", help="Engine optimization profile: min,opt,max batch."),
     precision: str = typer.Option("fp32", "--precision", help="Engine precision: fp32, fp16 or bf16 (TensorRT-RTX is strongly typed: fp16 converts the graph; bf16 needs full TensorRT)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
     seed: int = typer.Option(0, "--seed", help="Seed of the check inputs."),
+    **method_values,
 ):
     """Compress a ViT graph by surgery. toast: strip zeroed QK/VO dims and FFN channels (the main path
     after masked fine-tuning); prune head dims by SCWP (--head-sparsity), or QK dims, V dims and FFN
@@ -159,20 +195,15 @@ def convert(
     is compensated in closed form on the calibration images. tome: ToMe token merging of
     --r tokens per block. asvit: adaptive token pruning by class attention (--thresholds or
     calibrated for --target-flops). cait: consistent attention channel pruning (--channel-ratio) and
-    asymmetric merging of neighbouring tokens (--stages). Every graph is native ONNX."""
+    asymmetric merging of neighbouring tokens (--stages). Methods compose with '+'. Every graph is
+    native ONNX."""
     with _user_errors():
         from vit2trt.converter.convert import ConvertOptions, convert as run_convert
 
-        asvit_thresholds, asvit_stages = _asvit_settings(thresholds, stages)
-        options = ConvertOptions(method=method, head_sparsity=head_sparsity, target_gflops=target_gflops,
-                                 asvit_thresholds=asvit_thresholds, stages=asvit_stages,
-                                 channel_ratio=channel_ratio, restore_grid=restore_grid,
-                                 target_flops=target_flops, asvit_form=asvit_form, multiple=multiple,
-                                 compensate=compensate, fit_limit=fit_images,
-                                 fc1_ratios=_ratios(fc1, "--fc1"), fc2_ratios=_ratios(fc2, "--fc2"),
-                                 tcs_shared=tcs_shared, tome_r=tome_r, calib=str(calib) if calib else None, build=build,
-                                 engine=engine, batch=_batch_profile(batch), precision=precision,
-                                 seed=seed, overwrite=overwrite)
+        options = ConvertOptions(method=method, calib=str(calib) if calib else None, fit_limit=fit_images,
+                                 build=build, engine=engine, batch=_batch_profile(batch), precision=precision,
+                                 seed=seed, overwrite=overwrite,
+                                 **method_options_given(method_values, set_options))
         with _progress("converting") as report:
             result = run_convert(model, out_dir, options, progress=report)
         ratio = result.flops_before / max(result.flops_after, 1)
@@ -200,6 +231,75 @@ def convert(
                 err.print(f"error: the engine build failed; {result.out_dir}/model.onnx and report.json are kept.",
                           style="red")
                 raise typer.Exit(1)
+
+
+def _register_convert() -> None:
+    signature = pyinspect.signature(convert, eval_str=True)
+    fixed = [p for p in signature.parameters.values() if p.kind != pyinspect.Parameter.VAR_KEYWORD]
+    params = fixed + method_option_parameters()
+    convert.__signature__ = signature.replace(parameters=params)
+    convert.__annotations__ = {p.name: p.annotation for p in params}
+    app.command("convert")(convert)
+
+
+_register_convert()
+
+
+@app.command()
+def plan(
+    model: Path = typer.Argument(..., help="An exported ViT .onnx file."),
+    calib: Path = typer.Option(..., "--calib", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W]; one part fits the methods, the rest (--holdout) judges them."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: plan.md, plan.json, plan.png and the chosen model as convert writes it."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image (as validate reads them): the drop is then top-1 accuracy; without it, top-1 disagreement with the original."),
+    target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Choose the most accurate candidate at least this much faster than the original."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Choose the fastest candidate whose top-1 drop on the held-out images is at most this fraction (0.01 = one point)."),
+    runtime: str = typer.Option("ort", "--runtime", help="Where latency is measured: ort (ONNX Runtime CPU) or tensorrt (needs full TensorRT and a GPU)."),
+    batch: int = typer.Option(1, "--batch", help="Batch size the latency is measured at."),
+    time_limit: float = typer.Option(900, "--time-limit", help="Seconds the search may take; it then keeps the best found so far."),
+    calib_limit: int = typer.Option(256, "--calib-limit", help="Calibration images read at most."),
+    holdout: float = typer.Option(0.5, "--holdout", help="Fraction of the images held out for judging (never fitted on)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Families to search, comma-separated (default: tome, cait, toast, toast+tome, cait+tome, asvit where it applies)."),
+    rounds: int = typer.Option(15, "--rounds", help="Back-to-back timing pairs per candidate."),
+    threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
+    build: bool = typer.Option(True, "--build/--no-build", help="Build a TensorRT engine of the chosen model."),
+    engine: str = typer.Option("auto", "--engine", help="auto, tensorrt, tensorrt-rtx or none (the chosen model's engine)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fit / held-out split and of the timing input."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+):
+    """Find the fastest compressed model within an accuracy budget (--max-drop), or the most accurate
+    one at a speed (--target-speedup): searches methods, compositions and their budgets coarse to fine,
+    measuring every candidate's latency against the original and its accuracy on held-out images.
+    Ctrl-C or --time-limit keeps the best model found so far."""
+    with _user_errors():
+        from vit2trt.converter.plan import PlanOptions, plan as run_plan
+
+        options = PlanOptions(calib=str(calib), out_dir=str(out_dir), labels=str(labels) if labels else None,
+                              target_speedup=target_speedup, max_drop=max_drop, runtime=runtime, batch=batch,
+                              time_limit=time_limit, calib_limit=calib_limit, holdout=holdout, threads=threads,
+                              rounds=rounds, methods=methods.split(",") if methods else None, build=build,
+                              engine=engine, seed=seed, overwrite=overwrite)
+        with _progress("planning") as report:
+            result = run_plan(model, options, progress=report)
+        table = Table(box=box.SIMPLE_HEAD, title=f"candidates (runtime {runtime}, batch {batch})")
+        for column in ("", "candidate", "FLOPs x", "speedup [IQR]", "agreement", "KL", "top-1", "drop pt"):
+            table.add_column(column, justify="left" if column in ("", "candidate") else "right")
+        for c in result.candidates:
+            if c.error:
+                continue
+            mark = "chosen" if c is result.chosen else ("pareto" if c.pareto else "")
+            table.add_row(mark, escape(c.label), f"{c.flops_ratio:.2f}",
+                          f"{c.speedup:.2f} [{c.speedup_iqr[0]:.2f}-{c.speedup_iqr[1]:.2f}]",
+                          f"{c.agreement * 100:.1f}%", f"{c.kl:.4f}",
+                          f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "-", f"{c.drop * 100:+.2f}")
+        out.print(table)
+        for note in result.notes:
+            out.print(f"note: {note}", style="yellow")
+        if result.chosen is None:
+            err.print(f"error: no candidate met the budget; {result.out_dir}/plan.md lists what was tried.", style="red")
+            raise typer.Exit(1)
+        out.print(f"chose {escape(result.chosen.label)}: {result.chosen.speedup:.2f}x faster, top-1 drop "
+                  f"{result.chosen.drop * 100:+.2f} pt on held-out images; wrote {result.out_dir}/ (plan.md, "
+                  "plan.json, plan.png, model.onnx, decisions.json, report)")
 
 
 @app.command("tune-thresholds")

@@ -1,0 +1,478 @@
+"""`vit2trt plan`: the fastest compressed model within an accuracy budget, or the most accurate at a speed.
+
+The calibration images are split once (seeded): the methods fit on one part and every candidate is
+judged on the other, which no method saw. For each candidate the planner measures latency on the
+target runtime against the original, in interleaved pairs, and the accuracy proxy on the held-out
+part: top-1 agreement and KL divergence to the original, and top-1 accuracy when labels are given.
+
+The search is coarse to fine: each family (a method or a composition) is a list of settings from
+mild to aggressive; families are walked until they pass the budget, then the step where a family
+crosses the budget is halved. Accuracy falls and speed rises along a family, which lets the walk
+stop early.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from vit2trt.converter.files import write_atomically
+from vit2trt.errors import Vit2TrtError
+
+RUNTIMES = ("ort", "tensorrt")
+
+
+@dataclass
+class PlanOptions:
+    calib: str
+    out_dir: str
+    labels: Optional[str] = None
+    target_speedup: Optional[float] = None
+    max_drop: Optional[float] = None
+    runtime: str = "ort"
+    batch: int = 1
+    time_limit: float = 900.0          # seconds for the search (the chosen model's conversion comes after)
+    calib_limit: int = 256             # calibration images read
+    holdout: float = 0.5               # part of them held out for judging
+    threads: int = 2
+    rounds: int = 15                   # interleaved timing pairs per candidate
+    methods: Optional[list[str]] = None   # families to search (default: all that apply)
+    build: bool = True
+    engine: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+
+
+@dataclass
+class Candidate:
+    family: str
+    label: str
+    settings: dict
+    flops_ratio: float = 0.0
+    speedup: float = 0.0
+    speedup_iqr: tuple[float, float] = (0.0, 0.0)
+    agreement: float = 0.0
+    kl: float = 0.0
+    accuracy: Optional[float] = None
+    drop: float = 0.0                  # accuracy drop (labels) or disagreement, as a fraction
+    convert_s: float = 0.0
+    meets: bool = False
+    pareto: bool = False
+    error: Optional[str] = None
+
+
+@dataclass
+class PlanResult:
+    out_dir: Path
+    chosen: Optional[Candidate]
+    candidates: list[Candidate]
+    original_accuracy: Optional[float]
+    stopped: Optional[str] = None      # why the search ended early, if it did
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Family:
+    """Settings from mild to aggressive; `between` gives a setting halfway between two neighbours."""
+    name: str
+    method: str
+    levels: list[dict]
+    between: Optional[Callable[[dict, dict], Optional[dict]]] = None
+    describe: Callable[[dict], str] = lambda s: json.dumps(s)
+
+
+def _midpoint(key: str, integer: bool = False):
+    def between(a: dict, b: dict) -> Optional[dict]:
+        value = (a[key] + b[key]) / 2
+        value = int(round(value)) if integer else round(value, 3)
+        return None if value in (a[key], b[key]) else dict(a, **{key: value})
+    return between
+
+
+def families(depth: int, has_record: bool, has_class_token: bool) -> list[Family]:
+    """What the planner searches. CAIT merges before blocks depth/2 and 5/6 of the depth (on the real
+    ViT-Ti, 6 and 10 kept 2 pt more top-1 than the default 4 and 8 at the same FLOPs)."""
+    late = sorted({max(1, depth // 2), max(1, min(depth - 1, round(depth * 5 / 6)))})
+    out = [
+        Family("tome", "tome", [{"r": r} for r in (4, 8, 12, 16)], _midpoint("r", True), lambda s: f"r={s['r']}"),
+        Family("cait", "cait", [{"target_flops": f, "stages": late} for f in (0.8, 0.67, 0.55)],
+               _midpoint("target_flops"), lambda s: f"{s['target_flops']:g} FLOPs, ATME {s['stages']}"),
+        Family("toast", "toast", [{"target_flops": f} for f in (0.9, 0.8, 0.7)], _midpoint("target_flops"),
+               lambda s: f"{s['target_flops']:g} FLOPs"),
+        Family("toast+tome", "toast+tome", [{"r": r, "share": s} for r, s in ((4, 0.9), (8, 0.9), (8, 0.8), (12, 0.85))],
+               None, lambda s: f"r={s['r']}, structure to {s['share']:g} of ToMe's FLOPs"),
+        Family("cait+tome", "cait+tome", [{"r": r, "share": s} for r, s in ((4, 0.9), (8, 0.9), (8, 0.8), (12, 0.85))],
+               None, lambda s: f"r={s['r']}, channels to {s['share']:g} of ToMe's FLOPs"),
+    ]
+    if has_record and has_class_token:   # AS-ViT calibrates on the PyTorch reference and scores by class attention
+        out.append(Family("asvit", "asvit", [{"target_flops": f} for f in (0.85, 0.7, 0.55)],
+                          _midpoint("target_flops"), lambda s: f"{s['target_flops']:g} FLOPs (mean)"))
+    return out
+
+
+def check_plan_options(o: PlanOptions) -> None:
+    if (o.target_speedup is None) == (o.max_drop is None):
+        raise Vit2TrtError("give exactly one of --target-speedup S (the most accurate model at least S times "
+                           "faster) and --max-drop D (the fastest model losing at most D, e.g. 0.01).")
+    if o.max_drop is not None and not 0.0 <= o.max_drop < 1.0:
+        raise Vit2TrtError(f"--max-drop is a fraction of top-1 in [0, 1), e.g. 0.01 for one point; got {o.max_drop}.")
+    if o.target_speedup is not None and not o.target_speedup > 1.0:
+        raise Vit2TrtError(f"--target-speedup must be above 1, got {o.target_speedup}.")
+    if o.runtime not in RUNTIMES:
+        raise Vit2TrtError(f"--runtime must be {' or '.join(RUNTIMES)}, got '{o.runtime}'.")
+    if o.runtime == "tensorrt":
+        raise Vit2TrtError("--runtime tensorrt times TensorRT engines, which need full TensorRT and an NVIDIA GPU; "
+                           "this build plans on ONNX Runtime only (--runtime ort). Build the chosen model's engine "
+                           "with `vit2trt convert` on the GPU machine.")
+    if o.batch < 1:
+        raise Vit2TrtError(f"--batch must be at least 1, got {o.batch}.")
+    if o.time_limit <= 0:
+        raise Vit2TrtError(f"--time-limit must be positive, got {o.time_limit}.")
+    if not 0.05 <= o.holdout <= 0.95:
+        raise Vit2TrtError(f"--holdout is the fraction of images kept for judging, in [0.05, 0.95]; got {o.holdout}.")
+    if o.rounds < 3:
+        raise Vit2TrtError(f"--rounds must be at least 3, got {o.rounds}.")
+
+
+def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable[[str], None] = lambda m: None,
+         clock: Callable[[], float] = time.monotonic) -> PlanResult:
+    from vit2trt.converter.convert import ConvertOptions, convert
+    from vit2trt.converter.graph_reader import describe_vit
+    from vit2trt.converter.loading import load_onnx
+    from vit2trt.passes.methods import get_method
+
+    check_plan_options(options)
+    out_dir = Path(options.out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
+        raise Vit2TrtError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
+    vit = describe_vit(load_onnx(model_path), str(model_path))
+    record_path = Path(str(model_path) + ".reference.json")
+    images, labels = _load_images(options, vit, record_path)
+    fit_idx, held_idx = _split(len(images), options.holdout, options.seed)
+    needed = math.ceil(max(b.ffn.hidden for b in vit.blocks) / vit.num_tokens) + 1
+    if len(fit_idx) < needed:
+        raise Vit2TrtError(f"{len(fit_idx)} calibration images are too few to fit on (this model needs at least "
+                           f"{needed}); give more images in --calib or lower --holdout.")
+    wanted = [f.strip() for f in options.methods] if options.methods else None
+    all_families = families(vit.depth, record_path.is_file(), any(t.kind == "class" for t in vit.extra_tokens))
+    if wanted:
+        unknown = sorted(set(wanted) - {f.name for f in all_families})
+        if unknown:
+            raise Vit2TrtError(f"--methods: cannot search {', '.join(unknown)} on this model; choose from "
+                               f"{', '.join(f.name for f in all_families)}.")
+        all_families = [f for f in all_families if f.name in wanted]
+    for family in all_families:
+        for part in family.method.split("+"):
+            get_method(part)
+
+    start = clock()
+    cache: dict = {}
+    candidates: list[Candidate] = []
+    stopped = None
+    notes: list[str] = []
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".vit2trt-plan-") as staging:
+        staging = Path(staging)
+        fit_file = staging / "fit.npy"
+        np.save(fit_file, images[fit_idx])
+        held = images[held_idx]
+        held_labels = labels[held_idx] if labels is not None else None
+        judge = _Judge(model_path, held, held_labels, options)
+        tome_flops: dict[int, float] = {}
+
+        def settings_for(family: Family, level: dict) -> dict:
+            if family.method in ("toast+tome", "cait+tome"):
+                r = level["r"]
+                if r not in tome_flops:
+                    probe = convert(model_path, staging / f"probe_r{r}", ConvertOptions(method="tome", r=r, build=False))
+                    tome_flops[r] = probe.flops_after / probe.flops_before
+                structure = family.method.split("+")[0]
+                extra = {"cait.target_flops" if structure == "cait" else "toast.target_flops":
+                         round(tome_flops[r] * level["share"], 4)}
+                return {"r": r, **extra}
+            return dict(level)
+
+        def evaluate(family: Family, level: dict) -> Candidate:
+            label = f"{family.name} {family.describe(level)}"
+            index = len(candidates) + 1
+            progress(f"candidate {index}: {label}")
+            candidate = Candidate(family.name, label, dict(level))
+            began = clock()
+            try:
+                result = convert(model_path, staging / f"c{index}", ConvertOptions(
+                    method=family.method, build=False, calib=str(fit_file), fit_limit=len(fit_idx),
+                    calib_limit=min(64, len(fit_idx)), seed=options.seed, cache=cache,
+                    **settings_for(family, level)), progress=lambda m: progress(f"candidate {index}: {label}: {m}"))
+            except Vit2TrtError as exc:   # an unreachable budget is a result, not a failure of the plan
+                candidate.error = str(exc)
+                candidates.append(candidate)
+                return candidate
+            candidate.convert_s = clock() - began
+            candidate.flops_ratio = result.flops_before / max(result.flops_after, 1)
+            judge.score(candidate, result.onnx_path)
+            candidate.meets = _meets(candidate, options)
+            candidates.append(candidate)
+            shutil.rmtree(result.out_dir, ignore_errors=True)
+            return candidate
+
+        try:
+            for family in all_families:
+                _walk(family, evaluate, options, lambda: clock() - start)
+        except _OutOfTime:
+            stopped = f"the time limit ({options.time_limit:g} s) ended the search"
+        except KeyboardInterrupt:
+            stopped = "interrupted (Ctrl-C): the best model found so far is kept"
+        chosen = _choose(candidates, options)
+        _mark_pareto(candidates)
+        if stopped:
+            notes.append(stopped + ".")
+        final = staging / "out"
+        if chosen is not None:
+            progress(f"writing the chosen model: {chosen.label}")
+            family = next(f for f in all_families if f.name == chosen.family)
+            convert(model_path, final, ConvertOptions(
+                method=family.method, build=options.build, engine=options.engine, calib=str(fit_file),
+                fit_limit=len(fit_idx), calib_limit=min(64, len(fit_idx)), seed=options.seed, cache=cache,
+                **settings_for(family, chosen.settings)), progress=progress)
+        else:
+            final.mkdir()
+            notes.append("no candidate met the budget; no model was written (see the table for the closest).")
+        result = PlanResult(out_dir, chosen, candidates, judge.original_accuracy, stopped, notes)
+        _write_plan(final, result, options, str(model_path), len(fit_idx), len(held_idx))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(final, out_dir)
+    return result
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def _walk(family: Family, evaluate, options: PlanOptions, elapsed: Callable[[], float]) -> None:
+    """Walk a family from mild to aggressive until it passes the budget, then halve the crossing step."""
+    def run(level):
+        if elapsed() > options.time_limit:
+            raise _OutOfTime()
+        return evaluate(family, level)
+
+    previous, previous_result = None, None
+    for level in family.levels:
+        result = run(level)
+        if result.error:
+            break   # more aggressive settings of this family cannot do better
+        if options.max_drop is not None and not result.meets:
+            # Too lossy: the best of this family lies between the last good setting and this one.
+            if previous is not None and previous_result.meets and family.between:
+                middle = family.between(previous, level)
+                if middle is not None:
+                    run(middle)
+            return
+        if options.target_speedup is not None and result.meets:
+            # Fast enough: milder settings between the last slow one and this one may be more accurate.
+            if previous is not None and family.between:
+                middle = family.between(previous, level)
+                if middle is not None:
+                    run(middle)
+            return
+        previous, previous_result = level, result
+
+
+def _meets(c: Candidate, options: PlanOptions) -> bool:
+    if options.max_drop is not None:
+        return c.drop <= options.max_drop + 1e-12
+    return c.speedup >= options.target_speedup
+
+
+def _choose(candidates: list[Candidate], options: PlanOptions) -> Optional[Candidate]:
+    good = [c for c in candidates if c.meets and not c.error]
+    if not good:
+        return None
+    if options.max_drop is not None:   # the fastest within the drop; ties: the more accurate
+        return max(good, key=lambda c: (round(c.speedup, 3), -c.drop))
+    return min(good, key=lambda c: (c.drop, -c.speedup))   # the most accurate at the speed
+
+
+def _mark_pareto(candidates: list[Candidate]) -> None:
+    scored = [c for c in candidates if not c.error]
+    for c in scored:
+        c.pareto = not any(o is not c and o.speedup >= c.speedup and o.drop <= c.drop
+                           and (o.speedup > c.speedup or o.drop < c.drop) for o in scored)
+
+
+def _split(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(count)
+    held = max(1, int(round(count * holdout)))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _load_images(options: PlanOptions, vit, record_path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    from vit2trt.converter.calibration import image_files, load_calibration
+    from vit2trt.converter.validate import _label_array, read_labels
+
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    calib = Path(options.calib)
+    if not calib.exists():
+        raise Vit2TrtError(f"--calib {calib} does not exist.")
+    images = load_calibration(str(calib), (vit.in_chans, *vit.img_size), record.get("preprocessing"),
+                              options.calib_limit)
+    labels = None
+    if options.labels:
+        if calib.is_dir():
+            labels = read_labels(Path(options.labels), image_files(calib, options.calib_limit))
+        else:
+            labels = _label_array(Path(options.labels), len(images))
+        if labels.max(initial=0) >= _classes(vit):
+            raise Vit2TrtError(f"--labels {options.labels}: class {int(labels.max())} is beyond the model's "
+                               f"{_classes(vit)} outputs.")
+    return images, labels
+
+
+def _classes(vit) -> int:
+    return int(vit.head.num_classes)
+
+
+class _Judge:
+    """The original's outputs on the held-out images, and how a candidate compares: accuracy and speed."""
+
+    def __init__(self, model_path, held: np.ndarray, labels: Optional[np.ndarray], options: PlanOptions):
+        from vit2trt.converter.bench import ort_runner
+
+        self.options, self.held, self.labels = options, held, labels
+        self.original_runner = ort_runner(Path(model_path), options.threads)
+        self.reference = self._logits(self.original_runner)
+        self.reference_p = _softmax(self.reference)
+        self.original_accuracy = (float(np.mean(self.reference.argmax(1) == labels)) if labels is not None else None)
+        rng = np.random.default_rng(options.seed)
+        pick = rng.choice(len(held), options.batch, replace=len(held) < options.batch)
+        self.timing_input = np.ascontiguousarray(held[pick])
+
+    def _logits(self, runner) -> np.ndarray:
+        return np.concatenate([runner(self.held[i:i + 8])[0] for i in range(0, len(self.held), 8)])
+
+    def score(self, c: Candidate, onnx_path: Path) -> None:
+        from vit2trt.converter.bench import ort_runner
+
+        runner = ort_runner(onnx_path, self.options.threads)
+        logits = self._logits(runner)
+        top = logits.argmax(1)
+        c.agreement = float(np.mean(top == self.reference.argmax(1)))
+        log_q = _log_softmax(logits)
+        c.kl = float(np.mean(np.sum(self.reference_p * (np.log(np.maximum(self.reference_p, 1e-30)) - log_q), 1)))
+        if self.labels is not None:
+            c.accuracy = float(np.mean(top == self.labels))
+            c.drop = self.original_accuracy - c.accuracy
+        else:
+            c.drop = 1.0 - c.agreement
+        ratios = paired_speedups(self.original_runner, runner, self.timing_input, self.options.rounds)
+        c.speedup = statistics.median(ratios)
+        q = np.percentile(ratios, [25, 75])
+        c.speedup_iqr = (float(q[0]), float(q[1]))
+
+
+def paired_speedups(original: Callable, candidate: Callable, x: np.ndarray, rounds: int,
+                    clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Per round, the original's time over the candidate's, run back to back (the order alternates
+    so that neither always runs second): a ratio of two neighbouring timings cancels slow drifts in
+    the machine's load, which separate medians do not."""
+    for run in (original, candidate):   # warm-up
+        run(x)
+    ratios = []
+    for i in range(rounds):
+        pair = {}
+        for name, run in (("o", original), ("c", candidate)) if i % 2 == 0 else (("c", candidate), ("o", original)):
+            began = clock()
+            run(x)
+            pair[name] = clock() - began
+        ratios.append(pair["o"] / max(pair["c"], 1e-12))
+    return ratios
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    return np.exp(_log_softmax(x))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    shifted = x - x.max(1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+
+
+def _write_plan(folder: Path, result: PlanResult, options: PlanOptions, source: str, fit: int, held: int) -> None:
+    goal = (f"fastest within a top-1 drop of {options.max_drop * 100:g} pt" if options.max_drop is not None
+            else f"most accurate at {options.target_speedup:g}x or faster")
+    measure = "top-1 accuracy drop" if options.labels else "top-1 disagreement with the original (no --labels)"
+    data = {"source": source, "goal": goal, "runtime": options.runtime, "batch": options.batch,
+            "fit_images": fit, "held_out_images": held, "drop_measure": measure,
+            "original_accuracy": result.original_accuracy, "stopped": result.stopped, "notes": result.notes,
+            "chosen": result.chosen.label if result.chosen else None,
+            "candidates": [asdict(c) for c in result.candidates]}
+    write_atomically(folder / "plan.json", (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+    write_atomically(folder / "plan.md", plan_markdown(result, options, goal, measure, fit, held).encode())
+    _plot(folder / "plan.png", result, options)
+
+
+def plan_markdown(result: PlanResult, options: PlanOptions, goal: str, measure: str, fit: int, held: int) -> str:
+    lines = [f"# vit2trt plan: {goal}", "",
+             f"Runtime: {options.runtime} at batch {options.batch}, {options.threads} threads. Methods fitted on "
+             f"{fit} calibration images; every candidate judged on {held} others. Drop = {measure}. Speedup = median "
+             f"of {options.rounds} back-to-back ratios against the original [interquartile range].", ""]
+    if result.original_accuracy is not None:
+        lines += [f"Original top-1 on the held-out images: {result.original_accuracy * 100:.2f}%.", ""]
+    lines += ["| | candidate | FLOPs × | speedup [IQR] | top-1 agreement | KL | top-1 | drop (pt) | convert s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c in result.candidates:
+        mark = "**chosen**" if c is result.chosen else ("pareto" if c.pareto else "")
+        if c.error:
+            lines.append(f"| | {c.label} | | | | | | | refused: {c.error} |")
+            continue
+        top1 = f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "–"
+        dagger = " †" if c.speedup > c.flops_ratio * 1.1 else ""
+        lines.append(f"| {mark} | {c.label} | {c.flops_ratio:.2f} | {c.speedup:.2f}{dagger} [{c.speedup_iqr[0]:.2f}–"
+                     f"{c.speedup_iqr[1]:.2f}] | {c.agreement * 100:.1f}% | {c.kl:.4f} | {top1} | "
+                     f"{c.drop * 100:+.2f} | {c.convert_s:.0f} |")
+    lines += ["", "† faster than the FLOPs ratio allows: timing noise on a busy machine; read it with its range.", ""]
+    lines += [f"Note: {n}" for n in result.notes]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(path: Path, result: PlanResult, options: PlanOptions) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    scored = [c for c in result.candidates if not c.error]
+    for family in sorted({c.family for c in scored}):
+        points = [c for c in scored if c.family == family]
+        ax.scatter([c.speedup for c in points], [c.drop * 100 for c in points], label=family, s=28)
+    front = sorted((c for c in scored if c.pareto), key=lambda c: c.speedup)
+    if front:
+        ax.plot([c.speedup for c in front], [c.drop * 100 for c in front], "k--", lw=0.8, label="Pareto front")
+    if result.chosen:
+        ax.scatter([result.chosen.speedup], [result.chosen.drop * 100], marker="*", s=220, c="gold",
+                   edgecolors="k", zorder=5, label="chosen")
+    if options.max_drop is not None:
+        ax.axhline(options.max_drop * 100, color="r", lw=0.8)
+    else:
+        ax.axvline(options.target_speedup, color="r", lw=0.8)
+    ax.set_xlabel(f"speedup vs original ({options.runtime}, batch {options.batch})")
+    ax.set_ylabel("top-1 drop (pt)" if options.labels else "top-1 disagreement (pt)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

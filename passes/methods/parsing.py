@@ -1,0 +1,48 @@
+"""Command-line values of method options: comma-separated lists, read with a message that names the flag."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+from vit2trt.errors import Vit2TrtError
+
+
+def fraction_list(flag: str) -> Callable[[Optional[str]], Optional[list[float]]]:
+    def parse(text):
+        if text is None or isinstance(text, (list, tuple)):
+            return None if text is None else [float(v) for v in text]
+        try:
+            return [float(v) for v in str(text).split(",")]
+        except ValueError:
+            raise Vit2TrtError(f"{flag} takes comma-separated numbers such as 0,0,0.3, not '{text}'.") from None
+    return parse
+
+
+def index_list(flag: str, example: str) -> Callable[[Optional[str]], Optional[list[int]]]:
+    def parse(text):
+        if text is None or isinstance(text, (list, tuple)):
+            return None if text is None else [int(v) for v in text]
+        try:
+            return [int(v) for v in str(text).split(",")]
+        except ValueError:
+            raise Vit2TrtError(f"{flag} takes comma-separated block indices such as {example}, not '{text}'.") from None
+    return parse
+
+
+def thresholds_value(text):
+    """--thresholds: numbers, or a JSON file {"thresholds": [...], optional "stages": [...]}.
+    Returns a list, or a dict holding both when the file names the stages."""
+    if text is None or isinstance(text, (list, tuple, dict)):
+        return text
+    path = Path(str(text))
+    if path.suffix == ".json" or path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            values = [float(v) for v in data["thresholds"]]
+            if "stages" in data:
+                return {"thresholds": values, "stages": [int(v) for v in data["stages"]]}
+            return values
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise Vit2TrtError(f"--thresholds {path}: not a JSON file with a 'thresholds' list ({exc}).") from None
+    return fraction_list("--thresholds")(text)

@@ -1,0 +1,41 @@
+"""ToMe: merge r tokens after every block's attention, training-free."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vit2trt.passes.methods import register
+from vit2trt.passes.methods.base import Method, Run, option
+
+
+@dataclass
+class ToMeOptions:
+    r: int = option(13, "--r", "ToMe: tokens merged after each block's attention (clipped to half the tokens).")
+
+
+@register
+class ToMe(Method):
+    name, title, order, reduces_tokens = "tome", "ToMe (tokens: merging)", 40, True
+    Options = ToMeOptions
+
+    def check(self, o: ToMeOptions, run: Run) -> None:
+        from vit2trt.passes.tome import tome_schedule
+
+        run.token_schedule = tome_schedule(run.vit, o.r).tokens   # refuses bad r and token layouts early
+
+    def apply(self, o: ToMeOptions, run: Run) -> dict:
+        from vit2trt.passes.tome import apply_tome
+
+        run.progress(f"merging {o.r} tokens per block (ToMe)")
+        vit = run.vit
+        result = apply_tome(run.model, vit, o.r)
+        run.passes.append(result.report)
+        run.model = result.model
+        run.describe("graph with ToMe")
+        run.notes.append(f"ToMe merges {sum(result.report['r'])} of {vit.num_tokens} tokens over {vit.depth} blocks "
+                         f"({result.report['tokens'][-1]} leave the last block); training-free, as the paper.")
+        return {"settings": {"r": o.r}, "tome": result.report}
+
+    def reference(self, model, part: dict):
+        from vit2trt.models.tome_reference import ToMeViT
+
+        return ToMeViT(model, part["tome"]["r"]).eval()

@@ -1,0 +1,129 @@
+"""`vit2trt plan`: the choice honours the budget on images no method fitted on, the search walks
+coarse to fine and stops on time or Ctrl-C keeping the best so far, bad requests exit 2."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vit2trt.cli import app
+from vit2trt.converter.plan import Candidate, Family, PlanOptions, _choose, _midpoint, _split, _walk, plan
+
+from conftest import run_onnx
+
+runner = CliRunner()
+SMALL_VIT = ("timm:vit_tiny_patch16_224", {"depth": 4, "img_size": 96, "num_classes": 10})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, export_cache):
+    """48 seeded images labelled with the original's own predictions (so its top-1 is 100%)."""
+    exported = export_cache(*SMALL_VIT, "torchscript")
+    folder = tmp_path_factory.mktemp("plan_data")
+    x = np.random.default_rng(7).standard_normal((48, 3, 96, 96)).astype(np.float32)
+    labels = run_onnx(exported.onnx_path, x).argmax(1).astype(np.int64)
+    np.save(folder / "calib.npy", x)
+    np.save(folder / "labels.npy", labels)
+    return exported, folder / "calib.npy", folder / "labels.npy", x, labels
+
+
+def test_choice_honours_max_drop_on_the_held_out_images(tmp_path, data):
+    exported, calib, labels_file, x, labels = data
+    options = PlanOptions(calib=str(calib), out_dir=str(tmp_path / "plan"), labels=str(labels_file), max_drop=0.1,
+                          methods=["tome", "cait", "toast+tome"], build=False, rounds=3, time_limit=600)
+    result = plan(exported.onnx_path, options)
+    assert result.chosen is not None and result.chosen.drop <= 0.1
+    # Recompute the chosen model's drop on the held-out split, independently of the planner's judge.
+    _, held = _split(len(x), options.holdout, options.seed)
+    got = np.concatenate([run_onnx(tmp_path / "plan" / "model.onnx", x[i:i + 1]) for i in held])
+    accuracy = float(np.mean(got.argmax(1) == labels[held]))
+    assert 1.0 - accuracy == pytest.approx(result.chosen.drop, abs=1e-9) and 1.0 - accuracy <= 0.1
+    # The fastest of those within the budget was chosen, and the files say so.
+    within = [c for c in result.candidates if not c.error and c.drop <= 0.1]
+    assert result.chosen.speedup == max(c.speedup for c in within)
+    written = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert written["chosen"] == result.chosen.label and len(written["candidates"]) == len(result.candidates)
+    decisions = json.loads((tmp_path / "plan" / "decisions.json").read_text())
+    assert decisions["method"] == result.chosen.family.replace(" ", "")
+    for name in ("plan.md", "plan.png", "report.json"):
+        assert (tmp_path / "plan" / name).is_file()
+
+
+def test_time_limit_keeps_the_best_found_so_far(tmp_path, data):
+    exported, calib, labels_file, _, _ = data
+    ticks = iter(range(0, 10**6, 500))
+    options = PlanOptions(calib=str(calib), out_dir=str(tmp_path / "plan"), labels=str(labels_file), max_drop=0.5,
+                          methods=["tome"], build=False, rounds=3, time_limit=900)
+    result = plan(exported.onnx_path, options, clock=lambda: next(ticks))
+    assert "time limit" in result.stopped and 1 <= len(result.candidates) < 4
+    assert result.chosen is not None and (tmp_path / "plan" / "model.onnx").is_file()
+
+
+def test_ctrl_c_keeps_the_best_found_so_far(tmp_path, data):
+    exported, calib, labels_file, _, _ = data
+
+    def progress(message):
+        if message.startswith("candidate 2:"):
+            raise KeyboardInterrupt
+
+    options = PlanOptions(calib=str(calib), out_dir=str(tmp_path / "plan"), labels=str(labels_file), max_drop=0.5,
+                          methods=["tome"], build=False, rounds=3)
+    result = plan(exported.onnx_path, options, progress=progress)
+    assert "interrupted" in result.stopped and len(result.candidates) == 1
+    assert result.chosen is result.candidates[0] and (tmp_path / "plan" / "model.onnx").is_file()
+    assert "interrupted" in (tmp_path / "plan" / "plan.md").read_text()
+
+
+def _fake(drops: dict, speeds: dict):
+    seen = []
+
+    def evaluate(family, level):
+        c = Candidate(family.name, str(level["r"]), level, speedup=speeds[level["r"]], drop=drops[level["r"]])
+        c.meets = c.drop <= 0.01 if options.max_drop is not None else c.speedup >= options.target_speedup
+        seen.append(c)
+        return c
+
+    options = PlanOptions(calib="", out_dir="")
+    return evaluate, seen, options
+
+
+def test_walk_stops_at_the_budget_and_halves_the_crossing_step():
+    drops = {r: r / 1000 + 0.0005 for r in range(0, 20)}   # r = 10 and above lose more than 1 pt
+    speeds = {r: 1 + r / 10 for r in range(0, 20)}
+    family = Family("tome", "tome", [{"r": r} for r in (4, 8, 12, 16)], _midpoint("r", True))
+    evaluate, seen, options = _fake(drops, speeds)
+    options.max_drop = 0.01
+    _walk(family, evaluate, options, lambda: 0.0)
+    assert [c.settings["r"] for c in seen] == [4, 8, 12, 10]   # 16 is never tried; 10 halves 8..12
+    assert _choose(seen, options).settings["r"] == 8
+    evaluate, seen, options = _fake(drops, speeds)
+    options.target_speedup = 2.0
+    _walk(family, evaluate, options, lambda: 0.0)
+    assert [c.settings["r"] for c in seen] == [4, 8, 12, 10]   # 12 is fast enough; 10 is too, and more accurate
+    assert _choose(seen, options).settings["r"] == 10
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--max-drop", "0.01", "--target-speedup", "2"], "exactly one of"),
+    ([], "exactly one of"),
+    (["--max-drop", "1.5"], "in [0, 1)"),
+    (["--target-speedup", "0.5"], "above 1"),
+    (["--max-drop", "0.01", "--runtime", "tensorrt"], "need full TensorRT"),
+    (["--max-drop", "0.01", "--runtime", "tpu"], "--runtime must be"),
+    (["--max-drop", "0.01", "--methods", "tome,speedy"], "cannot search speedy"),
+    (["--max-drop", "0.01", "--holdout", "0.99"], "--holdout"),
+    (["--max-drop", "0.01", "--calib-limit", "4"], "too few"),
+    (["--max-drop", "0.01", "--labels", "WRONG_LABELS"], "integer labels"),
+])
+def test_bad_plan_requests_exit_2_and_write_nothing(tmp_path, data, argv, needle):
+    exported, calib, _, _, _ = data
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros(3, dtype=np.int64))
+    argv = [str(wrong) if a == "WRONG_LABELS" else a for a in argv]
+    result = runner.invoke(app, ["plan", str(exported.onnx_path), "--calib", str(calib), "--no-build",
+                                 "--out", str(tmp_path / "out"), *argv])
+    assert result.exit_code == 2, result.output
+    assert needle in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
