@@ -44,7 +44,7 @@ class PlanOptions:
     calib_limit: int = 256             # calibration images read
     holdout: float = 0.5               # part of them held out for judging
     threads: int = 2
-    rounds: int = 15                   # interleaved timing pairs per candidate
+    rounds: int = 15                   # timing pairs per candidate (more, up to 8x, while the spread is wide)
     methods: Optional[list[str]] = None   # families to search (default: all that apply)
     build: bool = True
     engine: str = "auto"
@@ -65,6 +65,7 @@ class Candidate:
     accuracy: Optional[float] = None
     drop: float = 0.0                  # accuracy drop (labels) or disagreement, as a fraction
     convert_s: float = 0.0
+    stable: bool = True               # the speedup's interquartile range is within ±5%
     meets: bool = False
     pareto: bool = False
     error: Optional[str] = None
@@ -103,18 +104,18 @@ def families(depth: int, has_record: bool, has_class_token: bool) -> list[Family
     ViT-Ti, 6 and 10 kept 2 pt more top-1 than the default 4 and 8 at the same FLOPs)."""
     late = sorted({max(1, depth // 2), max(1, min(depth - 1, round(depth * 5 / 6)))})
     out = [
-        Family("tome", "tome", [{"r": r} for r in (4, 8, 12, 16)], _midpoint("r", True), lambda s: f"r={s['r']}"),
-        Family("cait", "cait", [{"target_flops": f, "stages": late} for f in (0.8, 0.67, 0.55)],
+        Family("tome", "tome", [{"r": r} for r in (4, 8, 12, 16, 20)], _midpoint("r", True), lambda s: f"r={s['r']}"),
+        Family("cait", "cait", [{"target_flops": f, "stages": late} for f in (0.8, 0.67, 0.55, 0.45)],
                _midpoint("target_flops"), lambda s: f"{s['target_flops']:g} FLOPs, ATME {s['stages']}"),
-        Family("toast", "toast", [{"target_flops": f} for f in (0.9, 0.8, 0.7)], _midpoint("target_flops"),
+        Family("toast", "toast", [{"target_flops": f} for f in (0.9, 0.8, 0.7, 0.55)], _midpoint("target_flops"),
                lambda s: f"{s['target_flops']:g} FLOPs"),
-        Family("toast+tome", "toast+tome", [{"r": r, "share": s} for r, s in ((4, 0.9), (8, 0.9), (8, 0.8), (12, 0.85))],
+        Family("toast+tome", "toast+tome", [{"r": r, "share": s} for r, s in ((4, 0.95), (8, 0.9), (12, 0.85), (16, 0.8))],
                None, lambda s: f"r={s['r']}, structure to {s['share']:g} of ToMe's FLOPs"),
-        Family("cait+tome", "cait+tome", [{"r": r, "share": s} for r, s in ((4, 0.9), (8, 0.9), (8, 0.8), (12, 0.85))],
+        Family("cait+tome", "cait+tome", [{"r": r, "share": s} for r, s in ((4, 0.95), (8, 0.9), (12, 0.85), (16, 0.8))],
                None, lambda s: f"r={s['r']}, channels to {s['share']:g} of ToMe's FLOPs"),
     ]
     if has_record and has_class_token:   # AS-ViT calibrates on the PyTorch reference and scores by class attention
-        out.append(Family("asvit", "asvit", [{"target_flops": f} for f in (0.85, 0.7, 0.55)],
+        out.append(Family("asvit", "asvit", [{"target_flops": f} for f in (0.85, 0.7, 0.55, 0.45)],
                           _midpoint("target_flops"), lambda s: f"{s['target_flops']:g} FLOPs (mean)"))
     return out
 
@@ -287,10 +288,15 @@ def _walk(family: Family, evaluate, options: PlanOptions, elapsed: Callable[[], 
         previous, previous_result = level, result
 
 
+def credible_speedup(c: Candidate) -> float:
+    """The measured speedup, but never more than the FLOPs ratio allows (more is timing noise)."""
+    return min(c.speedup, c.flops_ratio)
+
+
 def _meets(c: Candidate, options: PlanOptions) -> bool:
     if options.max_drop is not None:
         return c.drop <= options.max_drop + 1e-12
-    return c.speedup >= options.target_speedup
+    return credible_speedup(c) >= options.target_speedup
 
 
 def _choose(candidates: list[Candidate], options: PlanOptions) -> Optional[Candidate]:
@@ -298,15 +304,16 @@ def _choose(candidates: list[Candidate], options: PlanOptions) -> Optional[Candi
     if not good:
         return None
     if options.max_drop is not None:   # the fastest within the drop; ties: the more accurate
-        return max(good, key=lambda c: (round(c.speedup, 3), -c.drop))
-    return min(good, key=lambda c: (c.drop, -c.speedup))   # the most accurate at the speed
+        return max(good, key=lambda c: (round(credible_speedup(c), 3), -c.drop))
+    return min(good, key=lambda c: (c.drop, -credible_speedup(c)))   # the most accurate at the speed
 
 
 def _mark_pareto(candidates: list[Candidate]) -> None:
     scored = [c for c in candidates if not c.error]
     for c in scored:
-        c.pareto = not any(o is not c and o.speedup >= c.speedup and o.drop <= c.drop
-                           and (o.speedup > c.speedup or o.drop < c.drop) for o in scored)
+        s = credible_speedup(c)
+        c.pareto = not any(o is not c and credible_speedup(o) >= s and o.drop <= c.drop
+                           and (credible_speedup(o) > s or o.drop < c.drop) for o in scored)
 
 
 def _split(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -374,27 +381,44 @@ class _Judge:
         else:
             c.drop = 1.0 - c.agreement
         ratios = paired_speedups(self.original_runner, runner, self.timing_input, self.options.rounds)
-        c.speedup = statistics.median(ratios)
+        c.speedup = float(statistics.median(ratios))
         q = np.percentile(ratios, [25, 75])
         c.speedup_iqr = (float(q[0]), float(q[1]))
+        c.stable = bool((q[1] - q[0]) / 2 <= STABLE * c.speedup)
+
+
+STABLE = 0.05       # a speedup is stable when half its interquartile range is within 5% of it
+MAX_ROUNDS = 8      # rounds of timing pairs at most, as multiples of --rounds
 
 
 def paired_speedups(original: Callable, candidate: Callable, x: np.ndarray, rounds: int,
-                    clock: Callable[[], float] = time.perf_counter) -> list[float]:
+                    clock: Callable[[], float] = time.perf_counter, max_rounds: Optional[int] = None) -> list[float]:
     """Per round, the original's time over the candidate's, run back to back (the order alternates
     so that neither always runs second): a ratio of two neighbouring timings cancels slow drifts in
-    the machine's load, which separate medians do not."""
+    the machine's load, which separate medians do not. Each timing repeats the run until it lasts
+    20 ms (one short run is mostly timer and scheduler noise); rounds are added, `rounds` at a time,
+    until the interquartile range is within ±5% of the median or `max_rounds` is reached."""
     for run in (original, candidate):   # warm-up
         run(x)
-    ratios = []
-    for i in range(rounds):
-        pair = {}
-        for name, run in (("o", original), ("c", candidate)) if i % 2 == 0 else (("c", candidate), ("o", original)):
-            began = clock()
-            run(x)
-            pair[name] = clock() - began
-        ratios.append(pair["o"] / max(pair["c"], 1e-12))
-    return ratios
+    began = clock()
+    original(x)
+    repeat = max(1, int(0.02 / max(clock() - began, 1e-6)))
+    max_rounds = max_rounds or rounds * MAX_ROUNDS
+    ratios: list[float] = []
+    while True:
+        for i in range(rounds):
+            pair = {}
+            order = (("o", original), ("c", candidate)) if (len(ratios) + i) % 2 == 0 else \
+                (("c", candidate), ("o", original))
+            for name, run in order:
+                began = clock()
+                for _ in range(repeat):
+                    run(x)
+                pair[name] = clock() - began
+            ratios.append(pair["o"] / max(pair["c"], 1e-12))
+        q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
+        if (q3 - q1) / 2 <= STABLE * q2 or len(ratios) >= max_rounds:
+            return ratios
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -436,11 +460,13 @@ def plan_markdown(result: PlanResult, options: PlanOptions, goal: str, measure: 
             lines.append(f"| | {c.label} | | | | | | | refused: {c.error} |")
             continue
         top1 = f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "–"
-        dagger = " †" if c.speedup > c.flops_ratio * 1.1 else ""
+        dagger = (" †" if c.speedup > c.flops_ratio else "") + ("" if c.stable else " (unstable)")
         lines.append(f"| {mark} | {c.label} | {c.flops_ratio:.2f} | {c.speedup:.2f}{dagger} [{c.speedup_iqr[0]:.2f}–"
                      f"{c.speedup_iqr[1]:.2f}] | {c.agreement * 100:.1f}% | {c.kl:.4f} | {top1} | "
                      f"{c.drop * 100:+.2f} | {c.convert_s:.0f} |")
-    lines += ["", "† faster than the FLOPs ratio allows: timing noise on a busy machine; read it with its range.", ""]
+    lines += ["", "† faster than the FLOPs ratio allows, which is timing noise: the choice counts such a candidate at "
+              "its FLOPs ratio. Unstable: the interquartile range stayed wider than ±5% after "
+              f"{options.rounds * MAX_ROUNDS} rounds.", ""]
     lines += [f"Note: {n}" for n in result.notes]
     lines.append("")
     return "\n".join(lines)

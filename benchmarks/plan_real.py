@@ -1,0 +1,136 @@
+"""`vit2trt plan` on the real pretrained ViT-Ti in ../shared/real: the planner's pick and the best
+single method, side by side in one run, on photos the planner never saw.
+
+The planner gets the first 512 photos of real/val (sorted file order), fits on half of them and
+judges on the other half; the pick and the best single-method candidate the planner found for the
+same goal are then measured on the other 4488 photos: top-1, and ONNX Runtime CPU speedups at batch
+1 and 8 against the original from rounds that run original, pick and single in turn (median of the
+per-round ratios with the interquartile range).
+
+    python benchmarks/plan_real.py [--out plan-real] [--goals max-drop=0.01,target-speedup=2.0]
+                                   [--time-limit 900] [--arrays X.npy Y.npy]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vit2trt.converter.bench import interleaved_times, ort_runner
+from vit2trt.converter.calibration import load_calibration
+from vit2trt.converter.convert import ConvertOptions, convert
+from vit2trt.converter.export import export_model
+from vit2trt.converter.plan import PlanOptions, _choose, families, plan
+
+from real_accuracy import SHARED_REAL, labelled_photos, top1
+
+CALIB = 512
+SINGLE = ("tome", "cait", "toast", "asvit")
+
+
+def speeds(paths: dict[str, Path], x: np.ndarray, repeats: int, threads: int) -> dict:
+    runners = {name: ort_runner(path, threads) for name, path in paths.items()}
+    times = interleaved_times(runners, {1: x[:1], 8: x[:8]}, repeats, warmup=2)
+    out = {}
+    for name in paths:
+        if name == "original":
+            continue
+        for b in (1, 8):
+            ratios = [o / v for o, v in zip(times[("original", b)], times[(name, b)])]
+            q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
+            out[f"{name} b{b}"] = {"median": float(q2), "q1": float(q1), "q3": float(q3)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", default=str(SHARED_REAL))
+    parser.add_argument("--out", default="plan-real")
+    parser.add_argument("--goals", default="max-drop=0.01,target-speedup=2.0")
+    parser.add_argument("--time-limit", type=float, default=900)
+    parser.add_argument("--batch", type=int, default=1, help="batch the planner times at")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arrays", nargs=2, default=None,
+                        help="preprocessed photos and labels (.npy, sorted file order) instead of reading real/val")
+    args = parser.parse_args()
+    shared, out = Path(args.shared), Path(args.out)
+    if not (shared / "vit_tiny_tin200.safetensors").is_file():
+        raise SystemExit(f"{shared} holds no real ViT-Ti (see shared/real/README.md).")
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"goals": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        exported = export_model("timm:vit_tiny_patch16_224", tmp / "vit_tiny.onnx",
+                                weights=str(shared / "vit_tiny_tin200.safetensors"), model_args={"num_classes": 200})
+        if args.arrays:
+            x, labels = np.load(args.arrays[0]), np.load(args.arrays[1])
+        else:
+            preprocessing = json.loads(exported.record_path.read_text())["preprocessing"]
+            _, labels = labelled_photos(shared)
+            x = load_calibration(shared / "val", (3, 224, 224), preprocessing)
+        np.save(tmp / "calib.npy", x[:CALIB])
+        np.save(tmp / "calib_labels.npy", labels[:CALIB].astype(np.int64))
+        held_x, held_y = x[CALIB:], labels[CALIB:]
+        original_top1 = top1(exported.onnx_path, held_x, held_y)
+        print(f"original: top-1 {original_top1 * 100:.2f}% on {len(held_y)} held-out photos", flush=True)
+        report["original_top1"] = original_top1
+        for goal in args.goals.split(","):
+            key, value = goal.split("=")
+            settings = {"max_drop": float(value)} if key == "max-drop" else {"target_speedup": float(value)}
+            began = time.monotonic()
+            result = plan(exported.onnx_path, PlanOptions(
+                calib=str(tmp / "calib.npy"), labels=str(tmp / "calib_labels.npy"), out_dir=str(out / f"plan_{key}"),
+                calib_limit=CALIB, batch=args.batch, time_limit=args.time_limit, build=False, overwrite=True,
+                threads=args.threads, **settings), progress=lambda m: None)
+            plan_s = time.monotonic() - began
+            opts = PlanOptions(calib="", out_dir="", **settings)
+            single = _choose([c for c in result.candidates if c.family in SINGLE], opts)
+            entry = {"goal": goal, "plan_s": plan_s, "stopped": result.stopped,
+                     "pick": result.chosen.label if result.chosen else None,
+                     "single": single.label if single else None, "candidates": len(result.candidates)}
+            paths = {"original": exported.onnx_path}
+            if result.chosen:
+                paths["pick"] = out / f"plan_{key}" / "model.onnx"
+            if single and result.chosen and single is not result.chosen:
+                family = next(f for f in families(12, True, True) if f.name == single.family)
+                single_out = convert(exported.onnx_path, tmp / f"single_{key}", ConvertOptions(
+                    method=family.method, build=False, calib=str(tmp / "calib.npy"), fit_limit=CALIB // 2,
+                    **single.settings))
+                paths["single"] = single_out.onnx_path
+            elif single:
+                paths["single"] = paths.get("pick")
+            for name, path in paths.items():
+                if name != "original":
+                    entry[f"{name}_top1"] = top1(path, held_x, held_y)
+                    entry[f"{name}_drop_pt"] = (original_top1 - entry[f"{name}_top1"]) * 100
+            entry["speed"] = speeds({k: v for k, v in paths.items() if k == "original" or v != paths["original"]},
+                                    held_x, args.repeats, args.threads)
+            entry["flops_x"] = {c.label: c.flops_ratio for c in result.candidates if c.label in (entry["pick"],
+                                                                                               entry["single"])}
+            print(json.dumps(entry, indent=1), flush=True)
+            report["goals"].append(entry)
+    (out / "plan_real.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = ["# vit2trt plan on the real ViT-Ti", "",
+             f"Planner: first {CALIB} photos of real/val (fits on half, judges on half); measured on the other "
+             f"{len(held_y)}. Original top-1 {original_top1 * 100:.2f}%.", "",
+             "| goal | | candidate | FLOPs × | top-1 | drop pt | b1 speedup [IQR] | b8 speedup [IQR] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in report["goals"]:
+        for name in ("pick", "single"):
+            if e.get(name) is None:
+                continue
+            b1, b8 = e["speed"].get(f"{name} b1"), e["speed"].get(f"{name} b8")
+            fmt = lambda s: f"{s['median']:.2f} [{s['q1']:.2f}–{s['q3']:.2f}]" if s else "same as pick"  # noqa: E731
+            lines.append(f"| {e['goal']} | {name} | {e[name]} | {e['flops_x'].get(e[name], 0):.2f} | "
+                         f"{e[name + '_top1'] * 100:.2f}% | {e[name + '_drop_pt']:+.2f} | {fmt(b1)} | {fmt(b8)} |")
+    (out / "plan_real.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
