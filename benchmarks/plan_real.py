@@ -24,6 +24,7 @@ from vit2trt.converter.bench import interleaved_times, ort_runner
 from vit2trt.converter.calibration import load_calibration
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
+from vit2trt.converter.graph_reader import read_vit
 from vit2trt.converter.plan import PlanOptions, _choose, families, plan
 
 from real_accuracy import SHARED_REAL, labelled_photos, top1
@@ -97,7 +98,7 @@ def main() -> None:
             if result.chosen:
                 paths["pick"] = out / f"plan_{key}" / "model.onnx"
             if single and result.chosen and single is not result.chosen:
-                family = next(f for f in families(12, True, True) if f.name == single.family)
+                family = next(f for f in families(read_vit(exported.onnx_path), True) if f.name == single.family)
                 single_out = convert(exported.onnx_path, tmp / f"single_{key}", ConvertOptions(
                     method=family.method, build=False, calib=str(tmp / "calib.npy"), fit_limit=CALIB // 2,
                     **single.settings))

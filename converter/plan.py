@@ -64,6 +64,7 @@ class Candidate:
     kl: float = 0.0
     accuracy: Optional[float] = None
     drop: float = 0.0                  # accuracy drop (labels) or disagreement, as a fraction
+    drop_se: float = 0.0               # its standard error over the held-out images (paired)
     convert_s: float = 0.0
     stable: bool = True               # the speedup's interquartile range is within ±5%
     meets: bool = False
@@ -99,24 +100,32 @@ def _midpoint(key: str, integer: bool = False):
     return between
 
 
-def families(depth: int, has_record: bool, has_class_token: bool) -> list[Family]:
-    """What the planner searches. CAIT merges before blocks depth/2 and 5/6 of the depth (on the real
-    ViT-Ti, 6 and 10 kept 2 pt more top-1 than the default 4 and 8 at the same FLOPs)."""
-    late = sorted({max(1, depth // 2), max(1, min(depth - 1, round(depth * 5 / 6)))})
-    out = [
-        Family("tome", "tome", [{"r": r} for r in (4, 8, 12, 16, 20)], _midpoint("r", True), lambda s: f"r={s['r']}"),
-        Family("cait", "cait", [{"target_flops": f, "stages": late} for f in (0.8, 0.67, 0.55, 0.45)],
-               _midpoint("target_flops"), lambda s: f"{s['target_flops']:g} FLOPs, ATME {s['stages']}"),
-        Family("toast", "toast", [{"target_flops": f} for f in (0.9, 0.8, 0.7, 0.55)], _midpoint("target_flops"),
-               lambda s: f"{s['target_flops']:g} FLOPs"),
-        Family("toast+tome", "toast+tome", [{"r": r, "share": s} for r, s in ((4, 0.95), (8, 0.9), (12, 0.85), (16, 0.8))],
-               None, lambda s: f"r={s['r']}, structure to {s['share']:g} of ToMe's FLOPs"),
-        Family("cait+tome", "cait+tome", [{"r": r, "share": s} for r, s in ((4, 0.95), (8, 0.9), (12, 0.85), (16, 0.8))],
-               None, lambda s: f"r={s['r']}, channels to {s['share']:g} of ToMe's FLOPs"),
-    ]
-    if has_record and has_class_token:   # AS-ViT calibrates on the PyTorch reference and scores by class attention
-        out.append(Family("asvit", "asvit", [{"target_flops": f} for f in (0.85, 0.7, 0.55, 0.45)],
-                          _midpoint("target_flops"), lambda s: f"{s['target_flops']:g} FLOPs (mean)"))
+# Compositions the planner tries: ToMe's merging with a structured part that takes the model a
+# little further than ToMe alone (a share of the FLOPs ToMe leaves).
+COMPOSITIONS = {"toast+tome": "structure", "cait+tome": "channels"}
+COMPOSITION_LEVELS = ((4, 0.95), (8, 0.9), (12, 0.85), (16, 0.8))
+PLAN_ORDER = ("tome", "cait", "toast")   # cheap first, so that a short --time-limit still sees them
+
+
+def families(vit, has_record: bool) -> list[Family]:
+    """What the planner searches: every registered method that declares search levels, then the
+    compositions of ToMe with a structured method."""
+    from vit2trt.passes.methods import REGISTRY, available
+
+    names = sorted(available(), key=lambda n: PLAN_ORDER.index(n) if n in PLAN_ORDER else len(PLAN_ORDER))
+    out, singles = [], []
+    for name in names:
+        method = REGISTRY[name]
+        levels = method.plan_levels(vit, has_record)
+        if levels:
+            between = _midpoint(method.plan_key, method.plan_integer) if method.plan_key else None
+            singles.append(Family(name, name, levels, between, method.plan_label))
+    compositions = [Family(name, name, [{"r": r, "share": s} for r, s in COMPOSITION_LEVELS], None,
+                           lambda s, what=what: f"r={s['r']}, {what} to {s['share']:g} of ToMe's FLOPs")
+                    for name, what in COMPOSITIONS.items()
+                    if all(part in {f.name for f in singles} for part in name.split("+"))]
+    # AS-ViT (slow to calibrate) after the compositions.
+    out = [f for f in singles if f.name != "asvit"] + compositions + [f for f in singles if f.name == "asvit"]
     return out
 
 
@@ -164,7 +173,7 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
         raise Vit2TrtError(f"{len(fit_idx)} calibration images are too few to fit on (this model needs at least "
                            f"{needed}); give more images in --calib or lower --holdout.")
     wanted = [f.strip() for f in options.methods] if options.methods else None
-    all_families = families(vit.depth, record_path.is_file(), any(t.kind == "class" for t in vit.extra_tokens))
+    all_families = families(vit, record_path.is_file())
     if wanted:
         unknown = sorted(set(wanted) - {f.name for f in all_families})
         if unknown:
@@ -236,6 +245,11 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
         _mark_pareto(candidates)
         if stopped:
             notes.append(stopped + ".")
+        if chosen is not None and options.max_drop is not None and chosen.drop_se * 2 > options.max_drop:
+            notes.append(f"the chosen drop's standard error ({chosen.drop_se * 100:.2f} pt on {len(held_idx)} "
+                         f"held-out images) is more than half of --max-drop: these images cannot tell a "
+                         f"{options.max_drop * 100:g} pt drop from none; check the model on more labelled images "
+                         "(vit2trt validate --labels) or plan with more.")
         final = staging / "out"
         if chosen is not None:
             progress(f"writing the chosen model: {chosen.label}")
@@ -378,8 +392,12 @@ class _Judge:
         if self.labels is not None:
             c.accuracy = float(np.mean(top == self.labels))
             c.drop = self.original_accuracy - c.accuracy
+            # Paired: only images one model gets right and the other wrong move the difference.
+            change = (self.reference.argmax(1) == self.labels).astype(float) - (top == self.labels)
+            c.drop_se = float(change.std() / np.sqrt(len(change)))
         else:
             c.drop = 1.0 - c.agreement
+            c.drop_se = float(np.sqrt(c.drop * (1 - c.drop) / len(top)))
         ratios = paired_speedups(self.original_runner, runner, self.timing_input, self.options.rounds)
         c.speedup = float(statistics.median(ratios))
         q = np.percentile(ratios, [25, 75])
@@ -449,10 +467,11 @@ def plan_markdown(result: PlanResult, options: PlanOptions, goal: str, measure: 
     lines = [f"# vit2trt plan: {goal}", "",
              f"Runtime: {options.runtime} at batch {options.batch}, {options.threads} threads. Methods fitted on "
              f"{fit} calibration images; every candidate judged on {held} others. Drop = {measure}. Speedup = median "
-             f"of {options.rounds} back-to-back ratios against the original [interquartile range].", ""]
+             f"of back-to-back ratios against the original ({options.rounds} to {options.rounds * MAX_ROUNDS} pairs, "
+             "more while the spread is wide) [interquartile range].", ""]
     if result.original_accuracy is not None:
         lines += [f"Original top-1 on the held-out images: {result.original_accuracy * 100:.2f}%.", ""]
-    lines += ["| | candidate | FLOPs × | speedup [IQR] | top-1 agreement | KL | top-1 | drop (pt) | convert s |",
+    lines += ["| | candidate | FLOPs × | speedup [IQR] | top-1 agreement | KL | top-1 | drop (pt) ± s.e. | convert s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c in result.candidates:
         mark = "**chosen**" if c is result.chosen else ("pareto" if c.pareto else "")
@@ -463,7 +482,7 @@ def plan_markdown(result: PlanResult, options: PlanOptions, goal: str, measure: 
         dagger = (" †" if c.speedup > c.flops_ratio else "") + ("" if c.stable else " (unstable)")
         lines.append(f"| {mark} | {c.label} | {c.flops_ratio:.2f} | {c.speedup:.2f}{dagger} [{c.speedup_iqr[0]:.2f}–"
                      f"{c.speedup_iqr[1]:.2f}] | {c.agreement * 100:.1f}% | {c.kl:.4f} | {top1} | "
-                     f"{c.drop * 100:+.2f} | {c.convert_s:.0f} |")
+                     f"{c.drop * 100:+.2f} ± {c.drop_se * 100:.2f} | {c.convert_s:.0f} |")
     lines += ["", "† faster than the FLOPs ratio allows, which is timing noise: the choice counts such a candidate at "
               "its FLOPs ratio. Unstable: the interquartile range stayed wider than ±5% after "
               f"{options.rounds * MAX_ROUNDS} rounds.", ""]
@@ -482,18 +501,19 @@ def _plot(path: Path, result: PlanResult, options: PlanOptions) -> None:
     scored = [c for c in result.candidates if not c.error]
     for family in sorted({c.family for c in scored}):
         points = [c for c in scored if c.family == family]
-        ax.scatter([c.speedup for c in points], [c.drop * 100 for c in points], label=family, s=28)
-    front = sorted((c for c in scored if c.pareto), key=lambda c: c.speedup)
+        ax.scatter([credible_speedup(c) for c in points], [c.drop * 100 for c in points], label=family, s=28)
+    front = sorted((c for c in scored if c.pareto), key=credible_speedup)
     if front:
-        ax.plot([c.speedup for c in front], [c.drop * 100 for c in front], "k--", lw=0.8, label="Pareto front")
+        ax.plot([credible_speedup(c) for c in front], [c.drop * 100 for c in front], "k--", lw=0.8,
+                label="Pareto front")
     if result.chosen:
-        ax.scatter([result.chosen.speedup], [result.chosen.drop * 100], marker="*", s=220, c="gold",
+        ax.scatter([credible_speedup(result.chosen)], [result.chosen.drop * 100], marker="*", s=220, c="gold",
                    edgecolors="k", zorder=5, label="chosen")
     if options.max_drop is not None:
         ax.axhline(options.max_drop * 100, color="r", lw=0.8)
     else:
         ax.axvline(options.target_speedup, color="r", lw=0.8)
-    ax.set_xlabel(f"speedup vs original ({options.runtime}, batch {options.batch})")
+    ax.set_xlabel(f"speedup vs original ({options.runtime}, batch {options.batch}; at most the FLOPs ratio)")
     ax.set_ylabel("top-1 drop (pt)" if options.labels else "top-1 disagreement (pt)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

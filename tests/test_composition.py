@@ -141,3 +141,40 @@ def test_bad_compositions_exit_2_and_write_nothing(tmp_path, export_cache, argv,
     assert result.exit_code == 2, result.output
     assert needle in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fifth_method_is_one_registered_class(tmp_path, export_cache):
+    """A method written outside vit2trt's modules: registered, it converts, composes with ToMe and
+    its PyTorch reference is rebuilt from decisions.json, with no change anywhere else."""
+    from dataclasses import dataclass
+
+    from vit2trt.passes.methods import REGISTRY, Method, option, register
+    from vit2trt.passes.structured_prune import BlockKeep
+
+    @dataclass
+    class HalfFFNOptions:
+        keep: float = option(0.5, "--ffn-keep", "fraction of FFN channels kept (first ones)")
+
+    class HalfFFN(Method):
+        name, title, order = "halfffn", "first FFN channels", 15
+        Options = HalfFFNOptions
+
+        def apply(self, o, run):
+            keeps = [BlockKeep(b.index, ffn_keep=list(range(int(b.ffn.hidden * o.keep)))) for b in run.vit.blocks]
+            run.prune(keeps, "halfffn", None, False)
+            return {"settings": {"keep": o.keep}}
+
+    register(HalfFFN)
+    try:
+        exported = export_cache(*SMALL_VIT, "torchscript")
+        out = convert(exported.onnx_path, tmp_path / "out", ConvertOptions(method="halfffn+tome", keep=0.25, r=3,
+                                                                           build=False))
+        decisions = json.loads((tmp_path / "out" / "decisions.json").read_text())
+        assert [p["method"] for p in decisions["parts"]] == ["halfffn", "tome"]
+        assert all(b.ffn.hidden == 192 for b in read_vit(out.onnx_path).blocks)
+        reference = compressed_reference(build_model(ReferenceRecord.load(exported.record_path)), decisions)
+        x = np.random.default_rng(4).standard_normal((4, 3, 96, 96)).astype(np.float32)
+        with torch.no_grad():
+            assert rel_error(run_onnx(out.onnx_path, x), reference(torch.from_numpy(x)).numpy()) <= 1e-4
+    finally:
+        REGISTRY.pop("halfffn")

@@ -41,6 +41,8 @@ def test_choice_honours_max_drop_on_the_held_out_images(tmp_path, data):
     got = np.concatenate([run_onnx(tmp_path / "plan" / "model.onnx", x[i:i + 1]) for i in held])
     accuracy = float(np.mean(got.argmax(1) == labels[held]))
     assert 1.0 - accuracy == pytest.approx(result.chosen.drop, abs=1e-9) and 1.0 - accuracy <= 0.1
+    wrong = (got.argmax(1) != labels[held]).astype(float)   # the original is right on every image here
+    assert result.chosen.drop_se == pytest.approx(wrong.std() / np.sqrt(len(held)), abs=1e-12)
     # The fastest of those within the budget was chosen, and the files say so.
     within = [c for c in result.candidates if not c.error and c.drop <= 0.1]
     assert credible_speedup(result.chosen) == max(credible_speedup(c) for c in within)

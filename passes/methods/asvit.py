@@ -64,6 +64,17 @@ class ASViT(Method):
     name, title, order, reduces_tokens = "asvit", "AS-ViT (tokens: adaptive pruning)", 30, True
     Options = ASViTOptions
 
+    plan_key = "target_flops"
+
+    def plan_levels(self, vit, has_record: bool) -> list[dict]:
+        # Calibrates on the PyTorch reference and scores tokens by class attention.
+        if not has_record or not any(t.kind == "class" for t in vit.extra_tokens) or vit.pooling != "token":
+            return []
+        return [{"target_flops": f} for f in (0.85, 0.7, 0.55, 0.45)]
+
+    def plan_label(self, level: dict) -> str:
+        return f"{level['target_flops']:g} FLOPs (mean)"
+
     def check(self, o: ASViTOptions, run: Run) -> None:
         from vit2trt.passes.asvit import check_settings, default_stages
 

@@ -55,6 +55,17 @@ class Method:
         structure every part pruned, see decisions['blocks'])."""
         return model
 
+    # What `vit2trt plan` searches: settings from mild to aggressive (none: the planner skips the
+    # method), the option it halves between two of them, and how a setting reads in its table.
+    plan_key: Optional[str] = None
+    plan_integer: bool = False
+
+    def plan_levels(self, vit: ViTGraph, has_record: bool) -> list[dict]:
+        return []
+
+    def plan_label(self, level: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in level.items())
+
 
 @dataclass
 class Run:

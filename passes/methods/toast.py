@@ -68,6 +68,14 @@ class Toast(Method):
     name, title, order = "toast", "ToaSt (structured: head dims, FFN channels)", 10
     Options = ToastOptions
 
+    plan_key = "target_flops"
+
+    def plan_levels(self, vit, has_record: bool) -> list[dict]:
+        return [{"target_flops": f} for f in (0.9, 0.8, 0.7, 0.55)]
+
+    def plan_label(self, level: dict) -> str:
+        return f"{level['target_flops']:g} FLOPs"
+
     def check(self, o: ToastOptions, run: Run) -> None:
         from vit2trt.passes.sensitivity import check_multiple
 

@@ -35,6 +35,14 @@ class ToMe(Method):
                          f"({result.report['tokens'][-1]} leave the last block); training-free, as the paper.")
         return {"settings": {"r": o.r}, "tome": result.report}
 
+    plan_key, plan_integer = "r", True
+
+    def plan_levels(self, vit, has_record: bool) -> list[dict]:
+        return [{"r": r} for r in (4, 8, 12, 16, 20)]
+
+    def plan_label(self, level: dict) -> str:
+        return f"r={level['r']}"
+
     def reference(self, model, part: dict):
         from vit2trt.models.tome_reference import ToMeViT
 
