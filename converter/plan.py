@@ -70,6 +70,7 @@ class Candidate:
     meets: bool = False
     pareto: bool = False
     error: Optional[str] = None
+    convert_options: dict = field(default_factory=dict)   # what `convert` was given (reproduces it)
 
 
 @dataclass
@@ -160,7 +161,10 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
     from vit2trt.converter.loading import load_onnx
     from vit2trt.passes.methods import get_method
 
+    from vit2trt.converter.engine import BuildOptions, check_build
+
     check_plan_options(options)
+    check_build(BuildOptions(options.engine if options.build else "none"))   # before the search, not after
     out_dir = Path(options.out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
         raise Vit2TrtError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
@@ -216,19 +220,20 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
             index = len(candidates) + 1
             progress(f"candidate {index}: {label}")
             candidate = Candidate(family.name, label, dict(level))
+            candidate.convert_options = {"method": family.method, **settings_for(family, level)}
             began = clock()
             try:
                 result = convert(model_path, staging / f"c{index}", ConvertOptions(
                     method=family.method, build=False, calib=str(fit_file), fit_limit=len(fit_idx),
                     calib_limit=min(64, len(fit_idx)), seed=options.seed, cache=cache,
                     **settings_for(family, level)), progress=lambda m: progress(f"candidate {index}: {label}: {m}"))
-            except Vit2TrtError as exc:   # an unreachable budget is a result, not a failure of the plan
-                candidate.error = str(exc)
+                candidate.convert_s = clock() - began
+                candidate.flops_ratio = result.flops_before / max(result.flops_after, 1)
+                judge.score(candidate, result.onnx_path)
+            except Exception as exc:   # an unreachable budget or a failed fit is a result, not the plan's end
+                candidate.error = str(exc) if isinstance(exc, Vit2TrtError) else f"{type(exc).__name__}: {exc}"
                 candidates.append(candidate)
                 return candidate
-            candidate.convert_s = clock() - began
-            candidate.flops_ratio = result.flops_before / max(result.flops_after, 1)
-            judge.score(candidate, result.onnx_path)
             candidate.meets = _meets(candidate, options)
             candidates.append(candidate)
             shutil.rmtree(result.out_dir, ignore_errors=True)
@@ -308,8 +313,8 @@ def credible_speedup(c: Candidate) -> float:
 
 
 def _meets(c: Candidate, options: PlanOptions) -> bool:
-    if options.max_drop is not None:
-        return c.drop <= options.max_drop + 1e-12
+    if options.max_drop is not None:   # within the drop, and faster than the original at all
+        return c.drop <= options.max_drop + 1e-12 and credible_speedup(c) > 1.0
     return credible_speedup(c) >= options.target_speedup
 
 

@@ -12,6 +12,7 @@ distortion per FLOP saved, until the target is met.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import hashlib
 from typing import Callable, Optional
 
 import numpy as np
@@ -360,7 +361,7 @@ def plan_budget(model: onnx.ModelProto, vit: ViTGraph, stats: CalibrationStats, 
     check_multiple(vit, multiple)
     tokens = tokens or [b.tokens or vit.num_tokens for b in vit.blocks]
     parts = block_parts(model, vit, stats)
-    key = ("gains", id(stats)) if cache is not None else None
+    key = ("gains", hashlib.sha1(model.SerializeToString()).hexdigest(), stats.images) if cache is not None else None
     if key is not None and key in cache:
         gains = cache[key]
     else:

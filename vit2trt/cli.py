@@ -141,11 +141,12 @@ def method_option_parameters() -> list[pyinspect.Parameter]:
         cli_type = meta["cli_type"] or (float if spec.default is None else type(spec.default))
         decls = [f"{meta['flag']}/{meta['secondary']}"] if meta["secondary"] else [meta["flag"]]
         group = ", ".join(m.name for m, _ in declared)   # plain help has no panels: a prefix groups them
-        default = spec.default
+        # None: not given (a value equal to the method's default is still the user's and still routed).
+        shown = f"  [default: {spec.default}]" if spec.default not in (None, False) else ""
         params.append(pyinspect.Parameter(
             field_name, pyinspect.Parameter.KEYWORD_ONLY, annotation=Optional[cli_type],
-            default=typer.Option(default, *decls, help=f"[{group}] {meta['help']}", rich_help_panel=method.title,
-                                 show_default=default is not None)))
+            default=typer.Option(None, *decls, help=f"[{group}] {meta['help']}{shown}", rich_help_panel=method.title,
+                                 show_default=False)))
     return params
 
 
@@ -153,8 +154,10 @@ def method_options_given(values: dict, settings: List[str]) -> dict:
     """The method options the user set: values that differ from their defaults, and --set part.option=value."""
     from vit2trt.passes.methods import REGISTRY, option_fields
 
-    defaults = {f.name: f.default for m in REGISTRY.values() for f in option_fields(m.Options)}
-    given = {k: v for k, v in values.items() if k in defaults and v != defaults[k]}
+    specs = {f.name: f for m in REGISTRY.values() for f in option_fields(m.Options)}
+    # Not given: None; a plain flag (no --no- form) that is absent may also read False.
+    given = {k: v for k, v in values.items() if k in specs and v is not None
+             and not (v is False and not specs[k].metadata["secondary"])}
     for pair in settings:
         key, sep, raw = pair.partition("=")
         part, dot, name = key.partition(".")
@@ -167,7 +170,12 @@ def method_options_given(values: dict, settings: List[str]) -> dict:
                                "e.g. toast.target_flops, cait.stages, tome.r.")
         cli_type = spec.metadata["cli_type"] or (float if spec.default is None else type(spec.default))
         try:
-            given[key] = (raw.lower() in ("1", "true", "yes")) if cli_type is bool else cli_type(raw)
+            if cli_type is bool:
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                given[key] = raw.lower() in ("1", "true", "yes")
+            else:
+                given[key] = cli_type(raw)
         except ValueError:
             raise Vit2TrtError(f"--set {key}: '{raw}' is not a {cli_type.__name__}.") from None
     return given
@@ -253,7 +261,7 @@ def plan(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image (as validate reads them): the drop is then top-1 accuracy; without it, top-1 disagreement with the original."),
     target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Choose the most accurate candidate at least this much faster than the original."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Choose the fastest candidate whose top-1 drop on the held-out images is at most this fraction (0.01 = one point)."),
-    runtime: str = typer.Option("ort", "--runtime", help="Where latency is measured: ort (ONNX Runtime CPU) or tensorrt (needs full TensorRT and a GPU)."),
+    runtime: str = typer.Option("ort", "--runtime", help="Where latency is measured: ort (ONNX Runtime CPU). tensorrt is refused for now: timing engines needs full TensorRT and a GPU."),
     batch: int = typer.Option(1, "--batch", help="Batch size the latency is measured at."),
     time_limit: float = typer.Option(900, "--time-limit", help="Seconds the search may take; it then keeps the best found so far."),
     calib_limit: int = typer.Option(256, "--calib-limit", help="Calibration images read at most."),
@@ -271,7 +279,7 @@ def plan(
     measuring every candidate's latency against the original and its accuracy on held-out images.
     Ctrl-C or --time-limit keeps the best model found so far."""
     with _user_errors():
-        from vit2trt.converter.plan import PlanOptions, plan as run_plan
+        from vit2trt.converter.plan import PlanOptions, credible_speedup, plan as run_plan
 
         options = PlanOptions(calib=str(calib), out_dir=str(out_dir), labels=str(labels) if labels else None,
                               target_speedup=target_speedup, max_drop=max_drop, runtime=runtime, batch=batch,
@@ -297,7 +305,8 @@ def plan(
         if result.chosen is None:
             err.print(f"error: no candidate met the budget; {result.out_dir}/plan.md lists what was tried.", style="red")
             raise typer.Exit(1)
-        out.print(f"chose {escape(result.chosen.label)}: {result.chosen.speedup:.2f}x faster, top-1 drop "
+        out.print(f"chose {escape(result.chosen.label)}: {credible_speedup(result.chosen):.2f}x faster (measured, at most "
+                  f"the FLOPs ratio), top-1 drop "
                   f"{result.chosen.drop * 100:+.2f} pt on held-out images; wrote {result.out_dir}/ (plan.md, "
                   "plan.json, plan.png, model.onnx, decisions.json, report)")
 

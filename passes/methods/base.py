@@ -115,6 +115,8 @@ class Run:
         result, keeps = strip_dead_structure(self.model, self.vit)
         self.passes.append(result.report)
         if keeps:
+            if self.compensation:   # nothing fits before the strip today; narrow what would
+                self.compensation = slice_compensation(self.compensation, keeps, self.vit)
             self.model = result.model
             self.describe("stripped graph")
             self.keeps = compose_keeps(self.keeps, keeps)
@@ -148,6 +150,12 @@ class Run:
         statistics are at hand and compensation is not turned off."""
         if not new_keeps:
             return
+        # Kept indices in ascending order everywhere: the graph, the fits and the reference agree on it.
+        new_keeps = [BlockKeep(k.index, *(None if v is None else
+                                          ([sorted(d) for d in v] if attr != "ffn_keep" else sorted(v))
+                                          for attr, v in (("qk_keep", k.qk_keep), ("v_keep", k.v_keep),
+                                                          ("ffn_keep", k.ffn_keep))))
+                     for k in new_keeps]
         fitted_tensors: dict = {}
         if stats is not None and compensate is not False:
             from vit2trt.passes.sensitivity import compensate_keeps

@@ -10,8 +10,8 @@ from vit2trt.passes.methods.base import Method, Run, option
 from vit2trt.passes.methods.parsing import fraction_list
 
 TARGET_FLOPS_HELP = ("Fraction of the original FLOPs. toast, cait: every block's QK dims, V dims and FFN channels "
-                     "are chosen by measured sensitivity (needs --calib); in a composition it counts the tokens the "
-                     "token part leaves. asvit: the thresholds are calibrated to meet it on average (default 0.65).")
+                     "are chosen by measured sensitivity (needs --calib); in a composition it counts the tokens ToMe "
+                     "or ATME leaves each block (AS-ViT's depend on the image and are not counted). asvit: the thresholds are calibrated to meet it on average (default 0.65).")
 MULTIPLE_HELP = ("toast, cait: kept head dims and FFN channels are multiples of N (8 lets TensorRT fuse attention "
                  "for head dims 16-256).")
 COMPENSATE_HELP = ("toast, cait: fit what pruning removes from what it keeps, in closed form on the --calib images, "
