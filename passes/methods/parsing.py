@@ -8,26 +8,23 @@ from typing import Callable, Optional
 from vit2trt.errors import Vit2TrtError
 
 
-def fraction_list(flag: str) -> Callable[[Optional[str]], Optional[list[float]]]:
+def _number_list(kind: type, flag: str, usage: str) -> Callable[[Optional[str]], Optional[list]]:
     def parse(text):
-        if text is None or isinstance(text, (list, tuple)):
-            return None if text is None else [float(v) for v in text]
         try:
-            return [float(v) for v in str(text).split(",")]
-        except ValueError:
-            raise Vit2TrtError(f"{flag} takes comma-separated numbers such as 0,0,0.3, not '{text}'.") from None
+            if text is None or isinstance(text, (list, tuple)):
+                return None if text is None else [kind(v) for v in text]
+            return [kind(v) for v in str(text).split(",")]
+        except (TypeError, ValueError):
+            raise Vit2TrtError(f"{flag} takes {usage}, not '{text}'.") from None
     return parse
+
+
+def fraction_list(flag: str) -> Callable[[Optional[str]], Optional[list[float]]]:
+    return _number_list(float, flag, "comma-separated numbers such as 0,0,0.3")
 
 
 def index_list(flag: str, example: str) -> Callable[[Optional[str]], Optional[list[int]]]:
-    def parse(text):
-        if text is None or isinstance(text, (list, tuple)):
-            return None if text is None else [int(v) for v in text]
-        try:
-            return [int(v) for v in str(text).split(",")]
-        except ValueError:
-            raise Vit2TrtError(f"{flag} takes comma-separated block indices such as {example}, not '{text}'.") from None
-    return parse
+    return _number_list(int, flag, f"comma-separated block indices such as {example}")
 
 
 def thresholds_value(text):
