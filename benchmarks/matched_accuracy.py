@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit2trt.converter.convert import ConvertOptions, asvit_flops_model, convert
+from vit2trt.converter.convert import ConvertOptions, convert
+from vit2trt.passes.methods.asvit import asvit_flops_model
 from vit2trt.converter.export import export_model
 from vit2trt.converter.graph_reader import read_vit
 from vit2trt.models.asvit_tuning import BUDGET_WEIGHT, SoftASViT, _meet_budget

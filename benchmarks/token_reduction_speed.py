@@ -105,7 +105,7 @@ def _asvit_per_image(base: Path, asvit, record_path: Path, inputs: np.ndarray, a
     import torch
 
     from vit2trt.converter.bench import ort_runner
-    from vit2trt.converter.convert import asvit_flops_model
+    from vit2trt.passes.methods.asvit import asvit_flops_model
     from vit2trt.models.asvit_reference import ASViT
     from vit2trt.models.reference import ReferenceRecord, build_model
 

@@ -21,8 +21,6 @@ from vit2trt.converter.shapes import memory_session
 from vit2trt.converter.vit_graph import BuildReport
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.methods import REGISTRY, Method, Run, composition_name, parse_composition
-from vit2trt.passes.methods.asvit import asvit_flops_model, asvit_inputs  # noqa: F401 - used by tune, benchmarks
-from vit2trt.passes.methods.base import compose_keeps  # noqa: F401 - kept importable from here
 
 COMPENSATION_FILE = "compensation.safetensors"
 _TWO_GB = 2**31

@@ -495,35 +495,6 @@ def _batch_profile(text: str) -> tuple[int, int, int]:
     return tuple(values)
 
 
-def _asvit_settings(thresholds: Optional[str], stages: Optional[str]):
-    """--thresholds as numbers or a JSON file (which may also name the stages); --stages as numbers."""
-    parsed_stages = None
-    if stages is not None:
-        parsed_stages = _int_list(stages, "--stages takes comma-separated block indices such as 4,7,10")
-    if thresholds is None:
-        return None, parsed_stages
-    path = Path(thresholds)
-    if path.suffix == ".json" or path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            values = [float(v) for v in data["thresholds"]]
-            if parsed_stages is None and "stages" in data:
-                parsed_stages = [int(v) for v in data["stages"]]
-            return values, parsed_stages
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise Vit2TrtError(f"--thresholds {path}: not a JSON file with a 'thresholds' list ({exc}).") from None
-    return _ratios(thresholds, "--thresholds"), parsed_stages
-
-
-def _ratios(text: Optional[str], flag: str) -> Optional[list[float]]:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise Vit2TrtError(f"{flag} takes comma-separated numbers such as 0,0,0.3, not '{text}'.") from None
-
-
 def _print_description(g) -> None:
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")

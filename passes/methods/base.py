@@ -17,7 +17,6 @@ import onnx
 
 from vit2trt.converter.graph_reader import describe_vit
 from vit2trt.converter.vit_graph import ViTGraph
-from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.structured_prune import BlockKeep, prune_structure
 
 
