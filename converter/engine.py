@@ -178,6 +178,24 @@ def _casts_follow_fp16(model, fp32_ops: set) -> None:
     graph.value_info.extend(keep)
 
 
+def _let_attention_decompose(trt, network) -> list[str]:
+    """ONNX Attention nodes parse into TensorRT's fused attention, which fails the build where no
+    dedicated kernel fits (TensorRT-RTX has none for fp32): let each fall back to its parts there.
+    Where a kernel fits it is still used."""
+    kind = getattr(getattr(trt, "LayerType", None), "ATTENTION_INPUT", None)
+    if kind is None:
+        return []
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type != kind:
+            continue
+        layer.__class__ = trt.IAttentionInputLayer   # the bindings' way to reach a layer's own API
+        layer.attention.decomposable = True
+        count += 1
+    return [f"{count} fused attention layer(s) may decompose where no dedicated kernel fits"] if count else []
+
+
 def build_engine(
     onnx_path: str | os.PathLike,
     engine_path: Optional[str | os.PathLike] = None,
@@ -208,6 +226,7 @@ def build_engine(
         if not parser.parse_from_file(str(source)):
             errors = "; ".join(_describe_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
             return BuildReport(backend, "failed", time.perf_counter() - start, f"ONNX parser: {errors[:600]}")
+        notes += _let_attention_decompose(trt, network)
         config = builder.create_builder_config()
         flags = flavour.set_precision(config, options.precision)
         profile = builder.create_optimization_profile()

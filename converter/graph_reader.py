@@ -1,11 +1,13 @@
 """Find the Vision Transformer inside an exported ONNX graph and describe it (`ViTGraph`).
 
-The reader anchors on what every ViT export has whatever the exporter: one Softmax per block
-between two activation MatMuls. From each Softmax it walks back through layout ops (Reshape,
-Transpose, Split, Slice, Gather, Squeeze, scale Muls) to the projections that feed Q, K and V,
-forward to the output projection and the residual Add, and from there through the FFN. Shapes
-come from one real run at batch 1 (converter.shapes), so head counts computed by Shape ops are
-read as the runtime sees them.
+The reader anchors on what every ViT export has whatever the exporter: one attention per block,
+written either as a Softmax between two activation MatMuls (TorchScript, eager attention, SDPA
+decomposed; the dynamo exporter's SDPA adds an IsNaN -> Where guard after the Softmax) or as one
+ONNX `Attention` node (opset 23+, the dynamo exporter's SDPA). From each anchor it walks back
+through layout ops (Reshape, Transpose, Split, Slice, Gather, Squeeze, scale Muls) to the
+projections that feed Q, K and V, forward to the output projection and the residual Add, and from
+there through the FFN. Shapes come from one real run at batch 1 (converter.shapes), so head counts
+computed by Shape ops are read as the runtime sees them.
 """
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ _LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice",
                "Identity", "Cast", "Flatten", "Mul", "Div"}
 _LINEAR_OPS = {"MatMul", "Gemm"}
 _FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention"}
+
+
+def _is_onnx_attention(node: gs.Node) -> bool:
+    """The standard ONNX Attention op (opset 23+), not ONNX Runtime's contrib op of the same name."""
+    return node.op == "Attention" and node.domain in ("", "ai.onnx", None)
 
 
 def read_vit(path: str | os.PathLike, img_size: Optional[int] = None) -> ViTGraph:
@@ -65,16 +72,18 @@ class _Reader:
     # ---------------------------------------------------------------- entry point
     def read(self) -> ViTGraph:
         input_var, input_shape = self._image_input()
-        softmaxes = [n for n in self.graph.nodes if n.op == "Softmax"]
-        if not softmaxes:
+        anchors = [n for n in self.graph.nodes if n.op == "Softmax" or _is_onnx_attention(n)]
+        if not anchors:
             fused = sorted({n.op for n in self.graph.nodes if n.op in _FUSED_ATTENTION_OPS})
-            hint = (f"; the graph has fused {', '.join(fused)} ops, which vit2trt does not rewrite: export "
-                    "at opset 17-22 without runtime graph optimizations (vit2trt export does)") if fused else ""
-            raise NotAViTError(self._not_vit("no attention (MatMul → Softmax → MatMul) was found" + hint))
+            hint = (f"; the graph has runtime-fused {', '.join(fused)} ops (ONNX Runtime's contrib ops), which "
+                    "vit2trt does not read: export without runtime graph optimizations (vit2trt export does)"
+                    ) if fused else ""
+            raise NotAViTError(self._not_vit(
+                "no attention (MatMul → Softmax → MatMul, or an ONNX Attention node) was found" + hint))
         self._observe(input_shape)
         blocks = []
-        for index, softmax in enumerate(softmaxes):
-            blocks.append(self._block(index, softmax))
+        for index, anchor in enumerate(anchors):
+            blocks.append(self._block(index, anchor))
         for prev, nxt in zip(blocks, blocks[1:]):
             if prev.output != nxt.input and not self._derives_from(
                     self._tensor_by_name(nxt.input), self._tensor_by_name(prev.output)):
@@ -82,7 +91,7 @@ class _Reader:
                     f"blocks {prev.index} and {nxt.index} are not chained (block {prev.index} ends in "
                     f"'{prev.output}', block {nxt.index} starts from '{nxt.input}')"))
         patch = self._patch_embed(input_var)
-        n_tokens = self._shape(blocks[0].attn.softmax, which="softmax_in")[-1]
+        n_tokens = blocks[0].tokens
         num_patches = patch.grid[0] * patch.grid[1]
         num_extra = n_tokens - num_patches
         if num_extra < 0:
@@ -137,6 +146,8 @@ class _Reader:
             tensors = []
             if node.op in _LINEAR_OPS or node.op == "Conv":
                 tensors = [node.inputs[0], node.inputs[1], node.outputs[0]]
+            elif _is_onnx_attention(node):
+                tensors = [t for t in node.inputs[:4] if t is not None and t.name] + [node.outputs[0]]
             elif node.op == "Softmax":
                 tensors = [node.inputs[0]]
                 pre = self._producer(node.inputs[0])
@@ -152,7 +163,10 @@ class _Reader:
             for t in tensors:
                 if isinstance(t, gs.Variable) and t.name and t.name not in wanted:
                     wanted.append(t.name)
-        self.shapes, self.int_values = observe_shapes(self.model, wanted, input_shape)
+        tensors = self.graph.tensors()
+        masks = tuple(name for name in wanted if self._is_static(tensors[name])
+                      and tensors[name].dtype not in (np.int64, np.int32))
+        self.shapes, self.int_values = observe_shapes(self.model, wanted, input_shape, keep_values=masks)
 
     def _shape(self, node_name_or_tensor, which=None) -> tuple[int, ...]:
         if which == "softmax_in":
@@ -338,7 +352,32 @@ class _Reader:
         """The A·V MatMul (or a Cast before it); other readers of the probabilities (TCS) are ignored."""
         candidates = [n for n in probs.outputs if n.op in ("MatMul", "Cast", "Identity")
                       and n.inputs[0] is probs]
-        return candidates[0] if len(candidates) == 1 else None
+        if len(candidates) == 1:
+            return candidates[0]
+        return self._nan_guard(probs) if not candidates else None
+
+    def _zero_mask(self, tensor) -> bool:
+        """A constant mask that masks nothing: zeros added to the scores, or an all-True boolean mask
+        (Hugging Face's dynamo export writes one when no mask is given). The passes may drop it, and
+        the token count may change under it."""
+        value = self.int_values.get(tensor.name)
+        if value is None and isinstance(tensor, gs.Constant):
+            value = tensor.values
+        if value is None or not self._is_static(tensor):
+            return False
+        value = np.asarray(value)
+        return bool(value.all()) if value.dtype == np.bool_ else value.dtype.kind == "f" and not np.any(value)
+
+    def _nan_guard(self, probs) -> Optional[gs.Node]:
+        """SDPA's Where(IsNaN(p), 0, p) after the Softmax (the dynamo exporter writes it for rows that
+        a mask could empty): the probabilities pass through it unchanged in a ViT."""
+        for node in probs.outputs:
+            if node.op != "Where" or len(node.inputs) != 3 or node.inputs[2] is not probs:
+                continue
+            test = self._producer(node.inputs[0])
+            if test is not None and test.op == "IsNaN" and test.inputs[0] is probs and self._is_static(node.inputs[1]):
+                return node
+        return None
 
     def _single_consumer(self, tensor, ops: Iterable[str]) -> Optional[gs.Node]:
         consumers = [n for n in tensor.outputs]
@@ -365,7 +404,13 @@ class _Reader:
         return scale, add, others[0]
 
     # ---------------------------------------------------------------- blocks
-    def _block(self, index: int, softmax: gs.Node) -> Block:
+    def _block(self, index: int, anchor: gs.Node) -> Block:
+        core = (self._fused_core(index, anchor) if _is_onnx_attention(anchor)
+                else self._explicit_core(index, anchor))
+        return self._block_around(index, core)
+
+    def _explicit_core(self, index: int, softmax: gs.Node) -> dict:
+        """Q·Kᵀ MatMul → (scale, mask) → Softmax → (Cast, NaN guard) → A·V MatMul."""
         where = f"block {index} (Softmax '{softmax.name}')"
         scale, scale_nodes, scale_from_shape, mask_nodes, mask_inputs = 1.0, [], False, [], []
         t = softmax.inputs[0]
@@ -386,7 +431,7 @@ class _Reader:
                 if t is None:
                     break
                 mask_nodes.append(node.name)
-                mask_inputs.extend(i.name for i in node.inputs if i is not t)
+                mask_inputs.extend(i.name for i in node.inputs if i is not t and not self._zero_mask(i))
                 continue
             if node.op in ("Mul", "Div", "Cast", "Identity"):
                 if node.op in ("Mul", "Div"):
@@ -400,20 +445,71 @@ class _Reader:
             break
         if qk is None:
             raise NotAViTError(self._not_vit(f"{where}: no Q·Kᵀ MatMul feeds the Softmax"))
-        probs, av = softmax.outputs[0], None
-        for _ in range(4):  # HF casts the probabilities (to the same dtype) before A·V
+        probs, av, guard = softmax.outputs[0], None, []
+        for _ in range(4):  # HF casts the probabilities (to the same dtype) before A·V; SDPA guards NaN
             av = self._probs_consumer(probs)
             if av is None or av.op == "MatMul":
                 break
+            if av.op == "Where":
+                guard += [self._producer(av.inputs[0]).name, av.name]
             probs = av.outputs[0]
         if av is None or av.op != "MatMul" or av.inputs[0] is not probs:
             raise NotAViTError(self._not_vit(f"{where}: the Softmax output does not feed an A·V MatMul"))
+        s_shape = self._tensor_shape(softmax.inputs[0])
+        if len(s_shape) != 4:
+            raise NotAViTError(self._not_vit(
+                f"{where}: attention scores have shape {list(s_shape)}, expected [batch, heads, tokens, tokens]"))
+        return dict(where=where, q=qk.inputs[0], k=qk.inputs[1], v=av.inputs[1], out=av.outputs[0],
+                    heads=s_shape[1], head_dim_qk=self._tensor_shape(qk.inputs[0])[-1],
+                    head_dim_v=self._tensor_shape(av.inputs[1])[-1], tokens=s_shape[-1],
+                    scale=scale, scale_from_shape=scale_from_shape, scale_nodes=scale_nodes,
+                    mask_nodes=mask_nodes, mask_inputs=mask_inputs,
+                    names=dict(qk_matmul=qk.name, softmax=softmax.name, av_matmul=av.name, nan_guard_nodes=guard))
 
-        lin_q, path_q = self._trace_back_to_linear(qk.inputs[0])
+    def _fused_core(self, index: int, node: gs.Node) -> dict:
+        """One ONNX Attention node: Q, K, V as [B, heads, N, dim] (or [B, N, heads·dim] with head counts
+        as attributes), an optional constant mask, the scale as an attribute (default 1/√dim)."""
+        where = f"block {index} (Attention '{node.name}')"
+        given = [t.name if t is not None and t.name else "" for t in node.inputs]
+        if any(given[4:]) or any(o.name and o.outputs for o in node.outputs[1:]):
+            raise NotAViTError(self._not_vit(f"{where}: a key/value cache (past or present key and value) is "
+                                             "not part of a ViT"))
+        if int(node.attrs.get("is_causal", 0)) or float(node.attrs.get("softcap", 0.0) or 0.0):
+            raise NotAViTError(self._not_vit(f"{where}: causal or soft-capped attention is not a ViT's"))
+        mask_inputs = []
+        if len(given) > 3 and given[3]:
+            mask_inputs = [] if self._zero_mask(node.inputs[3]) else [given[3]]
+        q, k, v = node.inputs[:3]
+        q_shape, k_shape, v_shape = (self._tensor_shape(t) for t in (q, k, v))
+        if len(q_shape) == 4:
+            heads, kv_heads, tokens = q_shape[1], k_shape[1], q_shape[2]
+            head_dim_qk, head_dim_v = q_shape[3], v_shape[3]
+        elif len(q_shape) == 3:
+            heads = int(node.attrs.get("q_num_heads", 0))
+            kv_heads = int(node.attrs.get("kv_num_heads", heads))
+            if heads <= 0:
+                raise NotAViTError(self._not_vit(f"{where}: 3-D inputs without a q_num_heads attribute"))
+            tokens, head_dim_qk, head_dim_v = q_shape[1], q_shape[2] // heads, v_shape[2] // kv_heads
+        else:
+            raise NotAViTError(self._not_vit(f"{where}: Q has shape {list(q_shape)}, expected 3-D or 4-D"))
+        if kv_heads != heads:
+            raise NotAViTError(self._not_vit(f"{where}: grouped-query attention ({heads} query heads, {kv_heads} "
+                                             "key/value heads) is not part of a ViT"))
+        scale = node.attrs.get("scale")
+        scale = float(scale) if scale is not None else head_dim_qk ** -0.5
+        return dict(where=where, q=q, k=k, v=v, out=node.outputs[0], heads=heads, head_dim_qk=head_dim_qk,
+                    head_dim_v=head_dim_v, tokens=tokens, scale=scale, scale_from_shape=False, scale_nodes=[],
+                    mask_nodes=[], mask_inputs=mask_inputs, names=dict(fused_op=node.name))
+
+    def _block_around(self, index: int, core: dict) -> Block:
+        """From the attention core: the projections, the output path, the residuals and the FFN."""
+        where, scale, scale_from_shape = core["where"], core["scale"], core["scale_from_shape"]
+        scale_nodes = list(core["scale_nodes"])
+        lin_q, path_q = self._trace_back_to_linear(core["q"])
         chunk_q = self._last_chunk
-        lin_k, path_k = self._trace_back_to_linear(qk.inputs[1])
+        lin_k, path_k = self._trace_back_to_linear(core["k"])
         chunk_k = self._last_chunk
-        lin_v, path_v = self._trace_back_to_linear(av.inputs[1])
+        lin_v, path_v = self._trace_back_to_linear(core["v"])
         chunk_v = self._last_chunk
         missing = [n for n, l in (("Q", lin_q), ("K", lin_k), ("V", lin_v)) if l is None]
         if missing:
@@ -436,16 +532,10 @@ class _Reader:
                 raise NotAViTError(self._not_vit(
                     f"{where}: could not tell which part of the fused projection is Q, K and V (found {chunks})"))
 
-        q_shape = self._tensor_shape(qk.inputs[0])
-        s_shape = self._tensor_shape(softmax.inputs[0])
-        v_shape = self._tensor_shape(av.inputs[1])
-        if len(s_shape) != 4:
-            raise NotAViTError(self._not_vit(
-                f"{where}: attention scores have shape {list(s_shape)}, expected [batch, heads, tokens, tokens]"))
-        heads, head_dim_qk, head_dim_v = s_shape[1], q_shape[-1], v_shape[-1]
+        heads, head_dim_qk, head_dim_v = core["heads"], core["head_dim_qk"], core["head_dim_v"]
 
         # Output projection: follow the A·V result through layout ops to the next projection.
-        t, out_path, proj = av.outputs[0], [], None
+        t, out_path, proj = core["out"], [], None
         for _ in range(8):
             # Other readers of the per-head outputs (AS-ViT's scores) are not on this path.
             candidates = [n for n in t.outputs
@@ -489,12 +579,11 @@ class _Reader:
             head_dim_v=head_dim_v, qkv_bias=all(l.bias is not None for l in (lin_q, lin_k, lin_v)),
             proj=proj, qkv=lin_q if fused else None, q=None if fused else lin_q,
             k=None if fused else lin_k, v=None if fused else lin_v,
-            qk_matmul=qk.name, softmax=softmax.name, av_matmul=av.name,
             scale=None if scale_from_shape else float(scale), scale_from_shape=scale_from_shape,
-            scale_nodes=scale_nodes, mask_nodes=mask_nodes, head_reshapes=reshapes, qkv_split_nodes=split_nodes,
-            qkv_chunks=chunks, mask_inputs=mask_inputs,
+            scale_nodes=scale_nodes, mask_nodes=core["mask_nodes"], head_reshapes=reshapes,
+            qkv_split_nodes=split_nodes, qkv_chunks=chunks, mask_inputs=core["mask_inputs"], **core["names"],
         )
-        n = s_shape[-1]
+        n = core["tokens"]
         flops = BlockFlops(
             attn_proj=sum(self._linear_macs(l) for l in {x.node: x for x in (lin_q, lin_k, lin_v, proj)}.values()),
             attn_matmul=heads * n * n * head_dim_qk + heads * n * n * head_dim_v,
@@ -757,13 +846,14 @@ class _Reader:
             for lin in (a.qkv, a.q, a.k, a.v, a.proj, b.ffn.fc1, b.ffn.fc2):
                 if lin is not None:
                     block_nodes.add(lin.node)
-            block_nodes.update((a.qk_matmul, a.av_matmul))
+            block_nodes.update((a.qk_matmul, a.av_matmul, a.fused_op))
+        fused = {b.attn.fused_op: b.flops.attn_matmul for b in blocks if b.attn.fused_op}  # both products in one
         head_nodes = {l.node for l in head.linears}
         per_part = {"patch": 0, "blocks": 0, "head": 0, "other": 0}
         for node in self.graph.nodes:
-            if node.op not in ("MatMul", "Gemm", "Conv"):
+            if node.op not in ("MatMul", "Gemm", "Conv") and node.name not in fused:
                 continue
-            macs = self._node_macs(node)
+            macs = fused[node.name] if node.name in fused else self._node_macs(node)
             if node.name == patch.node:
                 per_part["patch"] += macs
             elif node.name in block_nodes:

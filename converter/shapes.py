@@ -44,12 +44,12 @@ def memory_session(model: onnx.ModelProto, optimize: bool = True) -> ort.Inferen
 
 
 def observe_shapes(
-    model: onnx.ModelProto, tensor_names: list[str], input_shape: tuple[int, ...]
+    model: onnx.ModelProto, tensor_names: list[str], input_shape: tuple[int, ...], keep_values: tuple[str, ...] = ()
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
     """Run `model` on one seeded random input.
 
     Returns the shapes of `tensor_names` and the values of those that are small integer tensors
-    (reshape targets and the like).
+    (reshape targets and the like) or named in `keep_values` (attention masks).
     """
     probe = with_outputs(model, tensor_names)
     elem_type = model.graph.input[0].type.tensor_type.elem_type
@@ -65,5 +65,5 @@ def observe_shapes(
         ) from exc
     shapes = {name: tuple(int(d) for d in np.shape(value)) for name, value in zip(tensor_names, results)}
     small_ints = {name: np.asarray(value) for name, value in zip(tensor_names, results)
-                  if np.asarray(value).dtype.kind in "iu" and np.size(value) <= 16}
+                  if (np.asarray(value).dtype.kind in "iu" and np.size(value) <= 16) or name in keep_values}
     return shapes, small_ints

@@ -59,6 +59,15 @@ class Attention:
     head_reshapes: list[HeadReshape] = field(default_factory=list)
     qkv_split_nodes: list[str] = field(default_factory=list)  # Split/Slice/Gather separating q, k, v
     qkv_chunks: dict[str, int] = field(default_factory=dict)  # fused: which third is q, k, v
+    # The ONNX Attention node (opset 23+) that computes the whole block's attention; empty when the
+    # graph spells it out (then qk_matmul, softmax and av_matmul name the explicit nodes).
+    fused_op: str = ""
+    nan_guard_nodes: list[str] = field(default_factory=list)  # SDPA's IsNaN -> Where after the Softmax
+
+    @property
+    def form(self) -> str:
+        """How the graph writes this attention: "onnx_attention", "sdpa_nan_guard" or "explicit"."""
+        return "onnx_attention" if self.fused_op else "sdpa_nan_guard" if self.nan_guard_nodes else "explicit"
 
 
 @dataclass

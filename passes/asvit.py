@@ -94,7 +94,7 @@ def apply_asvit(model: onnx.ModelProto, vit: ViTGraph, stages: list[int], thresh
             hooks = {"qkv_hook": lambda t, b=b, p=packing: _unpack(b, t, p, "qkv"),
                      "context_hook": lambda t, b=b, p=packing: _pack(b, t, p, "context")}
         _, handles = rebuild_attention(graph, tensors, nodes, block, BlockKeep(block.index), dtype, score_bias=bias,
-                                       **hooks)
+                                       need_probs=block.index in theta, **hooks)
         if block.index not in theta:
             continue
         scores = _scores(b, handles["probs"], handles["context"])                        # [B, N]

@@ -121,7 +121,8 @@ def apply_atme(model: onnx.ModelProto, vit: ViTGraph, stages: list[int], restore
         if done:   # proportional attention: log(size) of every key, a constant once merged
             log_size = np.log(stage_sizes(plan, done).astype(np.float64)).reshape(1, 1, 1, -1)
             bias = b.f("size_bias", log_size)
-        _, handles = rebuild_attention(graph, tensors, nodes, block, BlockKeep(block.index), dtype, score_bias=bias)
+        _, handles = rebuild_attention(graph, tensors, nodes, block, BlockKeep(block.index), dtype, score_bias=bias,
+                                       need_probs=block.index in merge_after)
         if block.index not in merge_after:
             continue
         i = merge_after[block.index]

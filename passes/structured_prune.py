@@ -116,8 +116,14 @@ def _const(name: str, value: np.ndarray, dtype=None) -> gs.Constant:
 
 
 def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, score_bias=None,
-                      qkv_hook=None, context_hook=None) -> tuple[dict, dict]:
+                      qkv_hook=None, context_hook=None, need_probs: bool = False) -> tuple[dict, dict]:
     """Rebuild one block's attention in canonical form with the kept dims.
+
+    Where the graph wrote the block as one ONNX Attention node, the rebuilt block is one again
+    (TensorRT parses it straight into its fused attention), with `score_bias` as its additive mask,
+    unless the caller reads the probabilities (`need_probs`), re-lays the tokens (hooks), or the
+    pruned Q·K and V head dims differ (TensorRT's fused attention wants K and V of one shape): then
+    it is spelt out as MatMul → Softmax → MatMul. The record's "attention" says which.
 
     `score_bias` ([B, 1, 1, N]) is added to the scaled scores (ToMe's proportional attention).
     `score_bias` is also where AS-ViT masks dropped or padding tokens out as keys.
@@ -171,17 +177,28 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
         y = node("Reshape", [y, shape], f"{role}/Reshape")
         return node("Transpose", [y], f"{role}/Transpose", {"perm": perm})
 
+    explicit_because = _explicit_attention_reason(attn, need_probs, qkv_hook, context_hook, dqk, dv)
     q = heads_of("q", parts[0], dqk, [0, 2, 1, 3])
-    k = heads_of("k", parts[1], dqk, [0, 2, 3, 1])
+    k = heads_of("k", parts[1], dqk, [0, 2, 3, 1] if explicit_because else [0, 2, 1, 3])
     v = heads_of("v", parts[2], dv, [0, 2, 1, 3])
-    scores = node("MatMul", [q, k], "scores/MatMul")
-    scores = node("Mul", [scores, _const(f"{prefix}/scale", np.array(scale, dtype=dtype))], "scores/Mul")
-    for i, mask_name in enumerate(attn.mask_inputs):  # constant masks stay as they were
-        scores = node("Add", [scores, tensors[mask_name]], f"scores/mask_{i}")
-    if score_bias is not None:
-        scores = node("Add", [scores, score_bias], "scores/size_bias")
-    probs = node("Softmax", [scores], "Softmax", {"axis": -1})
-    heads_ctx = node("MatMul", [probs, v], "context/MatMul")
+    probs = None
+    if explicit_because:
+        scores = node("MatMul", [q, k], "scores/MatMul")
+        scores = node("Mul", [scores, _const(f"{prefix}/scale", np.array(scale, dtype=dtype))], "scores/Mul")
+        for i, mask_name in enumerate(attn.mask_inputs):  # constant masks stay as they were
+            if tensors[mask_name].dtype == np.bool_:
+                raise Vit2TrtError(f"block {block.index}: a boolean attention mask that masks some keys cannot be "
+                                   "rewritten yet; export the model without an attention mask.")
+            scores = node("Add", [scores, tensors[mask_name]], f"scores/mask_{i}")
+        if score_bias is not None:
+            scores = node("Add", [scores, score_bias], "scores/size_bias")
+        probs = node("Softmax", [scores], "Softmax", {"axis": -1})
+        heads_ctx = node("MatMul", [probs, v], "context/MatMul")
+    else:
+        inputs = [q, k, v]
+        if score_bias is not None:   # [B|1, 1, 1, N] -> [B|1, 1, N, N]: the op wants one row per query
+            inputs.append(node("Expand", [score_bias, _square_mask_shape(graph, prefix, score_bias)], "mask/Expand"))
+        heads_ctx = node("Attention", inputs, "Attention", {"scale": float(scale)})
     ctx = node("Transpose", [heads_ctx], "context/Transpose", {"perm": [0, 2, 1, 3]})
     ctx = node("Reshape", [ctx, _const(f"{prefix}/context.shape", np.array([0, 0, h * dv], dtype=np.int64))],
                "context/Reshape")
@@ -192,8 +209,37 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
         raise Vit2TrtError(f"block {block.index}: output projection '{proj.name}' is a {proj.op}, expected MatMul.")
     proj.inputs[0] = ctx
     proj.inputs[1] = _const(f"{prefix}/proj.weight", w.wproj[v_cols, :], dtype)
-    record = {"heads": h, "head_dim_qk": [w.head_dim_qk, dqk], "head_dim_v": [w.head_dim_v, dv], "scale": scale}
-    return record, {"k": parts[1], "k_heads": k, "input": x, "probs": probs, "context": heads_ctx}
+    record = {"heads": h, "head_dim_qk": [w.head_dim_qk, dqk], "head_dim_v": [w.head_dim_v, dv], "scale": scale,
+              "attention": f"explicit ({explicit_because})" if explicit_because else "onnx_attention"}
+    return record, {"k": parts[1], "k_heads": k if explicit_because else None, "input": x, "probs": probs,
+                    "context": heads_ctx}
+
+
+def _explicit_attention_reason(attn, need_probs: bool, qkv_hook, context_hook, dqk: int, dv: int) -> str:
+    """Why a block must be written as MatMul → Softmax → MatMul; empty when the fused op can stay."""
+    if not attn.fused_op:
+        return "as exported"
+    if need_probs:
+        return "the pass reads the attention probabilities"
+    if qkv_hook is not None or context_hook is not None:
+        return "tokens are re-laid inside attention"
+    if dqk != dv:
+        return f"Q·K head dim {dqk} differs from V head dim {dv}"
+    if attn.mask_inputs:
+        return "a constant mask besides the pass's bias"
+    return ""
+
+
+def _square_mask_shape(graph, prefix: str, score_bias) -> gs.Variable:
+    """[1, 1, N, 1] from the bias's last dim, so that Expand gives every query row its own copy."""
+    n = gs.Variable(f"{prefix}/mask/tokens", dtype=np.int64)
+    graph.nodes.append(gs.Node("Shape", name=f"{prefix}/mask/Shape", inputs=[score_bias], outputs=[n],
+                               attrs={"start": -1}))
+    shape = gs.Variable(f"{prefix}/mask/shape", dtype=np.int64)
+    graph.nodes.append(gs.Node("Concat", name=f"{prefix}/mask/Concat", outputs=[shape], attrs={"axis": 0},
+                               inputs=[_const(f"{prefix}/mask/ones", np.array([1, 1], dtype=np.int64)), n,
+                                       _const(f"{prefix}/mask/one", np.array([1], dtype=np.int64))]))
+    return shape
 
 
 def _prune_ffn(graph, tensors, nodes, block, keep: BlockKeep, dtype) -> dict:

@@ -26,6 +26,7 @@ from vit2trt.converter.graph_utils import GraphBuilder, const_value, export_like
 from vit2trt.converter.vit_graph import ViTGraph
 from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
+from vit2trt.passes.structured_prune import BlockKeep, rebuild_attention
 
 LAMBDA_CLS = 2.0
 SAMPLE_FRACTION = 0.02
@@ -89,7 +90,12 @@ def apply_tcs(model: onnx.ModelProto, vit: ViTGraph, blocks: list[TCSBlock], sha
     for spec in blocks:
         block = vit.blocks[spec.index]
         builder = _Builder(graph, f"vit2trt/blocks.{block.index}/tcs", dtype, opset)
-        probs = nodes[block.attn.softmax].outputs[0]
+        if block.attn.fused_op:   # the scores need the probabilities, which a fused Attention node hides
+            _, handles = rebuild_attention(graph, surgery.tensors, nodes, block, BlockKeep(block.index), dtype,
+                                           need_probs=True)
+            probs = handles["probs"]
+        else:
+            probs = nodes[block.attn.softmax].outputs[0]
         cls_attention = None
         if use_cls:  # class row of the attention, averaged over heads: [B, N]
             row = builder.op("Gather", [probs, builder.i64("cls_index", 0)], "cls_row", axis=2)
