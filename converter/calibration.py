@@ -1,4 +1,5 @@
-"""Calibration inputs: a folder of images (preprocessed like the model's reference) or an .npy array.
+"""Calibration inputs: a folder of images (flat, or an ImageFolder with one subfolder per class; preprocessed
+like the model's reference) or an .npy array.
 
 Images are untrusted: each is opened with Pillow's size guard, and any failure names the file.
 """
@@ -45,7 +46,12 @@ def load_calibration(path: str | os.PathLike, input_size: tuple[int, int, int],
 
 
 def image_files(folder: Path, limit: Optional[int] = None, flag: str = "--calib") -> list[Path]:
-    """The folder's images in sorted order (the order of every array made from them)."""
+    """The folder's images in sorted order (the order of every array made from them): a flat folder's own
+    images, or every image of an ImageFolder (one subfolder per class) sorted by relative path."""
+    from vit2trt.converter.image_folder import image_folder_files, is_image_folder
+
+    if is_image_folder(folder):
+        return image_folder_files(folder, flag)[:limit]
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise Vit2TrtError(f"{flag} {folder}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")

@@ -36,6 +36,7 @@ class PlanOptions:
     calib: str
     out_dir: str
     labels: Optional[str] = None
+    class_map: Optional[str] = None    # an ImageFolder --calib: folder -> class index (default: sorted order)
     target_speedup: Optional[float] = None
     max_drop: Optional[float] = None
     runtime: str = "ort"
@@ -343,24 +344,23 @@ def _split(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarra
 
 def _load_images(options: PlanOptions, vit, record_path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
     from vit2trt.converter.calibration import image_files, load_calibration
-    from vit2trt.converter.validate import _label_array, read_labels
+    from vit2trt.converter.validate import image_labels
 
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     calib = Path(options.calib)
     if not calib.exists():
         raise Vit2TrtError(f"--calib {calib} does not exist.")
-    images = load_calibration(str(calib), (vit.in_chans, *vit.img_size), record.get("preprocessing"),
-                              options.calib_limit)
-    labels = None
-    if options.labels:
-        if calib.is_dir():
-            labels = read_labels(Path(options.labels), image_files(calib, options.calib_limit))
-        else:
-            labels = _label_array(Path(options.labels), len(images))
-        if labels.max(initial=0) >= _classes(vit):
-            raise Vit2TrtError(f"--labels {options.labels}: class {int(labels.max())} is beyond the model's "
-                               f"{_classes(vit)} outputs.")
-    return images, labels
+
+    def read() -> np.ndarray:
+        return load_calibration(str(calib), (vit.in_chans, *vit.img_size), record.get("preprocessing"),
+                                options.calib_limit)
+
+    files = image_files(calib, options.calib_limit) if calib.is_dir() else None
+    images = read() if files is None else None   # an array's labels are counted by it; images decode after labels
+    labels = image_labels(calib, files, len(files) if files is not None else len(images),
+                          Path(options.labels) if options.labels else None,
+                          Path(options.class_map) if options.class_map else None, _classes(vit), "--calib")
+    return (read() if images is None else images), labels
 
 
 def _classes(vit) -> int:
@@ -457,7 +457,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def _write_plan(folder: Path, result: PlanResult, options: PlanOptions, source: str, fit: int, held: int) -> None:
     goal = (f"fastest within a top-1 drop of {options.max_drop * 100:g} pt" if options.max_drop is not None
             else f"most accurate at {options.target_speedup:g}x or faster")
-    measure = "top-1 accuracy drop" if options.labels else "top-1 disagreement with the original (no --labels)"
+    measure = ("top-1 accuracy drop" if result.original_accuracy is not None   # labels: --labels or an ImageFolder
+               else "top-1 disagreement with the original (no labels)")
     data = {"source": source, "goal": goal, "runtime": options.runtime, "batch": options.batch,
             "fit_images": fit, "held_out_images": held, "drop_measure": measure,
             "original_accuracy": result.original_accuracy, "stopped": result.stopped, "notes": result.notes,
@@ -519,7 +520,7 @@ def _plot(path: Path, result: PlanResult, options: PlanOptions) -> None:
     else:
         ax.axvline(options.target_speedup, color="r", lw=0.8)
     ax.set_xlabel(f"speedup vs original ({options.runtime}, batch {options.batch}; at most the FLOPs ratio)")
-    ax.set_ylabel("top-1 drop (pt)" if options.labels else "top-1 disagreement (pt)")
+    ax.set_ylabel("top-1 drop (pt)" if result.original_accuracy is not None else "top-1 disagreement (pt)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -3,7 +3,8 @@
 The reference is rebuilt from the record `vit2trt export` wrote (copied into OUT by convert), run
 in PyTorch, and compared with the compressed ONNX graph in ONNX Runtime on the same images:
 top-1 agreement, logits cosine similarity, max abs error, top-1/top-5 accuracy when labels are
-given, and whether an image's output depends on the rest of its batch.
+given (--labels, or the class subfolders of an ImageFolder), and whether an image's output depends on the
+rest of its batch.
 """
 from __future__ import annotations
 
@@ -66,6 +67,53 @@ def _label_array(path: Path, count: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def image_labels(images: Path, files: Optional[list[Path]], count: int, labels: Optional[Path],
+                 class_map: Optional[Path], width: Optional[int], flag: str) -> Optional[np.ndarray]:
+    """The class of each image, in the order of `files` (None: an .npy of `count` images), or None when no
+    labels are given. An ImageFolder labels itself; a flat folder or an array takes --labels."""
+    from vit2trt.converter.image_folder import class_indices, folder_labels, is_image_folder
+
+    if files is not None and is_image_folder(images):
+        if labels is not None:
+            raise Vit2TrtError(f"--labels {labels} conflicts with {flag} {images}: that is an ImageFolder (one "
+                               "subfolder per class), whose folder names are the labels. Drop --labels; give "
+                               "--class-map FILE if the model's head orders the classes otherwise.")
+        return folder_labels(images, files, class_indices(images, class_map, width, flag))
+    if class_map is not None:
+        kind = "an .npy array" if files is None else "a flat folder (its images are not in class subfolders)"
+        raise Vit2TrtError(f"--class-map {class_map} needs an ImageFolder (one subfolder per class) as {flag}; "
+                           f"{images} is {kind}: give its classes with --labels.")
+    if labels is None:
+        return None
+    truth = _label_array(Path(labels), count) if files is None else read_labels(Path(labels), files)
+    check_label_range(truth, width, f"--labels {labels}")
+    return truth
+
+
+def check_label_range(labels: np.ndarray, width: Optional[int], source: str) -> None:
+    """Every label names one of the head's logits: 0 <= label < width (width None: unknown, only >= 0)."""
+    if labels.size and labels.min() < 0:
+        raise Vit2TrtError(f"{source}: class {int(labels.min())} is negative; classes number the model's "
+                           "outputs from 0.")
+    if width is not None and labels.size and labels.max() >= width:
+        raise Vit2TrtError(f"{source}: class {int(labels.max())} is beyond the model's {width} outputs "
+                           f"(0..{width - 1}).")
+
+
+def _head_width(session) -> Optional[int]:
+    """The number of logits, where the graph's output shape states it (a dynamic one is a name)."""
+    shape = session.get_outputs()[0].shape
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+def _session(onnx_path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
 def _top_k_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     top = np.argsort(-logits, axis=1)[:, :k]
     return float(np.mean([label in row for row, label in zip(top, labels)]))
@@ -74,8 +122,10 @@ def _top_k_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Optional[str | os.PathLike] = None,
              reference: Optional[str | os.PathLike] = None, batch: int = 8, limit: Optional[int] = None,
              thresholds: Thresholds = Thresholds(),
-             progress: Callable[[str], None] = lambda msg: None) -> dict:
-    import onnxruntime as ort
+             progress: Callable[[str], None] = lambda msg: None, class_map: Optional[str | os.PathLike] = None,
+             use_folder_labels: bool = True) -> dict:
+    """use_folder_labels=False reads only the images of an ImageFolder (convert's check on its --calib, whose
+    folders need not be in the head's order)."""
     import torch
 
     from vit2trt.converter.calibration import image_files, load_calibration, preprocess_image, DEFAULT_PREPROCESSING
@@ -100,26 +150,27 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     if not images.exists():
         raise Vit2TrtError(f"--images {images}: no such file or folder.")
     files = image_files(images, limit, "--images") if images.is_dir() else None
+    x = None if files is not None else load_calibration(images, input_size, record.preprocessing, limit)
+    session = _session(onnx_path)
+    truth = None
+    if use_folder_labels or labels is not None:   # labels are checked before the images are decoded
+        truth = image_labels(images, files, len(files) if files is not None else len(x),
+                             Path(labels) if labels else None, Path(class_map) if class_map else None,
+                             _head_width(session), "--images")
+    if thresholds.max_accuracy_drop is not None and truth is None:   # before the long runs, not after
+        raise Vit2TrtError("--max-accuracy-drop needs --labels, or an ImageFolder (one subfolder per class) "
+                           "as --images.")
     if files is not None:
         config = dict(DEFAULT_PREPROCESSING, **record.preprocessing)
         x = np.stack([preprocess_image(f, input_size, config) for f in files]).astype(np.float32)
-    else:
-        x = load_calibration(images, input_size, record.preprocessing, limit)
-    truth = None
-    if labels is not None:
-        if files is None:   # an array of images: labels are an array in the same order
-            truth = _label_array(Path(labels), len(x))
-        else:
-            truth = read_labels(Path(labels), files)
 
     progress(f"running the PyTorch reference on {len(x)} images")
     model = build_model(record).eval()
     with torch.no_grad():
         want = np.concatenate([model(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+    if truth is not None and _head_width(session) is None:   # a graph that left its width dynamic
+        check_label_range(truth, want.shape[-1], "--labels" if labels else f"--images {images}")
     progress("running the compressed graph in ONNX Runtime")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     got = np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
     singles = np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(min(len(x), SINGLE_RUNS))])
@@ -164,8 +215,6 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     if t.min_cosine is not None and result["cosine_min"] < t.min_cosine:
         failures.append(f"lowest logits cosine {result['cosine_min']:.4f} < {t.min_cosine}")
     if t.max_accuracy_drop is not None:
-        if truth is None:
-            raise Vit2TrtError("--max-accuracy-drop needs --labels.")
         if result["accuracy"]["top1_drop"] > t.max_accuracy_drop:
             failures.append(f"top-1 accuracy drop {result['accuracy']['top1_drop']:.3f} > {t.max_accuracy_drop}")
     result["failures"] = failures

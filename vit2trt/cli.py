@@ -186,7 +186,7 @@ def convert(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: model.onnx, decisions.json, report.json, model.engine."),
     method: str = typer.Option("toast", "--method", help="Compression method: toast, tome, asvit or cait, or a composition: toast+tome, toast+asvit, cait+tome, toast+cait (structured parts run first, the token part last)."),
     set_options: List[str] = typer.Option([], "--set", metavar="METHOD.OPTION=VALUE", help="[compositions] An option for one part of a composition, e.g. --set cait.target_flops=0.8 (repeatable).", rich_help_panel="Compositions"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W] array for the agreement check."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images (flat or an ImageFolder, read recursively; preprocessed as the reference record says) or .npy [N,C,H,W] array for the agreement check."),
     fit_images: int = typer.Option(512, "--fit-images", help="Calibration images the compensation and the sensitivity budget use at most."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build a TensorRT engine of the result (--no-build: same as --engine none)."),
     engine: str = typer.Option("auto", "--engine", help="auto (TensorRT with a GPU, else TensorRT-RTX, else none), tensorrt, tensorrt-rtx or none."),
@@ -229,7 +229,7 @@ def convert(
             from vit2trt.converter.validate import validate as run_validate
 
             with _progress("validating against the PyTorch reference") as report:
-                v = run_validate(result.out_dir, calib, limit=64, progress=report)
+                v = run_validate(result.out_dir, calib, limit=64, progress=report, use_folder_labels=False)
             out.print(f"validation against the PyTorch reference on {v['images']} calibration inputs: top-1 "
                       f"agreement {v['top1_agreement'] * 100:.0f}%, logits cosine min {v['cosine_min']:.4f}, "
                       f"batch dependence {v['batch_dependence']:.2g} (report.json; `vit2trt validate` for more)")
@@ -256,9 +256,10 @@ _register_convert()
 @app.command()
 def plan(
     model: Path = typer.Argument(..., help="An exported ViT .onnx file."),
-    calib: Path = typer.Option(..., "--calib", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W]; one part fits the methods, the rest (--holdout) judges them."),
+    calib: Path = typer.Option(..., "--calib", help="Folder of images (flat, or an ImageFolder: one subfolder per class, which labels the images) or .npy [N,C,H,W], preprocessed as the reference record says; one part fits the methods, the rest (--holdout) judges them."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: plan.md, plan.json, plan.png and the chosen model as convert writes it."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image (as validate reads them): the drop is then top-1 accuracy; without it, top-1 disagreement with the original."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image of a flat folder or .npy (as validate reads them): the drop is then top-1 accuracy; without labels, top-1 disagreement with the original."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="With an ImageFolder --calib: JSON list of folder names (position = class index) or {\"folder\": index}, when the head's class order is not the folders' sorted order."),
     target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Choose the most accurate candidate at least this much faster than the original."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Choose the fastest candidate whose top-1 drop on the held-out images is at most this fraction (0.01 = one point)."),
     runtime: str = typer.Option("ort", "--runtime", help="Where latency is measured: ort (ONNX Runtime CPU). tensorrt is refused for now: timing engines needs full TensorRT and a GPU."),
@@ -282,6 +283,7 @@ def plan(
         from vit2trt.converter.plan import PlanOptions, credible_speedup, plan as run_plan
 
         options = PlanOptions(calib=str(calib), out_dir=str(out_dir), labels=str(labels) if labels else None,
+                              class_map=str(class_map) if class_map else None,
                               target_speedup=target_speedup, max_drop=max_drop, runtime=runtime, batch=batch,
                               time_limit=time_limit, calib_limit=calib_limit, holdout=holdout, threads=threads,
                               rounds=rounds, methods=methods.split(",") if methods else None, build=build,
@@ -315,7 +317,7 @@ def plan(
 def tune_thresholds(
     model: Path = typer.Argument(..., help="An exported ViT .onnx file (with its .reference.json from `vit2trt export`)."),
     out_file: Path = typer.Option(..., "--out", "-o", help="Thresholds JSON to write, for `convert --method asvit --thresholds FILE`."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images or .npy [N,C,H,W] to tune on (default: 16 seeded noise images, which says little)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of images (flat or an ImageFolder, read recursively) or .npy [N,C,H,W] to tune on (default: 16 seeded noise images, which says little)."),
     target_flops: float = typer.Option(0.65, "--target-flops", help="Mean FLOPs fraction of the full model to meet."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Blocks before which tokens are dropped (default 4,7,10 for 12 blocks)."),
     epochs: int = typer.Option(30, "--epochs", help="Passes over the calibration inputs."),
@@ -355,24 +357,27 @@ def tune_thresholds(
 @app.command()
 def validate(
     out_dir: Path = typer.Argument(..., help="A folder written by `vit2trt convert --out`."),
-    images: Path = typer.Option(..., "--images", help="Folder of images (preprocessed as the reference record says) or .npy [N,C,H,W]."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image: JSON {\"file\": class} or lines 'file class'."),
+    images: Path = typer.Option(..., "--images", help="Folder of images (flat, or an ImageFolder: one subfolder per class, which labels the images) or .npy [N,C,H,W], preprocessed as the reference record says."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image of a flat folder: JSON {\"file\": class} or lines 'file class' (with an .npy: an .npy of classes)."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="With an ImageFolder: JSON list of folder names (position = class index) or {\"folder\": index}, when the head's class order is not the folders' sorted order."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="The original's reference record (default: OUT/reference.json, copied by convert)."),
     batch: int = typer.Option(8, "--batch", help="Batch size of the batched runs."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N images."),
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Fail (exit 1) below this top-1 agreement with the reference, e.g. 0.99."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Fail (exit 1) when any image's logits cosine similarity is below this."),
-    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Fail (exit 1) when top-1 accuracy drops by more than this fraction (needs --labels)."),
+    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Fail (exit 1) when top-1 accuracy drops by more than this fraction (needs labels: --labels or an ImageFolder)."),
 ):
     """Check a compressed graph against the PyTorch reference of the original model: top-1
-    agreement, logits cosine, max abs error, accuracy with labels, batch independence. The result
-    is added to OUT/report.json; exit code 1 when a threshold is missed."""
+    agreement, logits cosine, max abs error, accuracy with labels (--labels, or the class subfolders
+    of an ImageFolder), batch independence. The result is added to OUT/report.json; exit code 1 when a
+    threshold is missed."""
     with _user_errors():
         from vit2trt.converter.validate import Thresholds, validate as run_validate
 
         with _progress("validating") as report:
             result = run_validate(out_dir, images, labels, reference, batch, limit,
-                                  Thresholds(min_agreement, min_cosine, max_accuracy_drop), progress=report)
+                                  Thresholds(min_agreement, min_cosine, max_accuracy_drop), progress=report,
+                                  class_map=class_map)
         table = Table(title=f"{out_dir}/model.onnx vs the PyTorch reference, {result['images']} images",
                       box=box.SIMPLE_HEAD)
         table.add_column("check")
