@@ -50,10 +50,13 @@ def export_cache(tmp_path_factory):
     cache: dict[tuple, object] = {}
 
     def get(spec: str, args: dict, exporter: str):
+        """`exporter` is "torchscript", "dynamo" or "dynamo@23" (an opset; 23 writes ONNX Attention)."""
         key = (spec, json.dumps(args, sort_keys=True), exporter)
         if key not in cache:
             folder = root / f"m{len(cache)}"
-            cache[key] = export_model(spec, folder / "model.onnx", exporter=exporter, model_args=args, seed=0)
+            name, _, opset = exporter.partition("@")
+            cache[key] = export_model(spec, folder / "model.onnx", exporter=name, model_args=args, seed=0,
+                                      opset=int(opset) if opset else None)
         return cache[key]
 
     return get

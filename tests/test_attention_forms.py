@@ -1,0 +1,129 @@
+"""Every attention form exporters write is read into the same description, and every method works on
+it: the compressed graph equals the PyTorch model compressed the same way, and the fused ONNX
+Attention op stays wherever a pass does not need to look inside attention.
+
+Forms: timm and Hugging Face exported by the dynamo exporter at opset 23 (one ONNX `Attention` node
+per block), and Hugging Face's SDPA exported by the dynamo exporter at its default opset (an
+IsNaN -> Where guard between the Softmax and the A·V MatMul). The TorchScript export of the same
+model is the eager form they are compared with."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vit2trt.converter.convert import ConvertOptions, convert
+from vit2trt.converter.engine import BuildOptions, build_engine, tensorrt_backend
+from vit2trt.converter.graph_reader import read_vit
+from vit2trt.models.compressed_reference import compressed_reference
+from vit2trt.models.reference import ReferenceRecord, build_model
+
+from conftest import rel_error, run_onnx
+
+TIMM = ("timm:vit_tiny_patch16_224", {"depth": 4, "img_size": 96, "num_classes": 10})
+HF_SDPA = ("hf:ViTForImageClassification", {"num_hidden_layers": 4, "hidden_size": 192, "num_attention_heads": 3,
+                                            "intermediate_size": 768, "num_labels": 10, "image_size": 96,
+                                            "attn_implementation": "sdpa"})
+# (id, model, exporter, the form every block of the export has)
+FORMS = [
+    ("timm_onnx_attention", TIMM, "dynamo@23", "onnx_attention"),
+    ("hf_sdpa_nan_guard", HF_SDPA, "dynamo", "sdpa_nan_guard"),
+    ("hf_onnx_attention", HF_SDPA, "dynamo@23", "onnx_attention"),
+]
+METHODS = [
+    ("toast_scwp", dict(method="toast", head_sparsity=0.5)),
+    ("toast_budget", dict(method="toast", target_flops=0.6, multiple=8)),
+    ("tome", dict(method="tome", r=4)),
+    ("asvit", dict(method="asvit", stages=[2, 3], thresholds=[1 / 37, 1 / 37])),
+    ("cait", dict(method="cait", stages=[2], channel_ratio=0.5)),
+]
+
+
+def _ops(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+@pytest.fixture(scope="module")
+def calib_npy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.npy"
+    np.save(path, np.random.default_rng(5).standard_normal((32, 3, 96, 96)).astype(np.float32))
+    return path
+
+
+@pytest.mark.parametrize("form_id,model,exporter,form", FORMS, ids=[f[0] for f in FORMS])
+def test_every_form_reads_as_the_eager_export_does(export_cache, form_id, model, exporter, form):
+    exported = export_cache(*model, exporter)
+    ops = _ops(exported.onnx_path)
+    if form == "onnx_attention":
+        assert ops["Attention"] == 4 and ops["Softmax"] == 0
+    else:
+        assert ops["IsNaN"] == 4 and ops["Softmax"] == 4
+    g = read_vit(exported.onnx_path)
+    eager = read_vit(export_cache(*model, "torchscript").onnx_path)
+    assert [b.attn.form for b in g.blocks] == [form] * 4
+    assert [b.attn.form for b in eager.blocks] == ["explicit"] * 4
+    for b, e in zip(g.blocks, eager.blocks):
+        assert (b.attn.layout, b.attn.heads, b.attn.head_dim_qk, b.attn.head_dim_v, b.tokens, b.ffn.hidden) == \
+               (e.attn.layout, e.attn.heads, e.attn.head_dim_qk, e.attn.head_dim_v, e.tokens, e.ffn.hidden)
+        assert b.attn.scale == pytest.approx(e.attn.scale if e.attn.scale is not None else 64 ** -0.5, rel=1e-6)
+        assert b.attn.mask_inputs == []   # HF's all-zero (or all-true) mask masks nothing: ignored
+        assert b.flops == e.flops
+    assert (g.num_tokens, g.num_extra_tokens, g.pooling, g.head.num_classes) == \
+           (eager.num_tokens, eager.num_extra_tokens, eager.pooling, eager.head.num_classes)
+    assert g.flops.total == eager.flops.total
+
+
+@pytest.mark.parametrize("method_id,settings", METHODS, ids=[m[0] for m in METHODS])
+@pytest.mark.parametrize("form_id,model,exporter,form", FORMS, ids=[f[0] for f in FORMS])
+def test_every_method_works_on_every_form(tmp_path, export_cache, calib_npy, form_id, model, exporter, form,
+                                          method_id, settings):
+    exported = export_cache(*model, exporter)
+    out = convert(exported.onnx_path, tmp_path / "out", ConvertOptions(build=False, calib=str(calib_npy), **settings))
+    decisions = json.loads((tmp_path / "out" / "decisions.json").read_text())
+    reference = compressed_reference(build_model(ReferenceRecord.load(exported.record_path)), decisions,
+                                     tmp_path / "out")
+    x = np.random.default_rng(3).standard_normal((6, 3, 96, 96)).astype(np.float32)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(x)).numpy()
+    got = run_onnx(out.onnx_path, x)
+    assert rel_error(got, want) <= 1e-4
+    singles = np.concatenate([run_onnx(out.onnx_path, x[i:i + 1]) for i in range(len(x))])
+    assert rel_error(singles, got) <= 1e-4
+    assert out.flops_after < out.flops_before
+
+    g = read_vit(out.onnx_path)
+    forms = [b.attn.form for b in g.blocks]
+    if form != "onnx_attention":
+        assert "onnx_attention" not in forms
+        return
+    # The fused op stays wherever the pass did not need the probabilities, a token re-layout or
+    # unequal Q·K and V head dims (TensorRT's fused attention wants K and V of one shape).
+    if method_id == "tome":
+        assert forms == ["onnx_attention"] * 4 and _ops(out.onnx_path)["Softmax"] == 0
+    elif method_id.startswith("toast"):
+        for b in g.blocks:
+            want_form = "onnx_attention" if b.attn.head_dim_qk == b.attn.head_dim_v else "explicit"
+            assert b.attn.form == want_form, (b.index, b.attn.head_dim_qk, b.attn.head_dim_v)
+    elif method_id == "cait":   # ATME reads the probabilities of block 1 (it merges after it) only
+        assert forms[1] == "explicit" and forms.count("onnx_attention") == 3
+    elif method_id == "asvit":   # block 0 is untouched; the scored and the pruned blocks are spelt out
+        assert forms[0] == "onnx_attention"
+
+
+@pytest.mark.skipif(tensorrt_backend() is None, reason="no TensorRT module (tensorrt or tensorrt-rtx) installed")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_fused_attention_graphs_build_with_tensorrt(tmp_path, export_cache, calib_npy, precision):
+    """TensorRT-RTX has no dedicated fp32 attention kernel: the build lets the layer decompose."""
+    exported = export_cache(*TIMM, "dynamo@23")
+    merged = convert(exported.onnx_path, tmp_path / "tome", ConvertOptions(method="tome", r=4, build=False))
+    assert _ops(merged.onnx_path)["Attention"] == 4
+    for path in (exported.onnx_path, merged.onnx_path):
+        report = build_engine(path, options=BuildOptions(engine="auto", batch=(1, 1, 4), precision=precision))
+        if report.status != "built" and precision == "fp16" and "fp16" in report.message:
+            pytest.skip(f"this TensorRT cannot build fp16 here: {report.message}")
+        assert report.status == "built", report.message
+        assert any("attention" in note for note in report.how["notes"])
