@@ -128,10 +128,26 @@ def test_graph_with_a_broken_block_names_the_block(tmp_path, deit_tiny_ts):
     _assert_clean_failure(_inspect(path), "block 1 FFN", "no residual Add", "Found")
 
 
-def test_fused_attention_graphs_are_refused_with_a_hint(tmp_path):
-    """Opset 23 turns SDPA into one ONNX Attention op; the reader says so and what to do."""
+def test_attention_ops_a_vit_does_not_have_are_refused(tmp_path):
+    """Opset 23 turns SDPA into one ONNX Attention op, which is read; a causal one, or ONNX Runtime's
+    contrib attention ops (what its graph optimizer writes), are refused with what to do."""
+    import onnx
+
     from vit2trt.converter.export import export_model
 
     result = export_model("timm:deit_tiny_patch16_224", tmp_path / "m.onnx", exporter="dynamo", opset=23,
                           model_args={"depth": 1, "num_classes": 10})
-    _assert_clean_failure(_inspect(result.onnx_path), "no attention", "fused Attention", "opset 17-22")
+    assert _inspect(result.onnx_path).exit_code == 0
+    model = onnx.load(str(result.onnx_path))
+    attention = next(n for n in model.graph.node if n.op_type == "Attention")
+    attention.attribute.append(onnx.helper.make_attribute("is_causal", 1))
+    for a in list(attention.attribute):
+        if a.name == "is_causal" and a.i == 0:
+            attention.attribute.remove(a)
+    onnx.save(model, str(tmp_path / "causal.onnx"))
+    _assert_clean_failure(_inspect(tmp_path / "causal.onnx"), "causal", "not a ViT's")
+    attention.op_type, attention.domain = "MultiHeadAttention", "com.microsoft"
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(tmp_path / "contrib.onnx"))
+    _assert_clean_failure(_inspect(tmp_path / "contrib.onnx"), "no attention", "MultiHeadAttention",
+                          "without runtime graph optimizations")

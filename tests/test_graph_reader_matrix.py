@@ -133,3 +133,15 @@ def test_full_depth_deit_tiny(export_cache):
 def test_fused_qkv_chunk_order_is_read(export_cache, exporter):
     g = read_vit(export_cache("timm:vit_small_patch16_224", {"depth": 2}, exporter).onnx_path)
     assert all(b.attn.qkv_chunks == {"q": 0, "k": 1, "v": 2} for b in g.blocks)
+
+
+# The dynamo exporter at opset 23 writes one ONNX Attention node per block (timm's and HF's SDPA).
+OPSET23 = [m for m in MATRIX if m[0] in {"deit_small_distilled", "deit3_small_layerscale", "dinov2_reg4",
+                                         "vit_small_gap_no_cls", "vit_small_no_qkv_bias"}]
+
+
+@pytest.mark.parametrize("case_id,spec,args", OPSET23, ids=[m[0] for m in OPSET23])
+def test_reader_reads_the_onnx_attention_op(export_cache, case_id, spec, args):
+    test_reader_matches_model_configuration(export_cache, case_id, spec, args, "dynamo@23")
+    g = read_vit(export_cache(spec, model_args(spec, args), "dynamo@23").onnx_path)
+    assert all(b.attn.form == "onnx_attention" for b in g.blocks)
