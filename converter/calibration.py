@@ -20,23 +20,25 @@ DEFAULT_PREPROCESSING = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.
 
 def load_calibration(path: str | os.PathLike, input_size: tuple[int, int, int],
                      preprocessing: Optional[dict] = None, limit: Optional[int] = None,
-                     progress: Callable[[int, int], None] = lambda done, total: None) -> np.ndarray:
-    """Return float32 [N, C, H, W] inputs from `path` (folder of images or .npy)."""
+                     progress: Callable[[int, int], None] = lambda done, total: None,
+                     flag: str = "--calib") -> np.ndarray:
+    """Return float32 [N, C, H, W] inputs from `path` (folder of images or .npy); `flag` names the
+    option in messages."""
     path = Path(path)
     if not path.exists():
-        raise Vit2TrtError(f"--calib {path}: no such file or folder.")
+        raise Vit2TrtError(f"{flag} {path}: no such file or folder.")
     if path.is_file():
         if path.suffix != ".npy":
-            raise Vit2TrtError(f"--calib {path}: expected a folder of images or an .npy array.")
+            raise Vit2TrtError(f"{flag} {path}: expected a folder of images or an .npy array.")
         try:
             data = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
-            raise Vit2TrtError(f"--calib {path}: not a readable .npy array ({exc}).") from exc
+            raise Vit2TrtError(f"{flag} {path}: not a readable .npy array ({exc}).") from exc
         if data.ndim != 4 or tuple(data.shape[1:]) != tuple(input_size) or data.dtype.kind != "f":
-            raise Vit2TrtError(f"--calib {path}: array has shape {list(data.shape)} and dtype {data.dtype}; "
+            raise Vit2TrtError(f"{flag} {path}: array has shape {list(data.shape)} and dtype {data.dtype}; "
                                f"expected float [N, {', '.join(map(str, input_size))}].")
         return np.ascontiguousarray(data[:limit].astype(np.float32))
-    files = image_files(path, limit)
+    files = image_files(path, limit, flag)
     config = dict(DEFAULT_PREPROCESSING, **(preprocessing or {}))
     batch = []
     for i, file in enumerate(files):

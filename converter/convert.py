@@ -16,10 +16,12 @@ import onnx
 from vit2trt.converter.engine import BuildOptions, build_engine, check_build, report_dict
 from vit2trt.converter.graph_reader import describe_vit
 from vit2trt.converter.loading import load_onnx
+from vit2trt.converter.references import ORIGINAL_FILE
 from vit2trt.converter.report import block_table, flops_breakdown, render_report
 from vit2trt.converter.shapes import memory_session
 from vit2trt.converter.vit_graph import BuildReport
 from vit2trt.errors import Vit2TrtError
+from vit2trt.models.reference import sha256_of
 from vit2trt.passes.methods import REGISTRY, Method, Run, composition_name, parse_composition
 
 COMPENSATION_FILE = "compensation.safetensors"
@@ -168,6 +170,9 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
         record_path = Path(str(model_path) + ".reference.json")
         if record_path.is_file():   # lets `vit2trt validate OUT` rebuild the PyTorch reference
             shutil.copyfile(record_path, tmp / "reference.json")
+        # Without a record, validate names what it is missing from this (and how to give it).
+        (tmp / ORIGINAL_FILE).write_text(json.dumps(
+            original_description(model_path, original, vit, run.record()), indent=1, sort_keys=True) + "\n")
         if build_options.engine != "none":
             progress("building a TensorRT engine")
             # A failed build keeps everything else: the ONNX is the result, the report says what failed.
@@ -185,6 +190,22 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
         os.replace(tmp, out_dir)
     return ConvertResult(out_dir, out_dir / "model.onnx", decisions, vit.flops.total, current.flops.total,
                          agreement, build, notes)
+
+
+def original_description(model_path, original: onnx.ModelProto, vit, record: Optional[dict]) -> dict:
+    """What validate needs to know of the original when OUT holds no reference record: where it
+    was, which exporter wrote it, and the ViT it holds (to suggest a matching --reference)."""
+    return {
+        "path": str(Path(model_path).resolve()), "sha256": sha256_of(model_path),
+        "producer": f"{original.producer_name} {original.producer_version}".strip() or "unknown",
+        "has_reference_record": record is not None,
+        "preprocessing": (record or {}).get("preprocessing"),
+        "input": {"name": vit.input_name, "size": [vit.in_chans, *vit.img_size]},
+        "classes": vit.head.num_classes, "patch_size": list(vit.patch_size), "embed_dim": vit.embed_dim,
+        "depth": vit.depth, "heads": vit.blocks[0].attn.heads,
+        "extra_tokens": {t.kind: t.count for t in vit.extra_tokens}, "pooling": vit.pooling,
+        "attention": sorted({b.attn.form for b in vit.blocks}),
+    }
 
 
 def _fusion_notes(vit) -> list[str]:

@@ -47,21 +47,8 @@ def export_model(
     """Build the model named by `spec`, export it to `out`, and check ORT against PyTorch."""
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}.")
-    family, name = parse_model_spec(spec)
-    kwargs = dict(model_args or {})
-    if img_size is not None:
-        kwargs["img_size" if family == "timm" else "image_size"] = int(img_size)
-    record = ReferenceRecord(
-        family=family, name=name, kwargs=kwargs, preprocessing={},
-        weights=str(Path(weights).resolve()) if weights else None,
-        weights_sha256=sha256_of(weights) if weights and Path(weights).is_file() else None,
-        seed=None if weights else int(seed), exporter=exporter,
-        opset=TORCHSCRIPT_OPSET if exporter == "torchscript" and opset is None else opset,
-    )
-    if weights:
-        torch.manual_seed(seed)  # modules the checkpoint does not cover still init the same way
-    model = build_model(record)
-    record.preprocessing = preprocessing_of(model, family)
+    record, model = reference_model(spec, weights, model_args, img_size, seed, exporter,
+                                    TORCHSCRIPT_OPSET if exporter == "torchscript" and opset is None else opset)
     in_chans, height, width = record.preprocessing["input_size"]
     sample = torch.from_numpy(
         np.random.default_rng(seed).standard_normal((2, in_chans, height, width)).astype(np.float32))
@@ -82,6 +69,28 @@ def export_model(
             os.replace(produced, target)
             moved.append(target)
     return ExportResult(onnx_path=out, record_path=record_path, files=moved, max_abs_diff=diff, max_abs_ref=ref)
+
+
+def reference_model(spec: str, weights: Optional[str] = None, model_args: Optional[dict[str, Any]] = None,
+                    img_size: Optional[int] = None, seed: int = 0, exporter: Optional[str] = None,
+                    opset: Optional[int] = None) -> tuple[ReferenceRecord, torch.nn.Module]:
+    """The PyTorch model `spec` names (timm:NAME or hf:...) and the record that rebuilds it, as
+    `vit2trt export` makes them (weights are read without unpickling code)."""
+    family, name = parse_model_spec(spec)
+    kwargs = dict(model_args or {})
+    if img_size is not None:
+        kwargs["img_size" if family == "timm" else "image_size"] = int(img_size)
+    record = ReferenceRecord(
+        family=family, name=name, kwargs=kwargs, preprocessing={},
+        weights=str(Path(weights).resolve()) if weights else None,
+        weights_sha256=sha256_of(weights) if weights and Path(weights).is_file() else None,
+        seed=None if weights else int(seed), exporter=exporter or "none", opset=opset,
+    )
+    if weights:
+        torch.manual_seed(seed)  # modules the checkpoint does not cover still init the same way
+    model = build_model(record)
+    record.preprocessing = preprocessing_of(model, family)
+    return record, model
 
 
 def _torch_export(model: torch.nn.Module, sample: torch.Tensor, path: Path, exporter: str, opset: Optional[int]):

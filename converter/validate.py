@@ -1,7 +1,9 @@
-"""`vit2trt validate OUT`: the compressed graph against the PyTorch reference of the original model.
+"""`vit2trt validate OUT`: the compressed graph against the reference of the original model.
 
-The reference is rebuilt from the record `vit2trt export` wrote (copied into OUT by convert), run
-in PyTorch, and compared with the compressed ONNX graph in ONNX Runtime on the same images:
+The reference (converter.references) is the PyTorch model rebuilt from the record `vit2trt export`
+wrote (copied into OUT by convert), a PyTorch model named with --reference timm:NAME / hf:..., or
+the original graph in ONNX Runtime (--reference-onnx). It is compared with the compressed ONNX
+graph in ONNX Runtime on the same images:
 top-1 agreement, logits cosine similarity, max abs error, top-1/top-5 accuracy when labels are
 given (--labels, or the class subfolders of an ImageFolder), and whether an image's output depends on the
 rest of its batch.
@@ -123,35 +125,37 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
              reference: Optional[str | os.PathLike] = None, batch: int = 8, limit: Optional[int] = None,
              thresholds: Thresholds = Thresholds(),
              progress: Callable[[str], None] = lambda msg: None, class_map: Optional[str | os.PathLike] = None,
-             use_folder_labels: bool = True) -> dict:
-    """use_folder_labels=False reads only the images of an ImageFolder (convert's check on its --calib, whose
-    folders need not be in the head's order)."""
+             use_folder_labels: bool = True, weights: Optional[str | os.PathLike] = None,
+             model_args: Optional[dict] = None, reference_onnx: Optional[str | os.PathLike] = None) -> dict:
+    """`reference`: a reference record file or a model (timm:NAME, hf:...; with `weights`, `model_args`);
+    `reference_onnx`: the original graph instead (converter.references). use_folder_labels=False reads only
+    the images of an ImageFolder (convert's check on its --calib, whose folders need not be in the head's
+    order)."""
     import torch
 
     from vit2trt.converter.calibration import image_files, load_calibration, preprocess_image, DEFAULT_PREPROCESSING
-    from vit2trt.models.reference import ReferenceRecord, build_model
+    from vit2trt.converter.references import check_reference_fits, resolve_reference
+    from vit2trt.models.reference import build_model
 
     out_dir = Path(out_dir)
     onnx_path = out_dir / "model.onnx"
     if not onnx_path.is_file():
         raise Vit2TrtError(f"{out_dir} holds no model.onnx; give the folder `vit2trt convert --out` wrote.")
-    record_path = Path(reference) if reference else out_dir / "reference.json"
-    if not record_path.is_file():
-        raise Vit2TrtError(f"no reference record at {record_path}: pass --reference MODEL.onnx.reference.json "
-                           "(written by `vit2trt export` beside the original graph).")
-    try:
-        record = ReferenceRecord.load(record_path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise Vit2TrtError(f"{record_path}: not a reference record ({exc}).") from None
     if batch < 1:
         raise Vit2TrtError(f"--batch must be at least 1, got {batch}.")
-    input_size = tuple(record.preprocessing["input_size"])
+    reference_of = resolve_reference(out_dir, str(reference) if reference else None,
+                                     str(weights) if weights else None, model_args,
+                                     str(reference_onnx) if reference_onnx else None)
+    input_size = tuple(reference_of.input_size)
     images = Path(images)
     if not images.exists():
         raise Vit2TrtError(f"--images {images}: no such file or folder.")
-    files = image_files(images, limit, "--images") if images.is_dir() else None
-    x = None if files is not None else load_calibration(images, input_size, record.preprocessing, limit)
     session = _session(onnx_path)
+    progress("checking that the reference fits the graph")
+    check_reference_fits(reference_of, session)
+    files = image_files(images, limit, "--images") if images.is_dir() else None
+    x = None if files is not None else load_calibration(images, input_size, reference_of.preprocessing, limit,
+                                                        flag="--images")
     truth = None
     if use_folder_labels or labels is not None:   # labels are checked before the images are decoded
         truth = image_labels(images, files, len(files) if files is not None else len(x),
@@ -161,13 +165,11 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
         raise Vit2TrtError("--max-accuracy-drop needs --labels, or an ImageFolder (one subfolder per class) "
                            "as --images.")
     if files is not None:
-        config = dict(DEFAULT_PREPROCESSING, **record.preprocessing)
+        config = dict(DEFAULT_PREPROCESSING, **reference_of.preprocessing)
         x = np.stack([preprocess_image(f, input_size, config) for f in files]).astype(np.float32)
 
-    progress(f"running the PyTorch reference on {len(x)} images")
-    model = build_model(record).eval()
-    with torch.no_grad():
-        want = np.concatenate([model(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+    progress(f"running the reference on {len(x)} images")
+    want = reference_of.run(x, batch)
     if truth is not None and _head_width(session) is None:   # a graph that left its width dynamic
         check_label_range(truth, want.shape[-1], "--labels" if labels else f"--images {images}")
     progress("running the compressed graph in ONNX Runtime")
@@ -178,11 +180,13 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
         raise Vit2TrtError(f"the compressed graph returns {list(got.shape)}, the reference {list(want.shape)}.")
     surgery_error = None
     decisions_path = out_dir / "decisions.json"
-    if decisions_path.is_file():   # the surgery itself: the graph against PyTorch running the same compression
+    if decisions_path.is_file() and reference_of.record is not None:
+        # The surgery itself: the graph against PyTorch running the same compression.
         from vit2trt.models.compressed_reference import compressed_reference
 
         progress("running the PyTorch reference of the compressed model")
-        compressed = compressed_reference(build_model(record), json.loads(decisions_path.read_text()), out_dir)
+        compressed = compressed_reference(build_model(reference_of.record), json.loads(decisions_path.read_text()),
+                                          out_dir)
         with torch.no_grad():
             same = np.concatenate([compressed(torch.from_numpy(x[i:i + batch])).numpy()
                                    for i in range(0, len(x), batch)])
@@ -192,7 +196,8 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     cosine = (flat_want * flat_got).sum(1) / np.maximum(
         np.linalg.norm(flat_want, axis=1) * np.linalg.norm(flat_got, axis=1), 1e-30)
     result = {
-        "images": len(x), "source": images.name, "reference": record_path.name, "batch": batch,
+        "images": len(x), "source": images.name, "reference": reference_of.described,
+        "reference_kind": reference_of.kind, "reference_note": reference_of.note, "batch": batch,
         "top1_agreement": float(np.mean(want.argmax(-1) == got.argmax(-1))),
         "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
         "max_abs_error": float(np.abs(got - want).max()),

@@ -79,7 +79,7 @@ def test_bad_validation_requests_exit_2(converted, tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     cases = [
         ((tmp_path / "nowhere", "--images", images), "no model.onnx"),
-        ((out, "--images", images, "--reference", tmp_path / "missing.json"), "no reference record"),
+        ((out, "--images", images, "--reference", tmp_path / "missing.json"), "missing.json: no such file"),
         ((out, "--images", images, "--labels", tmp_path / "partial.json"), "no label for 11"),
         ((out, "--images", images, "--labels", tmp_path / "broken.json"), "expected JSON"),
         ((out, "--images", images, "--max-accuracy-drop", "0.1"), "needs --labels"),
