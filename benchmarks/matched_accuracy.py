@@ -16,8 +16,9 @@ trained ourselves: timm vit_tiny_patch16_224 shape, dim 64, depth 5, 65 tokens, 
      and the budget loss (models/asvit_tuning.py's relaxation), then the hard budget met exactly on
      the calibration images, and converted with the learned thresholds.
    ToMe is training-free in its paper, so it is only swept.
-3. All kept variants timed side by side with the uncompressed model in ONNX Runtime (interleaved
-   rounds, medians), batches 1, 8 and 64. At batch 1 this 19-MFLOP model is overhead-bound.
+3. All kept variants timed against the uncompressed model in ONNX Runtime in back-to-back pairs
+   (converter/speedup.py: median ratio with its 95% interval, unstable or beyond the FLOPs ratio
+   marked), batches 1, 8 and 64. At batch 1 this 19-MFLOP model is overhead-bound.
 
     python benchmarks/matched_accuracy.py [--tolerance 0.005] [--epochs 30] [--repeats 30]
 """
@@ -45,9 +46,10 @@ from vit2trt.models.asvit_tuning import BUDGET_WEIGHT, SoftASViT, _meet_budget
 from vit2trt.models.cait_reference import CAITViT
 from vit2trt.models.digits import CHECKPOINT, MODEL_ARGS, MODEL_NAME, compose, load_split, test_set
 from vit2trt.models.reference import ReferenceRecord, build_model
+from vit2trt.converter.speedup import format_speedup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_medians  # noqa: E402
+from timing import paired_speedups  # noqa: E402
 
 SWEEPS = {
     "tome": [{"tome_r": r} for r in (1, 2, 3, 4, 6, 8, 10, 13)],
@@ -253,20 +255,20 @@ def main() -> None:
         print(f"  asvit fine-tuned: {row['accuracy'] * 100:.1f}% at {row['flops_ratio']:.2f}x fewer FLOPs "
               "(calibration-image mean)")
 
-        print(f"\n3. speed, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of {args.repeats} "
-              "interleaved rounds (test images)")
+        print(f"\n3. speed, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of at least "
+              f"{args.repeats} paired ratios [95% interval] (test images)")
         batches = [1, 8, 64]
         paths = {"uncompressed": original.onnx_path, **{name: row["path"] for name, row in chosen.items()}}
-        median = interleaved_medians(paths, batches, args.repeats, args.threads, inputs=images[:64])
+        timings = paired_speedups(paths, batches, args.repeats, args.threads, inputs=images[:64])
         print(f"| variant | accuracy | Δ | matched | FLOPs × | {' | '.join(f'speedup b{b}' for b in batches)} |")
         print("|---|---|---|---|---|" + "---|" * len(batches))
         print(f"| uncompressed | {base_accuracy * 100:.1f}% | — | | 1.00 | " + " | ".join("1.00×" for _ in batches)
               + " |")
         for name, row in chosen.items():
-            speed = [median[("uncompressed", b)] / median[(name, b)] for b in batches]
+            speed = [timings[(name, b)].speedup.with_flops(row["flops_ratio"]) for b in batches]
             matched = "yes" if row["accuracy"] >= base_accuracy - args.tolerance - 1e-9 else "no"
             print(f"| {name} | {row['accuracy'] * 100:.1f}% | {(row['accuracy'] - base_accuracy) * 100:+.1f} | "
-                  f"{matched} | {row['flops_ratio']:.2f} | " + " | ".join(f"{s:.2f}×" for s in speed) + " |")
+                  f"{matched} | {row['flops_ratio']:.2f} | " + " | ".join(format_speedup(s) for s in speed) + " |")
 
 
 def decisions_of(onnx_path) -> dict:

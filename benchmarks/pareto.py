@@ -1,10 +1,11 @@
 """Sweep every method over its budgets for one model: FLOPs, latency ratio, agreement; a Pareto table and plot.
 
-One export, one conversion per (method, budget), then one interleaved timing run of all variants in
-ONNX Runtime on CPU (speedups are ratios of medians against the uncompressed model in the same
-run). Agreement is top-1 agreement with the uncompressed model on the given images (or seeded
-noise); with seeded random weights it measures how much each method changes the function, not
-accuracy. `--weights` takes a real checkpoint when you have one.
+One export, one conversion per (method, budget), then every variant timed against the uncompressed
+model in ONNX Runtime on CPU in back-to-back pairs (converter/speedup.py: the median ratio with its
+95% interval, unstable or beyond the FLOPs ratio marked; the front and the plot count a speedup at
+most at its FLOPs ratio, as `vit2trt plan` does). Agreement is top-1 agreement with the
+uncompressed model on the given images (or seeded noise); with seeded random weights it measures
+how much each method changes the function, not accuracy. `--weights` takes a real checkpoint when you have one.
 
     python benchmarks/pareto.py [--model deit_small_patch16_224] [--images ../shared/assets/calib]
                                 [--repeats 10] [--plot pareto.png] [--weights FILE]
@@ -25,7 +26,9 @@ from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_medians  # noqa: E402
+from timing import paired_speedups  # noqa: E402
+
+from vit2trt.converter.speedup import format_speedup  # noqa: E402
 
 SHARED_CALIB = Path(__file__).resolve().parents[2] / "shared" / "assets" / "calib"
 
@@ -98,17 +101,18 @@ def main() -> None:
                 flops[label] = int(result.flops_before * result.decisions["asvit"]["calibration"]["flops_fraction"])
             agreement[label] = float(np.mean(_logits(result.onnx_path, x).argmax(1) == reference.argmax(1)))
         print("timing ...", flush=True)
-        median = interleaved_medians(variants, batches, args.repeats, args.threads, inputs=x)
-    speed = {name: {b: median[("uncompressed", b)] / median[(name, b)] for b in batches} for name in variants}
+        timings = paired_speedups(variants, batches, args.repeats, args.threads, inputs=x, flops=flops)
+    figures = {name: {b: timings[(name, b)].speedup for b in batches} for name in variants}
+    speed = {name: {b: figures[name][b].credible for b in batches} for name in variants}
     front = pareto_front({name: (speed[name][batches[-1]], agreement[name]) for name in variants})
-    print(f"\n{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of {args.repeats} "
-          f"interleaved rounds; agreement: top-1 with the uncompressed model on {where}"
+    print(f"\n{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, speedup: median of at least "
+          f"{args.repeats} paired ratios [95% interval]; agreement: top-1 with the uncompressed model on {where}"
           + ("" if args.weights else "; seeded random weights"))
-    header = f"{'variant':20s} {'GFLOPs':>7s} {'FLOPs x':>8s}" + "".join(f" {'speed b' + str(b):>9s}" for b in batches)
+    header = f"{'variant':20s} {'GFLOPs':>7s} {'FLOPs x':>8s}" + "".join(f" {'speed b' + str(b):36s}" for b in batches)
     print(header + f" {'agree':>6s}  Pareto (b{batches[-1]})")
     for name in variants:
         row = f"{name:20s} {flops[name] / 1e9:7.3f} {flops['uncompressed'] / flops[name]:8.2f}"
-        row += "".join(f" {speed[name][b]:8.2f}x" for b in batches)
+        row += "".join(f" {format_speedup(figures[name][b], ascii=True):36s}" for b in batches)
         print(row + f" {agreement[name] * 100:5.1f}%  {'*' if name in front else ''}")
     _plot(speed, agreement, batches[-1], front, Path(args.plot), args.model)
     print(f"\nplot: {args.plot}; total {time.perf_counter() - started:.0f} s")
@@ -129,7 +133,7 @@ def _plot(speed, agreement, batch, front, path: Path, model: str) -> None:
                    marker="*" if name in front else "o", s=90 if name in front else 40)
         ax.annotate(name, (speed[name][batch], agreement[name]), textcoords="offset points", xytext=(5, 3),
                     fontsize=7)
-    ax.set_xlabel(f"speedup over the uncompressed model, ONNX Runtime CPU, batch {batch}")
+    ax.set_xlabel(f"speedup over the uncompressed model, ONNX Runtime CPU, batch {batch} (at most the FLOPs ratio)")
     ax.set_ylabel("top-1 agreement with the uncompressed model")
     ax.set_title(f"{model}: every method and budget (stars: Pareto front)", fontsize=10)
     ax.grid(alpha=0.3)

@@ -4,8 +4,9 @@ single method, side by side in one run, on photos the planner never saw.
 The planner gets the first 512 photos of real/val (sorted file order), fits on half of them and
 judges on the other half; the pick and the best single-method candidate the planner found for the
 same goal are then measured on the other 4488 photos: top-1, and ONNX Runtime CPU speedups at batch
-1 and 8 against the original from rounds that run original, pick and single in turn (median of the
-per-round ratios with the interquartile range).
+1 and 8 against the original from back-to-back pairs in alternating order (converter/speedup.py:
+median of the per-round ratios with its 95% bootstrap interval, marked unstable or beyond the
+FLOPs ratio where it is).
 
     python benchmarks/plan_real.py [--out plan-real] [--goals max-drop=0.01,target-speedup=2.0]
                                    [--time-limit 900] [--arrays X.npy Y.npy]
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vit2trt.converter.bench import interleaved_times, ort_runner
+from vit2trt.converter.bench import ort_runner
+from vit2trt.converter.speedup import Speedup, format_speedup, measure_speedup
 from vit2trt.converter.calibration import load_calibration
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
@@ -33,17 +35,17 @@ CALIB = 512
 SINGLE = ("tome", "cait", "toast", "asvit")
 
 
-def speeds(paths: dict[str, Path], x: np.ndarray, repeats: int, threads: int) -> dict:
+def speeds(paths: dict[str, Path], x: np.ndarray, repeats: int, threads: int, flops_x: dict[str, float]) -> dict:
+    """Every variant against the original at batch 1 and 8: Speedup.as_json per "name bB"."""
     runners = {name: ort_runner(path, threads) for name, path in paths.items()}
-    times = interleaved_times(runners, {1: x[:1], 8: x[:8]}, repeats, warmup=2)
     out = {}
     for name in paths:
         if name == "original":
             continue
         for b in (1, 8):
-            ratios = [o / v for o, v in zip(times[("original", b)], times[(name, b)])]
-            q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
-            out[f"{name} b{b}"] = {"median": float(q2), "q1": float(q1), "q3": float(q3)}
+            timing = measure_speedup(runners["original"], runners[name], x[:b], repeats,
+                                     flops_ratio=flops_x.get(name), warmup=2)
+            out[f"{name} b{b}"] = timing.speedup.as_json()
     return out
 
 
@@ -109,24 +111,27 @@ def main() -> None:
                 if name != "original":
                     entry[f"{name}_top1"] = top1(path, held_x, held_y)
                     entry[f"{name}_drop_pt"] = (original_top1 - entry[f"{name}_top1"]) * 100
-            entry["speed"] = speeds({k: v for k, v in paths.items() if k == "original" or v != paths["original"]},
-                                    held_x, args.repeats, args.threads)
             entry["flops_x"] = {c.label: c.flops_ratio for c in result.candidates if c.label in (entry["pick"],
                                                                                                entry["single"])}
+            entry["speed"] = speeds({k: v for k, v in paths.items() if k == "original" or v != paths["original"]},
+                                    held_x, args.repeats, args.threads,
+                                    {name: entry["flops_x"].get(entry[name]) for name in ("pick", "single")})
             print(json.dumps(entry, indent=1), flush=True)
             report["goals"].append(entry)
     (out / "plan_real.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = ["# vit2trt plan on the real ViT-Ti", "",
              f"Planner: first {CALIB} photos of real/val (fits on half, judges on half); measured on the other "
              f"{len(held_y)}. Original top-1 {original_top1 * 100:.2f}%.", "",
-             "| goal | | candidate | FLOPs × | top-1 | drop pt | b1 speedup [IQR] | b8 speedup [IQR] |",
+             "| goal | | candidate | FLOPs × | top-1 | drop pt | b1 speedup [95% interval] | "
+             "b8 speedup [95% interval] |",
              "|---|---|---|---|---|---|---|---|"]
     for e in report["goals"]:
         for name in ("pick", "single"):
             if e.get(name) is None:
                 continue
             b1, b8 = e["speed"].get(f"{name} b1"), e["speed"].get(f"{name} b8")
-            fmt = lambda s: f"{s['median']:.2f} [{s['q1']:.2f}–{s['q3']:.2f}]" if s else "same as pick"  # noqa: E731
+            flops_x = e["flops_x"].get(e[name])
+            fmt = lambda s: format_speedup(Speedup.from_json(s, flops_x)) if s else "same as pick"  # noqa: E731
             lines.append(f"| {e['goal']} | {name} | {e[name]} | {e['flops_x'].get(e[name], 0):.2f} | "
                          f"{e[name + '_top1'] * 100:.2f}% | {e[name + '_drop_pt']:+.2f} | {fmt(b1)} | {fmt(b8)} |")
     (out / "plan_real.md").write_text("\n".join(lines) + "\n")

@@ -3,8 +3,9 @@ pretrained ViT-Ti in ../shared/real (200 Tiny-ImageNet classes).
 
 Calibrates on the first 512 photos of real/val (sorted file order) and measures top-1 on the other
 4488, which no method sees. For every variant: FLOPs, top-1, the time `convert` took, and ONNX
-Runtime CPU speedups at batch 1 and 8 against the original, from rounds that run the original and
-the variant in turn (median of the per-round ratios, with the interquartile range).
+Runtime CPU speedups at batch 1 and 8 against the original, from back-to-back pairs in alternating
+order (converter/speedup.py: median of the per-round ratios with its 95% bootstrap interval, marked
+unstable or beyond the FLOPs ratio where it is).
 
     python benchmarks/real_accuracy.py [--out real-accuracy] [--limit 4488] [--repeats 20] [--variants a,b]
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from vit2trt.converter.bench import interleaved_times, ort_runner
+from vit2trt.converter.bench import ort_runner
+from vit2trt.converter.speedup import Speedup, format_speedup, measure_speedup
 from vit2trt.converter.calibration import image_files, load_calibration
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
@@ -64,16 +66,13 @@ def top1(path: Path, x: np.ndarray, y: np.ndarray, batch: int = 50) -> float:
     return float(np.mean(pred == y))
 
 
-def speed(original: Path, variant: Path, x: np.ndarray, repeats: int, threads: int) -> dict:
-    """Per-round ratios original / variant at batch 1 and 8: median and interquartile range."""
-    runners = {"original": ort_runner(original, threads), "variant": ort_runner(variant, threads)}
-    times = interleaved_times(runners, {1: x[:1], 8: x[:8]}, repeats, warmup=2)
+def speed(original: Path, variant: Path, x: np.ndarray, repeats: int, threads: int, flops_x: float) -> dict:
+    """The variant's speedup at batch 1 and 8 (Speedup.as_json) and its median ms."""
+    baseline, compressed = ort_runner(original, threads), ort_runner(variant, threads)
     out = {}
     for b in (1, 8):
-        ratios = [o / v for o, v in zip(times[("original", b)], times[("variant", b)])]
-        q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
-        out[f"b{b}"] = {"median": float(q2), "q1": float(q1), "q3": float(q3),
-                        "ms": statistics.median(times[("variant", b)]) * 1e3}
+        timing = measure_speedup(baseline, compressed, x[:b], repeats, flops_ratio=flops_x, warmup=2)
+        out[f"b{b}"] = {**timing.speedup.as_json(), "ms": statistics.median(timing.variant_s) * 1e3}
     return out
 
 
@@ -115,11 +114,12 @@ def main() -> None:
             seconds = time.perf_counter() - start
             row = {"variant": name, "gflops": result.flops_after / 1e9, "flops_x": base_flops / result.flops_after,
                    "top1": top1(result.onnx_path, held_x, held_y), "convert_s": seconds,
-                   "speed": speed(exported.onnx_path, result.onnx_path, held_x, args.repeats, args.threads)}
+                   "speed": speed(exported.onnx_path, result.onnx_path, held_x, args.repeats, args.threads,
+                                  base_flops / result.flops_after)}
             rows.append(row)
             print(f"{name}: {row['flops_x']:.2f}x fewer FLOPs, top-1 {row['top1'] * 100:.2f}% "
                   f"({(row['top1'] - rows[0]['top1']) * 100:+.1f} pt), convert {seconds:.0f} s, speedup b1 "
-                  f"{row['speed']['b1']['median']:.2f} b8 {row['speed']['b8']['median']:.2f}", flush=True)
+                  f"{cell(row, 'b1')} b8 {cell(row, 'b8')}", flush=True)
     (out / "real_accuracy.json").write_text(json.dumps({"held_out": len(held_y), "calibration": CALIB,
                                                         "rows": rows}, indent=1) + "\n")
     (out / "real_accuracy.md").write_text(table(rows, len(held_y)))
@@ -130,16 +130,22 @@ def main() -> None:
 def table(rows: list[dict], held: int) -> str:
     base = rows[0]["top1"]
     lines = [f"ViT-Ti (real weights), top-1 on {held} held-out photos of shared/real/val, calibrated on the "
-             f"first {CALIB}; ONNX Runtime CPU speedup = median of per-round ratios [interquartile range]", "",
+             f"first {CALIB}; ONNX Runtime CPU speedup = median of paired ratios [95% bootstrap interval], "
+             "~ and 'unstable' where the interval stayed wider than ±5%", "",
              "| variant | GFLOPs | FLOPs × | top-1 | change | speedup b1 | speedup b8 | convert s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        sp = r.get("speed")
-        cell = (lambda b: f"{sp[b]['median']:.2f} [{sp[b]['q1']:.2f}–{sp[b]['q3']:.2f}]") if sp else (lambda b: "1")
         lines.append(f"| {r['variant']} | {r['gflops']:.3f} | {r['flops_x']:.2f} | {r['top1'] * 100:.2f}% | "
-                     f"{(r['top1'] - base) * 100:+.1f} pt | {cell('b1')} | {cell('b8')} | "
+                     f"{(r['top1'] - base) * 100:+.1f} pt | {cell(r, 'b1')} | {cell(r, 'b8')} | "
                      f"{r.get('convert_s', 0):.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def cell(row: dict, batch: str) -> str:
+    """A row's speedup as converter/speedup.py prints it; the original's is 1."""
+    if "speed" not in row:
+        return format_speedup(Speedup.reference())
+    return format_speedup(Speedup.from_json(row["speed"][batch], row["flops_x"]))
 
 
 def plot(rows: list[dict], path: Path) -> None:

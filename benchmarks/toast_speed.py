@@ -1,7 +1,8 @@
 """ToaSt speed on CPU: uncompressed vs compressed DeiT-S-size graphs in ONNX Runtime, one run.
 
-Variants are timed interleaved (every round runs each variant once per batch size) and the
-median of the rounds is reported, so machine noise hits all variants alike. Weights are seeded
+Every variant is timed against the uncompressed graph in back-to-back pairs (benchmarks/timing.py,
+converter/speedup.py): the speedup is the median of the pairs' ratios with its 95% bootstrap
+interval, marked unstable or beyond the FLOPs ratio where it is. Weights are seeded
 random (speed does not depend on them). Prints FLOPs ratio, measured speedup, their quotient,
 and, from ONNX Runtime's node profiler, the time of TCS's own scoring/top-k/gather nodes against
 the FFN MatMul time they save.
@@ -24,7 +25,7 @@ from vit2trt.converter.graph_reader import read_vit
 from vit2trt.passes.toast_schedules import SCHEDULES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_medians, node_times, print_speed_table  # noqa: E402
+from timing import node_times, paired_speedups, print_speed_table  # noqa: E402
 
 
 def main() -> None:
@@ -50,9 +51,9 @@ def run(tmp: Path, args, batches: list[int]) -> None:
         out = convert(base, tmp / f"t{target}", ConvertOptions(target_gflops=float(target), build=False))
         variants[f"ToaSt {target} GFLOPs"] = out.onnx_path
     flops = {name: read_vit(path).flops.total for name, path in variants.items()}
-    median = interleaved_medians(variants, batches, args.repeats, args.threads)
-    print_speed_table(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of "
-                      f"{args.repeats} interleaved rounds", flops, median, batches)
+    timings = paired_speedups(variants, batches, args.repeats, args.threads, flops=flops)
+    print_speed_table(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, at least "
+                      f"{args.repeats} paired rounds per figure", flops, timings, batches)
 
     # Where TCS's time goes, node by node (ONNX Runtime's profiler, same inputs, both graphs).
     for name in [n for n in variants if n.startswith("ToaSt")]:

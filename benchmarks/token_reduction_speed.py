@@ -1,8 +1,9 @@
 """Token reduction speed on CPU: uncompressed vs ToMe, AS-ViT and CAIT (DeiT-S size) in ONNX Runtime.
 
-One run, variants interleaved, medians. Inputs are real photographs when ../shared/assets/calib
-is there (AS-ViT keeps as many tokens as each image needs, so its speed depends on the images),
-else seeded noise. AS-ViT thresholds are calibrated on the same folder for --target-flops, and
+Each variant is timed against the uncompressed graph in back-to-back pairs (converter/speedup.py:
+median ratio with its 95% interval, unstable or beyond the FLOPs ratio marked). Inputs are real
+photographs when ../shared/assets/calib is there (AS-ViT keeps as many tokens as each image needs,
+so its speed depends on the images), else seeded noise. AS-ViT thresholds are calibrated on the same folder for --target-flops, and
 its default (packed) graph is timed beside the dynamic form with the same thresholds. Also
 prints the share of each graph's kernel time spent in token scoring/matching/top-k/gather/merge
 nodes (ONNX Runtime's node profiler). CAIT runs at its defaults (stages 4,8, channel ratio 0.25)
@@ -13,9 +14,7 @@ and with merging alone (channel ratio 0). Weights are seeded random: speed does 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import tempfile
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from vit2trt.converter.export import export_model
 from vit2trt.converter.graph_reader import read_vit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_medians, node_times, print_speed_table  # noqa: E402
+from timing import node_times, paired_speedups, print_speed_table  # noqa: E402
 
 SHARED_CALIB = Path(__file__).resolve().parents[2] / "shared" / "assets" / "calib"
 
@@ -75,9 +74,9 @@ def main() -> None:
         # AS-ViT's FLOPs depend on the image: use the calibration mean, not the reader's probe image.
         flops[f"AS-ViT {args.target_flops:g} FLOPs"] = int(flops["uncompressed"] * calibrated)
         flops["  same, dynamic form"] = flops[f"AS-ViT {args.target_flops:g} FLOPs"]
-        median = interleaved_medians(variants, batches, args.repeats, args.threads, inputs=inputs)
-        print_speed_table(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of "
-                          f"{args.repeats} interleaved rounds, inputs: {where}", flops, median, batches)
+        timings = paired_speedups(variants, batches, args.repeats, args.threads, inputs=inputs, flops=flops)
+        print_speed_table(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, at least "
+                          f"{args.repeats} paired rounds per figure, inputs: {where}", flops, timings, batches)
         _asvit_per_image(base, asvit, exported.record_path, inputs, args)
         print("\nShare of each graph's kernel time (ONNX Runtime profiler, median node times). 'selection' is"
               " scoring, matching, top-k and gathers; 'merging' is ToMe's weighted sums, size tracking and"
@@ -99,12 +98,13 @@ def main() -> None:
 
 def _asvit_per_image(base: Path, asvit, record_path: Path, inputs: np.ndarray, args) -> None:
     """AS-ViT's cost depends on the image, and the table's batch 1 times only the first one. Here:
-    every photo alone (interleaved with the original, median of a few runs each), summed, against
-    the FLOPs those photos really need; and the FLOPs a batch of 8 really executes (each stage
-    keeps the batch's largest count)."""
+    every photo alone, one after another, against the original doing the same in back-to-back pairs
+    (the speedup of the summed time, with its interval), against the FLOPs those photos really
+    need; and the FLOPs a batch of 8 really executes (each stage keeps the batch's largest count)."""
     import torch
 
     from vit2trt.converter.bench import ort_runner
+    from vit2trt.converter.speedup import format_speedup, measure_speedup
     from vit2trt.passes.methods.asvit import asvit_flops_model
     from vit2trt.models.asvit_reference import ASViT
     from vit2trt.models.reference import ReferenceRecord, build_model
@@ -122,24 +122,17 @@ def _asvit_per_image(base: Path, asvit, record_path: Path, inputs: np.ndarray, a
                            for n, (p, m, f) in zip(counts, block_flops))
 
     per_image = [flops(c) for c in pruned.kept]
-    runners = {"uncompressed": ort_runner(base, args.threads), "asvit": ort_runner(asvit.onnx_path, args.threads)}
-    totals = {"uncompressed": 0.0, "asvit": 0.0}
-    for x in inputs:
-        times = {name: [] for name in runners}
-        for name, run in runners.items():
-            run(x[None])
-        for _ in range(5):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run(x[None])
-                times[name].append(time.perf_counter() - start)
-        for name in runners:
-            totals[name] += statistics.median(times[name])
+
+    def one_by_one(path: Path):
+        run = ort_runner(path, args.threads)
+        return lambda images: [run(x[None]) for x in images]
+
     ratio = full * len(per_image) / sum(per_image)
-    speed = totals["uncompressed"] / totals["asvit"]
-    print(f"\nAS-ViT, each of the {len(inputs)} inputs alone (batch 1, 5 interleaved runs each, medians summed): "
-          f"{speed:.2f}x faster at {ratio:.2f}x fewer FLOPs (quotient {speed / ratio:.2f}); per-image FLOPs "
-          f"fraction {min(per_image) / full:.2f}..{max(per_image) / full:.2f}, the first input's "
+    speed = measure_speedup(one_by_one(base), one_by_one(asvit.onnx_path), inputs, args.repeats,
+                            flops_ratio=ratio).speedup
+    print(f"\nAS-ViT, each of the {len(inputs)} inputs alone (batch 1), all of them per timing: "
+          f"{format_speedup(speed, ascii=True)} at {ratio:.2f}x fewer FLOPs (quotient {speed.speedup / ratio:.2f}); "
+          f"per-image FLOPs fraction {min(per_image) / full:.2f}..{max(per_image) / full:.2f}, the first input's "
           f"{per_image[0] / full:.2f}.")
     b, blocks, tokens = 8, len(pruned.kept[0]), pruned.kept[0][0]
     dynamic, packed = [], []

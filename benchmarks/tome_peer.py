@@ -31,7 +31,7 @@ from vit2trt.models.tome_reference import ToMeViT
 from vit2trt.models.vit_parts import attention_parts, vit_parts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_medians, print_speed_table  # noqa: E402
+from timing import paired_speedups, print_speed_table  # noqa: E402
 
 
 def scatter_merge(x, size, metric, r: int, protect_cls: bool):
@@ -132,9 +132,9 @@ def main() -> None:
         # The peer graphs make the same merges: count their FLOPs as vit2trt's.
         merged_flops = read_vit(ours.onnx_path).flops.total
         flops = {name: read_vit(base).flops.total if name == "uncompressed" else merged_flops for name in variants}
-        median = interleaved_medians(variants, batches, args.repeats, args.threads)
-        print_speed_table(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, median of "
-                          f"{args.repeats} interleaved rounds", flops, median, batches)
+        timings = paired_speedups(variants, batches, args.repeats, args.threads, flops=flops)
+        print_speed_table(f"{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, at least "
+                          f"{args.repeats} paired rounds per figure", flops, timings, batches)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """`vit2trt bench OUT`: latency of the original and the compressed model side by side, in one run.
 
-Rounds are interleaved (every variant runs once per round), so machine noise hits both alike;
-the result is the median and 90th percentile per variant and batch, and the speedup is the ratio
-of medians measured in the same run. Backends:
+The two models run in back-to-back pairs whose order alternates (converter/speedup.py): latency is
+the median and 90th percentile per variant and batch, and the speedup is the median of the pairs'
+ratios with its 95% bootstrap interval, rounds added until that interval is within ±5% or a cap is
+reached (then the figure is marked unstable), and flagged where it exceeds the FLOPs ratio. Backends:
 - `ort`: the ONNX graphs in ONNX Runtime on CPU (always available);
 - `tensorrt`: the engines on the GPU (OUT/model.engine, and one built alike from the original);
 - `torch-cuda`: the PyTorch references of both models on a CUDA GPU, replayed as CUDA graphs, so
@@ -13,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
 from vit2trt.converter.report import render_report, read_report, update_report
+from vit2trt.converter.speedup import MAX_ROUNDS, TIME_CAP_S, PairedTiming, Speedup, measure_speedup
 from vit2trt.errors import Vit2TrtError
 
 BACKENDS = ("ort", "tensorrt", "torch-cuda", "torch-cpu")
@@ -89,40 +90,24 @@ def torch_runner(module, device: str, threads: int = 2) -> Callable[[np.ndarray]
     return run_cuda
 
 
-def interleaved_times(runners: dict[str, Callable], inputs: dict[int, np.ndarray], repeats: int,
-                      warmup: int = 2, progress: Callable[[int, int], None] = lambda done, total: None
-                      ) -> dict[tuple[str, int], list[float]]:
-    """Seconds per run for every (variant, batch): `repeats` rounds, each variant once per round."""
-    times = {(name, b): [] for name in runners for b in inputs}
-    total, done = repeats * len(inputs), 0
-    for b, x in inputs.items():
-        for run in runners.values():
-            for _ in range(warmup):
-                run(x)
-        for _ in range(repeats):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run(x)
-                times[(name, b)].append(time.perf_counter() - start)
-            done += 1
-            progress(done, total)
-    return times
-
-
-def summarize(times: dict[tuple[str, int], list[float]], baseline: str) -> list[dict]:
+def latency_rows(timing: PairedTiming, batch: int) -> list[dict]:
+    """report.json's rows for one batch: the original (the reference, speedup exactly 1) and the
+    compressed model, with latency from the same paired timings the speedup came from."""
     rows = []
-    for (name, b), values in sorted(times.items(), key=lambda item: (item[0][1], item[0][0] != baseline)):
-        median = statistics.median(values)
-        base = statistics.median(times[(baseline, b)])
-        rows.append({"variant": name, "batch": b, "median_ms": median * 1e3,
-                     "p90_ms": float(np.percentile(values, 90)) * 1e3, "runs": len(values),
-                     "speedup": base / median})
+    for variant, seconds, figure in (("original", timing.baseline_s, Speedup.reference()),
+                                     ("compressed", timing.variant_s, timing.speedup)):
+        rows.append({"variant": variant, "batch": batch, "median_ms": statistics.median(seconds) * 1e3,
+                     "p90_ms": float(np.percentile(seconds, 90)) * 1e3, "runs": len(seconds),
+                     "runs_per_timing": timing.runs_per_timing, **figure.as_json()})
     return rows
 
 
 def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = None,
           batches: Optional[list[int]] = None, repeats: int = 20, threads: int = 2,
-          backends: tuple[str, ...] = ("ort",), progress: Callable[[str], None] = lambda msg: None) -> dict:
+          backends: tuple[str, ...] = ("ort",), progress: Callable[[str], None] = lambda msg: None,
+          time_cap: float = TIME_CAP_S) -> dict:
+    """`repeats`: paired rounds at least per batch (up to MAX_ROUNDS times as many while the speedup's
+    interval is wider than ±5%); `time_cap`: seconds of timing at most per backend and batch."""
     out_dir = Path(out_dir)
     compressed = out_dir / "model.onnx"
     if not compressed.is_file():
@@ -148,8 +133,10 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
     vit = describe_vit(load_onnx(original), str(original))
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal((b, vit.in_chans, *vit.img_size)).astype(np.float32) for b in batches}
-    results = {"batches": batches, "repeats": repeats, "threads": threads, "original": original.name,
-               "inputs": "seeded noise", "backends": {}}
+    flops_ratio = _flops_ratio(out_dir, report)
+    results = {"batches": batches, "repeats": repeats, "max_rounds": repeats * MAX_ROUNDS, "time_cap_s": time_cap,
+               "flops_ratio": flops_ratio, "threads": threads, "original": original.name, "inputs": "seeded noise",
+               "backends": {}}
     for backend in backends:
         progress(f"timing on {backend}")
         if backend == "ort":
@@ -158,12 +145,25 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
             runners = _engine_runners(out_dir, original, vit.input_name)
         else:
             runners = _torch_runners(out_dir, backend, threads)
-        times = interleaved_times(runners, inputs, repeats,
-                                  progress=lambda d, t: progress(f"timing on {backend}: round {d}/{t}"))
-        results["backends"][backend] = summarize(times, "original")
+        rows = []
+        for b, x in inputs.items():
+            timing = measure_speedup(runners["original"], runners["compressed"], x, repeats, time_cap=time_cap,
+                                     flops_ratio=flops_ratio, warmup=2, progress=lambda d, t, b=b: progress(
+                                         f"timing on {backend}, batch {b}: round {d}/{t}"))
+            rows += latency_rows(timing, b)
+        results["backends"][backend] = rows
     update_report(out_dir, "latency", results)
     render_report(out_dir)
     return results
+
+
+def _flops_ratio(out_dir: Path, report: dict) -> Optional[float]:
+    """The FLOPs ratio convert recorded, which bounds a credible speedup; none for AS-ViT, whose FLOPs
+    depend on the image (the recorded count is one probe image's, not the timing inputs')."""
+    flops = report.get("flops") or {}
+    if "asvit" in _read_json(out_dir / "decisions.json") or not {"before", "after"} <= set(flops):
+        return None
+    return flops["before"] / max(flops["after"], 1)
 
 
 def _engine_runners(out_dir: Path, original: Path, input_name: str) -> dict[str, Callable]:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from vit2trt.converter.files import write_atomically
+from vit2trt.converter.speedup import Speedup, describe_method, format_speedup, measure_speedup
 from vit2trt.errors import Vit2TrtError
 
 RUNTIMES = ("ort", "tensorrt")
@@ -45,7 +45,7 @@ class PlanOptions:
     calib_limit: int = 256             # calibration images read
     holdout: float = 0.5               # part of them held out for judging
     threads: int = 2
-    rounds: int = 15                   # timing pairs per candidate (more, up to 8x, while the spread is wide)
+    rounds: int = 15                   # timing pairs per candidate (more, up to 8x, while the interval is wide)
     methods: Optional[list[str]] = None   # families to search (default: all that apply)
     build: bool = True
     engine: str = "auto"
@@ -59,15 +59,18 @@ class Candidate:
     label: str
     settings: dict
     flops_ratio: float = 0.0
-    speedup: float = 0.0
-    speedup_iqr: tuple[float, float] = (0.0, 0.0)
+    speedup: float = 0.0               # median of the paired ratios against the original
+    speedup_low: float = 0.0           # its 95% bootstrap interval
+    speedup_high: float = 0.0
+    rounds: int = 0                    # paired rounds measured
     agreement: float = 0.0
     kl: float = 0.0
     accuracy: Optional[float] = None
     drop: float = 0.0                  # accuracy drop (labels) or disagreement, as a fraction
     drop_se: float = 0.0               # its standard error over the held-out images (paired)
     convert_s: float = 0.0
-    stable: bool = True               # the speedup's interquartile range is within ±5%
+    stable: bool = True                # the speedup's interval is within ±5% of it
+    exceeds_flops: bool = False        # measured faster than the FLOPs ratio allows (noise)
     meets: bool = False
     pareto: bool = False
     error: Optional[str] = None
@@ -308,9 +311,14 @@ def _walk(family: Family, evaluate, options: PlanOptions, elapsed: Callable[[], 
         previous, previous_result = level, result
 
 
+def figure(c: Candidate) -> Speedup:
+    """A candidate's speedup as converter/speedup.py measures and prints it."""
+    return Speedup(c.speedup, c.speedup_low, c.speedup_high, c.rounds, c.stable, c.flops_ratio)
+
+
 def credible_speedup(c: Candidate) -> float:
     """The measured speedup, but never more than the FLOPs ratio allows (more is timing noise)."""
-    return min(c.speedup, c.flops_ratio)
+    return figure(c).credible
 
 
 def _meets(c: Candidate, options: PlanOptions) -> bool:
@@ -403,45 +411,10 @@ class _Judge:
         else:
             c.drop = 1.0 - c.agreement
             c.drop_se = float(np.sqrt(c.drop * (1 - c.drop) / len(top)))
-        ratios = paired_speedups(self.original_runner, runner, self.timing_input, self.options.rounds)
-        c.speedup = float(statistics.median(ratios))
-        q = np.percentile(ratios, [25, 75])
-        c.speedup_iqr = (float(q[0]), float(q[1]))
-        c.stable = bool((q[1] - q[0]) / 2 <= STABLE * c.speedup)
-
-
-STABLE = 0.05       # a speedup is stable when half its interquartile range is within 5% of it
-MAX_ROUNDS = 8      # rounds of timing pairs at most, as multiples of --rounds
-
-
-def paired_speedups(original: Callable, candidate: Callable, x: np.ndarray, rounds: int,
-                    clock: Callable[[], float] = time.perf_counter, max_rounds: Optional[int] = None) -> list[float]:
-    """Per round, the original's time over the candidate's, run back to back (the order alternates
-    so that neither always runs second): a ratio of two neighbouring timings cancels slow drifts in
-    the machine's load, which separate medians do not. Each timing repeats the run until it lasts
-    20 ms (one short run is mostly timer and scheduler noise); rounds are added, `rounds` at a time,
-    until the interquartile range is within ±5% of the median or `max_rounds` is reached."""
-    for run in (original, candidate):   # warm-up
-        run(x)
-    began = clock()
-    original(x)
-    repeat = max(1, int(0.02 / max(clock() - began, 1e-6)))
-    max_rounds = max_rounds or rounds * MAX_ROUNDS
-    ratios: list[float] = []
-    while True:
-        for i in range(rounds):
-            pair = {}
-            order = (("o", original), ("c", candidate)) if (len(ratios) + i) % 2 == 0 else \
-                (("c", candidate), ("o", original))
-            for name, run in order:
-                began = clock()
-                for _ in range(repeat):
-                    run(x)
-                pair[name] = clock() - began
-            ratios.append(pair["o"] / max(pair["c"], 1e-12))
-        q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
-        if (q3 - q1) / 2 <= STABLE * q2 or len(ratios) >= max_rounds:
-            return ratios
+        s = measure_speedup(self.original_runner, runner, self.timing_input, self.options.rounds,
+                            flops_ratio=c.flops_ratio).speedup
+        c.speedup, c.speedup_low, c.speedup_high, c.rounds = s.speedup, s.low, s.high, s.rounds
+        c.stable, c.exceeds_flops = s.stable, s.exceeds_flops
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -472,12 +445,12 @@ def _write_plan(folder: Path, result: PlanResult, options: PlanOptions, source: 
 def plan_markdown(result: PlanResult, options: PlanOptions, goal: str, measure: str, fit: int, held: int) -> str:
     lines = [f"# vit2trt plan: {goal}", "",
              f"Runtime: {options.runtime} at batch {options.batch}, {options.threads} threads. Methods fitted on "
-             f"{fit} calibration images; every candidate judged on {held} others. Drop = {measure}. Speedup = median "
-             f"of back-to-back ratios against the original ({options.rounds} to {options.rounds * MAX_ROUNDS} pairs, "
-             "more while the spread is wide) [interquartile range].", ""]
+             f"{fit} calibration images; every candidate judged on {held} others. Drop = {measure}. "
+             f"S{describe_method(options.rounds)[1:]}.", ""]
     if result.original_accuracy is not None:
         lines += [f"Original top-1 on the held-out images: {result.original_accuracy * 100:.2f}%.", ""]
-    lines += ["| | candidate | FLOPs × | speedup [IQR] | top-1 agreement | KL | top-1 | drop (pt) ± s.e. | convert s |",
+    lines += ["| | candidate | FLOPs × | speedup [95% interval] | top-1 agreement | KL | top-1 | drop (pt) ± s.e. | "
+              "convert s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c in result.candidates:
         mark = "**chosen**" if c is result.chosen else ("pareto" if c.pareto else "")
@@ -485,13 +458,12 @@ def plan_markdown(result: PlanResult, options: PlanOptions, goal: str, measure: 
             lines.append(f"| | {c.label} | | | | | | | refused: {c.error} |")
             continue
         top1 = f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "–"
-        dagger = (" †" if c.speedup > c.flops_ratio else "") + ("" if c.stable else " (unstable)")
-        lines.append(f"| {mark} | {c.label} | {c.flops_ratio:.2f} | {c.speedup:.2f}{dagger} [{c.speedup_iqr[0]:.2f}–"
-                     f"{c.speedup_iqr[1]:.2f}] | {c.agreement * 100:.1f}% | {c.kl:.4f} | {top1} | "
+        lines.append(f"| {mark} | {c.label} | {c.flops_ratio:.2f} | {format_speedup(figure(c))} | "
+                     f"{c.agreement * 100:.1f}% | {c.kl:.4f} | {top1} | "
                      f"{c.drop * 100:+.2f} ± {c.drop_se * 100:.2f} | {c.convert_s:.0f} |")
-    lines += ["", "† faster than the FLOPs ratio allows, which is timing noise: the choice counts such a candidate at "
-              "its FLOPs ratio. Unstable: the interquartile range stayed wider than ±5% after "
-              f"{options.rounds * MAX_ROUNDS} rounds.", ""]
+    lines += ["", "A speedup that exceeds the FLOPs ratio is timing noise: the choice counts such a candidate at "
+              "its FLOPs ratio. An unstable one is still counted at its median; its interval says how far to trust "
+              "it.", ""]
     lines += [f"Note: {n}" for n in result.notes]
     lines.append("")
     return "\n".join(lines)

@@ -71,8 +71,8 @@ def _plot(report: dict, path: Path) -> bool:
     annotated = False
     for backend, rows in latency.items():
         for batch in sorted({r["batch"] for r in rows}):
-            points = {r["variant"]: r["median_ms"] for r in rows if r["batch"] == batch}
-            xs = [1.0, points["compressed"] / points["original"]]
+            compressed = next(r for r in rows if r["batch"] == batch and r["variant"] == "compressed")
+            xs = [1.0, 1.0 / compressed["speedup"]]   # the paired figure, not a ratio of separate medians
             ax.plot(xs, [quality["original"], quality["compressed"]], marker=next(markers, "o"), linestyle=":",
                     label=f"{backend}, batch {batch}")
             if not annotated:
@@ -81,7 +81,7 @@ def _plot(report: dict, path: Path) -> bool:
                 annotated = True
             ax.annotate("compressed", (xs[1], quality["compressed"]), textcoords="offset points", xytext=(4, -10),
                         fontsize=8)
-    ax.set_xlabel("latency relative to the original, medians of one run (lower is better)")
+    ax.set_xlabel("latency relative to the original, 1 / median paired speedup (lower is better)")
     ax.set_ylabel(label)
     ax.set_title(f"{report.get('method', 'compressed')}: {label} against latency", fontsize=10)
     ax.grid(alpha=0.3)
@@ -126,13 +126,13 @@ def _markdown(report: dict, has_plot: bool) -> str:
         lines.append("")
     latency = report.get("latency")
     if latency:
-        lines += ["## Latency", "", f"Median and p90 of {latency['repeats']} interleaved rounds, "
-                  f"{latency['threads']} threads, {latency['inputs']} inputs.", "",
-                  "| backend | variant | batch | median ms | p90 ms | speedup |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["## Latency", "", _latency_caption(latency), "",
+                  "| backend | variant | batch | median ms | p90 ms | speedup [95% interval] |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for backend, rows in latency["backends"].items():
             for r in rows:
                 lines.append(f"| {backend} | {r['variant']} | {r['batch']} | {r['median_ms']:.2f} | "
-                             f"{r['p90_ms']:.2f} | {r['speedup']:.2f}× |")
+                             f"{r['p90_ms']:.2f} | {speedup_cell(r, latency.get('flops_ratio'))} |")
         lines.append("")
     if has_plot:
         lines += ["![accuracy or agreement against latency](report.png)", ""]
@@ -169,6 +169,25 @@ def _markdown(report: dict, has_plot: bool) -> str:
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
+
+
+def speedup_cell(row: dict, flops_ratio=None, ascii: bool = False) -> str:
+    """A latency row's speedup as converter/speedup.py writes it (interval, unstable, beyond FLOPs)."""
+    from vit2trt.converter.speedup import Speedup, format_speedup
+
+    figure = Speedup.reference() if row.get("variant") == "original" else Speedup.from_json(row, flops_ratio)
+    return format_speedup(figure, ascii)
+
+
+def _latency_caption(latency: dict) -> str:
+    if "max_rounds" not in latency:   # a record from before paired timing: ratios of medians
+        return (f"Median and p90 of {latency['repeats']} interleaved rounds, {latency['threads']} threads, "
+                f"{latency['inputs']} inputs; speedup = ratio of medians.")
+    return (f"Latency: median and p90 per run over the paired rounds, {latency['threads']} threads, "
+            f"{latency['inputs']} inputs. Speedup: median of back-to-back ratios original / compressed "
+            f"(order alternating; {latency['repeats']} to {latency['max_rounds']} pairs, at most "
+            f"{latency['time_cap_s']:g} s) with its 95% bootstrap interval; unstable where the interval stayed "
+            "wider than ±5%, flagged where it exceeds the FLOPs ratio.")
 
 
 _STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:60rem;margin:2rem auto;

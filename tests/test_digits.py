@@ -61,7 +61,7 @@ def test_bundled_checkpoint_reaches_its_recorded_accuracy():
 @needs_checkpoint
 def test_demo_prints_every_method_with_real_accuracy(tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--repeats", "2", "--no-build"])
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--repeats", "2", "--time-cap", "0.5", "--no-build"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo.json").read_text())
     assert set(summary["rows"]) == {"uncompressed", "toast", "asvit", "cait", "tome"}
@@ -71,5 +71,9 @@ def test_demo_prints_every_method_with_real_accuracy(tmp_path):
         if name != "uncompressed":
             assert row["flops_ratio"] > 1.0 and row["surgery_error"] <= 1e-4
             assert 0.0 <= row["accuracy"] <= 1.0
+            for b in (1, 8):   # every figure carries its interval and its marking
+                figure = row[f"speedup_b{b}"]
+                assert figure["speedup_low"] <= figure["speedup"] <= figure["speedup_high"] and figure["rounds"] >= 2
+                assert figure["exceeds_flops"] == (figure["speedup"] > row["flops_ratio"])
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG" and "| tome |" in (out / "demo.md").read_text()
     assert (out / "cait" / "report.html").is_file()

@@ -8,6 +8,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
+from vit2trt.converter.report import speedup_cell
 
 
 def test_report_follows_convert_validate_and_bench(tmp_path, deit_tiny_ts):
@@ -25,7 +26,7 @@ def test_report_follows_convert_validate_and_bench(tmp_path, deit_tiny_ts):
 
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32))
     assert runner.invoke(app, ["validate", str(out), "--images", str(tmp_path / "x.npy")]).exit_code == 0
-    assert runner.invoke(app, ["bench", str(out), "--repeats", "2", "--batch", "1"]).exit_code == 0
+    assert runner.invoke(app, ["bench", str(out), "--repeats", "2", "--batch", "1", "--time-cap", "1"]).exit_code == 0
     report = json.loads((out / "report.json").read_text())
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -33,5 +34,5 @@ def test_report_follows_convert_validate_and_bench(tmp_path, deit_tiny_ts):
     agreement = f"{report['validation']['top1_agreement'] * 100:.1f}%"
     compressed = next(r for r in report["latency"]["backends"]["ort"] if r["variant"] == "compressed")
     for text in (markdown, page):
-        assert agreement in text and f"{compressed['speedup']:.2f}×" in text
+        assert agreement in text and speedup_cell(compressed, report["latency"]["flops_ratio"]) in text
     assert "<table>" in page and "data:image/png;base64," in page and "report.png" not in page

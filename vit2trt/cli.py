@@ -280,7 +280,8 @@ def plan(
     measuring every candidate's latency against the original and its accuracy on held-out images.
     Ctrl-C or --time-limit keeps the best model found so far."""
     with _user_errors():
-        from vit2trt.converter.plan import PlanOptions, credible_speedup, plan as run_plan
+        from vit2trt.converter.plan import PlanOptions, credible_speedup, figure, plan as run_plan
+        from vit2trt.converter.speedup import format_speedup
 
         options = PlanOptions(calib=str(calib), out_dir=str(out_dir), labels=str(labels) if labels else None,
                               class_map=str(class_map) if class_map else None,
@@ -291,14 +292,15 @@ def plan(
         with _progress("planning") as report:
             result = run_plan(model, options, progress=report)
         table = Table(box=box.SIMPLE_HEAD, title=f"candidates (runtime {runtime}, batch {batch})")
-        for column in ("", "candidate", "FLOPs x", "speedup [IQR]", "agreement", "KL", "top-1", "drop pt"):
-            table.add_column(column, justify="left" if column in ("", "candidate") else "right")
+        for column in ("", "candidate", "FLOPs x", "speedup [95% interval]", "agreement", "KL", "top-1", "drop pt"):
+            table.add_column(column, justify="left" if column in ("", "candidate") else "right",
+                             overflow="fold" if column.startswith("speedup") else "ellipsis")   # never cut short
         for c in result.candidates:
             if c.error:
                 continue
             mark = "chosen" if c is result.chosen else ("pareto" if c.pareto else "")
             table.add_row(mark, escape(c.label), f"{c.flops_ratio:.2f}",
-                          f"{c.speedup:.2f} [{c.speedup_iqr[0]:.2f}-{c.speedup_iqr[1]:.2f}]",
+                          format_speedup(figure(c), ascii=True),
                           f"{c.agreement * 100:.1f}%", f"{c.kl:.4f}",
                           f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "-", f"{c.drop * 100:+.2f}")
         out.print(table)
@@ -412,33 +414,38 @@ def bench(
     out_dir: Path = typer.Argument(..., help="A folder written by `vit2trt convert --out`."),
     original: Optional[Path] = typer.Option(None, "--original", help="The uncompressed graph (default: the one convert read)."),
     batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, comma-separated (default: 1 and the engine profile's opt batch, else 1,8)."),
-    repeats: int = typer.Option(20, "--repeats", help="Interleaved rounds per batch size."),
+    repeats: int = typer.Option(20, "--repeats", help="Paired timing rounds per batch size at least; up to 8x as many while the speedup's 95% interval is wider than ±5% (at most --time-cap), else it is marked unstable."),
+    time_cap: float = typer.Option(30.0, "--time-cap", help="Seconds of timing at most per backend and batch size."),
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
     backend: List[str] = typer.Option(["ort"], "--backend", help="ort (ONNX Runtime CPU), tensorrt (the engines, on a GPU), torch-cuda (PyTorch references with CUDA graphs) or torch-cpu; repeatable."),
 ):
-    """Time the original and the compressed model side by side in one run (interleaved rounds,
-    median and p90, speedup as the ratio of medians). Results go into OUT/report.json."""
+    """Time the original and the compressed model side by side in back-to-back pairs (median and p90
+    latency; speedup as the median of the pairs' ratios with its 95% interval, marked unstable or
+    beyond the FLOPs ratio where it is). Results go into OUT/report.json."""
     with _user_errors():
         from vit2trt.converter.bench import bench as run_bench
+        from vit2trt.converter.report import speedup_cell
 
         batches = None if batch is None else _int_list(batch, "--batch takes comma-separated sizes such as 1,8")
         with _progress("timing") as report:
-            result = run_bench(out_dir, original, batches, repeats, threads, tuple(backend), progress=report)
+            result = run_bench(out_dir, original, batches, repeats, threads, tuple(backend), progress=report,
+                               time_cap=time_cap)
         for name, rows in result["backends"].items():
-            table = Table(title=f"{name}: median of {repeats} interleaved rounds, {threads} threads",
+            table = Table(title=f"{name}: {threads} threads; speedup = median of paired ratios [95% interval]",
                           box=box.SIMPLE_HEAD)
             for column in ("variant", "batch", "median ms", "p90 ms", "speedup"):
                 table.add_column(column, justify="left" if column == "variant" else "right")
             for row in rows:
                 table.add_row(row["variant"], str(row["batch"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}",
-                              f"{row['speedup']:.2f}x")
+                              speedup_cell(row, result.get("flops_ratio"), ascii=True))
             out.print(table)
 
 
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("vit2trt-demo"), "--out", "-o", help="Output folder: demo.md, demo.json, demo.png and one convert folder per method."),
-    repeats: int = typer.Option(30, "--repeats", help="Interleaved timing rounds."),
+    repeats: int = typer.Option(30, "--repeats", help="Paired timing rounds per speedup at least; up to 8x as many while its 95% interval is wider than ±5% (at most --time-cap), else it is marked unstable."),
+    time_cap: float = typer.Option(3.0, "--time-cap", help="Seconds of timing at most per speedup (method and batch size)."),
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build TensorRT engines where a TensorRT module is present."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
@@ -447,17 +454,22 @@ def demo(
     tome, validate each on the fixed test split (accuracy), time all of them side by side, and print
     one table (also demo.md with a plot)."""
     with _user_errors():
-        from vit2trt.converter.demo import run_demo
+        from vit2trt.converter.demo import figure, run_demo
+        from vit2trt.converter.speedup import format_speedup
 
         with _progress("demo") as report:
-            summary = run_demo(out_dir, repeats, threads, build, overwrite, progress=report)
+            summary = run_demo(out_dir, repeats, threads, build, overwrite, progress=report, time_cap=time_cap)
         table = Table(title=f"bundled digits ViT: accuracy on {summary['test_images']} test images; speedup (b1, b8) "
-                            f"in ONNX Runtime CPU, {threads} threads, median of {repeats} rounds", box=box.SIMPLE_HEAD)
+                            f"in ONNX Runtime CPU, {threads} threads, median of paired ratios [95% interval]",
+                      box=box.SIMPLE_HEAD)
         for column in ("method", "GFLOPs", "FLOPs×", "b1", "b8", "acc.", "Δ acc.", "engine"):
-            table.add_column(column, justify="left" if column in ("method", "engine") else "right", no_wrap=True)
+            # An unstable figure's interval may wrap in a narrow terminal, but is never cut short.
+            table.add_column(column, justify="left" if column in ("method", "engine") else "right",
+                             no_wrap=column not in ("b1", "b8"), overflow="fold")
         for name, row in summary["rows"].items():
             table.add_row(name, f"{row['gflops']:.3f}", f"{row.get('flops_ratio', 1.0):.2f}",
-                          f"{row['speedup_b1']:.2f}x", f"{row['speedup_b8']:.2f}x", f"{row['accuracy'] * 100:.1f}%",
+                          format_speedup(figure(row, 1), ascii=True), format_speedup(figure(row, 8), ascii=True),
+                          f"{row['accuracy'] * 100:.1f}%",
                           f"{row['accuracy_delta'] * 100:+.1f}", row.get("engine") or "-")
         out.print(table)
         out.print(f"wrote {out_dir}/demo.md, demo.json, demo.png and {', '.join(r for r in summary['rows'] if r != 'uncompressed')}/ "
