@@ -100,8 +100,15 @@ def _markdown(report: dict, has_plot: bool) -> str:
                   f"({flops['before'] / max(flops['after'], 1):.2f}× fewer).", ""]
     validation = report.get("validation")
     if validation:
-        lines += ["## Validation against the PyTorch reference", "",
-                  f"{validation['images']} inputs from `{validation['source']}`.", "",
+        lines += ["## Validation against the reference", "",
+                  f"{validation['images']} inputs from `{validation['source']}`. Reference: "
+                  f"{validation.get('reference', 'the PyTorch model')}.", ""]
+        if validation.get("reference_note"):
+            lines += [f"Note: {validation['reference_note']}", ""]
+        if validation.get("reference_kind") == "onnx":
+            lines += ["Without a PyTorch model the surgery itself (the graph against PyTorch compressed alike) "
+                      "is not checked; give --reference timm:NAME --weights FILE for that.", ""]
+        lines += [
                   "| check | value |", "| --- | --- |",
                   f"| top-1 agreement | {validation['top1_agreement'] * 100:.1f}% |",
                   f"| logits cosine, mean / min | {validation['cosine_mean']:.5f} / {validation['cosine_min']:.5f} |",

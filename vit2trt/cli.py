@@ -362,25 +362,32 @@ def validate(
     images: Path = typer.Option(..., "--images", help="Folder of images (flat, or an ImageFolder: one subfolder per class, which labels the images) or .npy [N,C,H,W], preprocessed as the reference record says."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image of a flat folder: JSON {\"file\": class} or lines 'file class' (with an .npy: an .npy of classes)."),
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="With an ImageFolder: JSON list of folder names (position = class index) or {\"folder\": index}, when the head's class order is not the folders' sorted order."),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="The original's reference record (default: OUT/reference.json, copied by convert)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The original as a PyTorch model, timm:NAME or hf:ViTForImageClassification (built as `vit2trt export` builds it; with --weights and --arg), or a reference record FILE.reference.json (default: OUT/reference.json, copied by convert when `vit2trt export` wrote the original)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="With --reference timm:/hf:: the checkpoint, .safetensors or .pth/.pt (read without unpickling code)."),
+    arg: List[str] = typer.Option([], "--arg", help="With --reference timm:/hf:: constructor argument KEY=VALUE, repeatable (e.g. --arg num_classes=200)."),
+    reference_onnx: Optional[Path] = typer.Option(None, "--reference-onnx", help="Compare with the original graph in ONNX Runtime instead, when no PyTorch model is at hand (the surgery check against PyTorch is then skipped)."),
     batch: int = typer.Option(8, "--batch", help="Batch size of the batched runs."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N images."),
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Fail (exit 1) below this top-1 agreement with the reference, e.g. 0.99."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Fail (exit 1) when any image's logits cosine similarity is below this."),
     max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Fail (exit 1) when top-1 accuracy drops by more than this fraction (needs labels: --labels or an ImageFolder)."),
 ):
-    """Check a compressed graph against the PyTorch reference of the original model: top-1
-    agreement, logits cosine, max abs error, accuracy with labels (--labels, or the class subfolders
-    of an ImageFolder), batch independence. The result is added to OUT/report.json; exit code 1 when a
-    threshold is missed."""
+    """Check a compressed graph against the reference of the original model (its PyTorch model, or
+    the original graph with --reference-onnx): top-1 agreement, logits cosine, max abs error,
+    accuracy with labels (--labels, or the class subfolders of an ImageFolder), batch independence.
+    The result is added to OUT/report.json; exit code 1 when a threshold is missed."""
     with _user_errors():
         from vit2trt.converter.validate import Thresholds, validate as run_validate
 
         with _progress("validating") as report:
             result = run_validate(out_dir, images, labels, reference, batch, limit,
                                   Thresholds(min_agreement, min_cosine, max_accuracy_drop), progress=report,
-                                  class_map=class_map)
-        table = Table(title=f"{out_dir}/model.onnx vs the PyTorch reference, {result['images']} images",
+                                  class_map=class_map, weights=weights, model_args=_parse_model_args(arg),
+                                  reference_onnx=reference_onnx)
+        out.print(f"reference: {escape(result['reference'])}")
+        if result.get("reference_note"):
+            err.print(f"[yellow]note:[/] {escape(result['reference_note'])}")
+        table = Table(title=f"{out_dir}/model.onnx vs the reference, {result['images']} images",
                       box=box.SIMPLE_HEAD)
         table.add_column("check")
         table.add_column("value", justify="right")
@@ -530,6 +537,11 @@ def _print_description(g) -> None:
     pool = f"class token {g.head.token_index}" if g.pooling == "token" else "mean over patch tokens"
     summary.add_row("pooling", pool + (f", fc_norm {g.head.fc_norm}" if g.head.fc_norm else ""))
     summary.add_row("final norm", g.head.final_norm or "none")
+    forms = {"explicit": "MatMul → Softmax → MatMul", "sdpa_nan_guard": "MatMul → Softmax → IsNaN/Where guard → MatMul",
+             "onnx_attention": "ONNX Attention op (fused; kept where a pass does not change attention)"}
+    used = sorted({b.attn.form for b in g.blocks})
+    summary.add_row("attention", "; ".join(f"{forms[f]} ({sum(b.attn.form == f for b in g.blocks)} blocks)"
+                                           for f in used))
     heads = " + ".join(l.node for l in g.head.linears) or "none"
     summary.add_row("head", f"{g.head.num_classes} classes ({heads})")
     out.print(summary)
