@@ -160,19 +160,31 @@ def _timed(run: Runner, x, repeat: int, clock: Clock) -> float:
     return (clock() - began) / repeat
 
 
+# Terminal tables mark figures with one character each and print this legend under the table.
+TERMINAL_LEGEND = ("~ and * : unstable, the 95% interval stayed wider than ±{stable:g}% within the rounds and "
+                   "time allowed; ! : beyond the FLOPs ratio, which removing work cannot give (noise)")
+
+
 def format_speedup(s: Speedup, ascii: bool = False) -> str:
     """"1.31× [1.27–1.36]" when stable; "~1.3× (unstable: [0.9–2.1])" when not; either flagged
-    "(exceeds FLOPs ratio 1.20×)" where it does. `ascii` writes x and - (for terminals)."""
+    "(exceeds FLOPs ratio 1.20×)" where it does. `ascii` is the terminal's compact form, x and -
+    with one-character marks explained by TERMINAL_LEGEND: "~1.3x [0.9-2.1]*", "2.9x [2.8-3.0]!"."""
     times, dash = ("x", "-") if ascii else ("×", "–")
     if s.rounds == 0:   # the reference itself: exactly 1, no interval
-        text = f"{s.speedup:.2f}{times}"
-    elif s.stable:
+        return f"{s.speedup:.2f}{times}"
+    if s.stable:
         text = f"{s.speedup:.2f}{times} [{s.low:.2f}{dash}{s.high:.2f}]"
-    else:   # one decimal: the second one would claim a precision the interval denies
+    elif ascii:   # one decimal: the second one would claim a precision the interval denies
+        text = f"~{s.speedup:.1f}{times} [{s.low:.1f}{dash}{s.high:.1f}]*"
+    else:
         text = f"~{s.speedup:.1f}{times} (unstable: [{s.low:.1f}{dash}{s.high:.1f}])"
     if s.exceeds_flops:
-        text += f" (exceeds FLOPs ratio {s.flops_ratio:.2f}{times})"
+        text += "!" if ascii else f" (exceeds FLOPs ratio {s.flops_ratio:.2f}{times})"
     return text
+
+
+def terminal_legend() -> str:
+    return TERMINAL_LEGEND.format(stable=STABLE * 100)
 
 
 def describe_method(rounds: int, time_cap: float = TIME_CAP_S) -> str:

@@ -64,7 +64,7 @@ def test_demo_prints_every_method_with_real_accuracy(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--repeats", "2", "--time-cap", "0.5", "--no-build"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo.json").read_text())
-    assert set(summary["rows"]) == {"uncompressed", "toast", "asvit", "cait", "tome"}
+    assert set(summary["rows"]) == {"uncompressed", "toast", "asvit", "cait", "tome", "toast_keep", "toast+tome_keep"}
     recorded = json.loads(CHECKPOINT.with_suffix(".json").read_text())["test_accuracy"]
     assert summary["rows"]["uncompressed"]["accuracy"] == pytest.approx(recorded, abs=0.005)
     for name, row in summary["rows"].items():
@@ -75,5 +75,12 @@ def test_demo_prints_every_method_with_real_accuracy(tmp_path):
                 figure = row[f"speedup_b{b}"]
                 assert figure["speedup_low"] <= figure["speedup"] <= figure["speedup_high"] and figure["rounds"] >= 2
                 assert figure["exceeds_flops"] == (figure["speedup"] > row["flops_ratio"])
-    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG" and "| tome |" in (out / "demo.md").read_text()
+    # The settings that keep accuracy do (within 1 pt on the 450 test canvases), and the table says which.
+    for name in ("toast_keep", "toast+tome_keep"):
+        row = summary["rows"][name]
+        assert row["keeps_accuracy_setting"] and row["accuracy_delta"] >= -0.01 and row["flops_ratio"] > 1.3
+    assert summary["rows"]["toast"]["accuracy_delta"] < -0.1   # what the defaults cost, for contrast
+    text = (out / "demo.md").read_text()
+    assert "`toast_keep` = `--method toast --target-flops 0.7 --compensate`" in text
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG" and "| tome |" in text
     assert (out / "cait" / "report.html").is_file()

@@ -99,8 +99,9 @@ def test_a_speedup_beyond_the_flops_ratio_is_flagged_and_credited_at_it():
 
 @pytest.mark.parametrize("figure,text,ascii_text", [
     (Speedup(1.31, 1.27, 1.36, 30, True), "1.31× [1.27–1.36]", "1.31x [1.27-1.36]"),
-    (Speedup(1.3, 0.9, 2.1, 240, False), "~1.3× (unstable: [0.9–2.1])", "~1.3x (unstable: [0.9-2.1])"),
+    (Speedup(1.3, 0.9, 2.1, 240, False), "~1.3× (unstable: [0.9–2.1])", "~1.3x [0.9-2.1]*"),
     (Speedup.reference(), "1.00×", "1.00x"),
+    (Speedup(9.76, 9.5, 10.1, 30, True, 1.2), "9.76× [9.50–10.10] (exceeds FLOPs ratio 1.20×)", "9.76x [9.50-10.10]!"),
 ])
 def test_figures_read_as_the_table_shows_them(figure, text, ascii_text):
     assert format_speedup(figure) == text and format_speedup(figure, ascii=True) == ascii_text

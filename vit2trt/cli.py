@@ -281,7 +281,7 @@ def plan(
     Ctrl-C or --time-limit keeps the best model found so far."""
     with _user_errors():
         from vit2trt.converter.plan import PlanOptions, credible_speedup, figure, plan as run_plan
-        from vit2trt.converter.speedup import format_speedup
+        from vit2trt.converter.speedup import format_speedup, terminal_legend
 
         options = PlanOptions(calib=str(calib), out_dir=str(out_dir), labels=str(labels) if labels else None,
                               class_map=str(class_map) if class_map else None,
@@ -304,6 +304,7 @@ def plan(
                           f"{c.agreement * 100:.1f}%", f"{c.kl:.4f}",
                           f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "-", f"{c.drop * 100:+.2f}")
         out.print(table)
+        out.print(terminal_legend())
         for note in result.notes:
             out.print(f"note: {note}", style="yellow")
         if result.chosen is None:
@@ -432,6 +433,7 @@ def bench(
     with _user_errors():
         from vit2trt.converter.bench import bench as run_bench
         from vit2trt.converter.report import speedup_cell
+        from vit2trt.converter.speedup import terminal_legend
 
         batches = None if batch is None else _int_list(batch, "--batch takes comma-separated sizes such as 1,8")
         with _progress("timing") as report:
@@ -446,6 +448,7 @@ def bench(
                 table.add_row(row["variant"], str(row["batch"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}",
                               speedup_cell(row, result.get("flops_ratio"), ascii=True))
             out.print(table)
+        out.print(terminal_legend())
 
 
 @app.command()
@@ -462,7 +465,7 @@ def demo(
     one table (also demo.md with a plot)."""
     with _user_errors():
         from vit2trt.converter.demo import figure, run_demo
-        from vit2trt.converter.speedup import format_speedup
+        from vit2trt.converter.speedup import format_speedup, terminal_legend
 
         with _progress("demo") as report:
             summary = run_demo(out_dir, repeats, threads, build, overwrite, progress=report, time_cap=time_cap)
@@ -479,6 +482,7 @@ def demo(
                           f"{row['accuracy'] * 100:.1f}%",
                           f"{row['accuracy_delta'] * 100:+.1f}", row.get("engine") or "-")
         out.print(table)
+        out.print(terminal_legend())
         out.print(f"wrote {out_dir}/demo.md, demo.json, demo.png and {', '.join(r for r in summary['rows'] if r != 'uncompressed')}/ "
                   "(each with report.html)")
 
