@@ -82,3 +82,31 @@ def run_onnx(path, x: np.ndarray) -> np.ndarray:
 def rel_error(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| relative to max |want|."""
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def with_constant_mask(source, target, seed: int = 0) -> Path:
+    """`source` with a constant, non-zero attention mask added to every block's scores before the
+    Softmax (a fixed-size mask that token reduction cannot follow)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape
+    rng = np.random.default_rng(seed)
+    nodes = list(model.graph.node)
+    for i, node in enumerate([n for n in nodes if n.op_type == "Softmax"]):
+        scores = node.input[0]
+        probe = helper.make_tensor_value_info(scores, onnx.TensorProto.FLOAT, None)
+        model.graph.output.append(probe)
+        tokens = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            [scores], {session.get_inputs()[0].name: np.zeros([1, *shape[1:]], np.float32)})[0].shape[-1]
+        model.graph.output.remove(probe)
+        mask = numpy_helper.from_array((rng.standard_normal((1, 1, tokens, tokens)) * 0.1).astype(np.float32),
+                                       f"test_mask_{i}")
+        model.graph.initializer.append(mask)
+        node.input[0] = f"masked_scores_{i}"
+        model.graph.node.insert(list(model.graph.node).index(node),
+                                helper.make_node("Add", [scores, mask.name], [node.input[0]], name=f"test_mask_add_{i}"))
+    onnx.save(model, str(target))
+    return Path(target)

@@ -22,7 +22,7 @@ from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.passes.atme import RESTORED_OUTPUT, apply_atme, plan_atme
 from vit2trt.passes.cdcp import cdcp, cdcp_keep
 
-from conftest import HF_TINY, rel_error
+from conftest import HF_TINY, rel_error, with_constant_mask
 
 CASES = [
     # id, spec, args, stages, channel ratio
@@ -180,9 +180,9 @@ def test_convert_with_cait_is_reproducible_and_restores_the_grid(tmp_path, expor
     assert decisions["atme"]["tokens"] == [197, 99, 50] and decisions["settings"]["channel_ratio"] == 0.25
 
 
-def test_hf_dynamo_masks_are_refused(export_cache):
-    exported = export_cache("hf:ViTForImageClassification", HF_TINY, "dynamo")
-    model = load_onnx(exported.onnx_path)
+def test_fixed_size_attention_masks_are_refused(export_cache, tmp_path):
+    exported = export_cache("timm:deit_tiny_patch16_224", {"depth": 2, "num_classes": 10}, "torchscript")
+    model = load_onnx(with_constant_mask(exported.onnx_path, tmp_path / "masked.onnx"))
     with pytest.raises(Vit2TrtError, match="attention mask"):
         apply_atme(model, describe_vit(model), [1])
 

@@ -14,7 +14,7 @@ from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.models.tome_reference import ToMeViT
 from vit2trt.passes.tome import apply_tome
 
-from conftest import HF_TINY, rel_error, run_onnx
+from conftest import HF_TINY, rel_error, run_onnx, with_constant_mask
 
 CASES = [
     ("deit_small", "timm:deit_small_patch16_224", {"depth": 3}, 13),
@@ -69,13 +69,23 @@ def test_r_is_clipped_to_half_the_tokens(export_cache):
 @pytest.mark.parametrize("spec,args,exporter,needle", [
     ("timm:deit_small_distilled_patch16_224", {"depth": 2}, "torchscript", "distillation"),
     ("timm:vit_small_patch14_reg4_dinov2", {"depth": 2, "img_size": 126, "num_classes": 10}, "torchscript", "register"),
-    ("hf:ViTForImageClassification", HF_TINY, "dynamo", "attention mask"),
 ])
 def test_unsupported_token_layouts_are_refused(export_cache, spec, args, exporter, needle):
     exported = export_cache(spec, args, exporter)
     model = load_onnx(exported.onnx_path)
     with pytest.raises(Vit2TrtError, match=needle):
         apply_tome(model, describe_vit(model), 8)
+
+
+def test_a_fixed_size_attention_mask_is_refused_and_an_empty_one_ignored(export_cache, tmp_path):
+    """A constant mask that masks something cannot follow a shrinking sequence; the all-zero one
+    Hugging Face's dynamo export adds masks nothing, so ToMe merges under it."""
+    exported = export_cache("timm:deit_tiny_patch16_224", {"depth": 2, "num_classes": 10}, "torchscript")
+    model = load_onnx(with_constant_mask(exported.onnx_path, tmp_path / "masked.onnx"))
+    with pytest.raises(Vit2TrtError, match="attention mask"):
+        apply_tome(model, describe_vit(model), 8)
+    hf = load_onnx(export_cache("hf:ViTForImageClassification", HF_TINY, "dynamo").onnx_path)
+    assert apply_tome(hf, describe_vit(hf), 8).report["tokens"] == [197, 189, 181]
 
 
 @pytest.mark.skipif(tensorrt_backend()[1] is None, reason="no tensorrt or tensorrt_rtx module")
