@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from vit2trt.converter.bench import ort_runner, ort_session
-from vit2trt.converter.speedup import TIME_CAP_S, PairedTiming, Speedup, format_speedup, measure_speedup
+from vit2trt.converter.speedup import (
+    TIME_CAP_S, PairedTiming, Speedup, format_speedup, measure_speedup, terminal_legend,
+)
 
 
 def session(path: Path, threads: int, profile_prefix: str | None = None):
@@ -65,7 +67,7 @@ def print_speed_table(title: str, flops: dict[str, int], timings: dict[tuple[str
     converter/speedup.py prints it, and its quotient by the FLOPs ratio."""
     print(title)
     print("speedup: median of back-to-back ratios against the uncompressed model [95% bootstrap interval]; "
-          "~ marks an unstable figure (interval wider than ±5%), 'exceeds FLOPs ratio' one that noise produced")
+          + terminal_legend())
     header = f"{'variant':34s} {'GFLOPs':>7s} {'FLOPs x':>8s}"
     for b in batches:
         header += f" {'ms b' + str(b):>9s} {'speedup':36s} {'quot.':>6s}"

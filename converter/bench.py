@@ -161,7 +161,9 @@ def _flops_ratio(out_dir: Path, report: dict) -> Optional[float]:
     """The FLOPs ratio convert recorded, which bounds a credible speedup; none for AS-ViT, whose FLOPs
     depend on the image (the recorded count is one probe image's, not the timing inputs')."""
     flops = report.get("flops") or {}
-    if "asvit" in _read_json(out_dir / "decisions.json") or not {"before", "after"} <= set(flops):
+    decisions = _read_json(out_dir / "decisions.json")
+    parts = [decisions] + list(decisions.get("parts") or [])
+    if any("asvit" in part or part.get("method") == "asvit" for part in parts) or not {"before", "after"} <= set(flops):
         return None
     return flops["before"] / max(flops["after"], 1)
 

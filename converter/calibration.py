@@ -50,10 +50,10 @@ def load_calibration(path: str | os.PathLike, input_size: tuple[int, int, int],
 def image_files(folder: Path, limit: Optional[int] = None, flag: str = "--calib") -> list[Path]:
     """The folder's images in sorted order (the order of every array made from them): a flat folder's own
     images, or every image of an ImageFolder (one subfolder per class) sorted by relative path."""
-    from vit2trt.converter.image_folder import image_folder_files, is_image_folder
+    from vit2trt.converter.image_folder import image_folder_files, is_image_folder, spread_over_classes
 
-    if is_image_folder(folder):
-        return image_folder_files(folder, flag)[:limit]
+    if is_image_folder(folder):   # a limit samples every class, not the first folders
+        return spread_over_classes(image_folder_files(folder, flag), Path(folder), limit)
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise Vit2TrtError(f"{flag} {folder}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")

@@ -23,7 +23,7 @@ from vit2trt.converter.speedup import MAX_ROUNDS, Speedup, describe_method, form
 from vit2trt.errors import Vit2TrtError
 
 BATCHES = (1, 8)
-DEMO_TIME_CAP_S = 3.0   # per figure: eight figures, so an unsteady machine costs the demo 24 s at most
+DEMO_TIME_CAP_S = 3.0   # per figure: twelve figures, so an unsteady machine costs the demo 36 s at most
 
 # Row -> (method, settings). First each method as it runs by default (ToaSt, which compresses
 # nothing by default - it strips what fine-tuning zeroed - with SCWP at half the head dims). Then

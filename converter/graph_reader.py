@@ -168,12 +168,6 @@ class _Reader:
                       and tensors[name].dtype not in (np.int64, np.int32))
         self.shapes, self.int_values = observe_shapes(self.model, wanted, input_shape, keep_values=masks)
 
-    def _shape(self, node_name_or_tensor, which=None) -> tuple[int, ...]:
-        if which == "softmax_in":
-            node = self._node(node_name_or_tensor)
-            return self._tensor_shape(node.inputs[0])
-        return self._tensor_shape(node_name_or_tensor)
-
     def _tensor_shape(self, tensor) -> tuple[int, ...]:
         if isinstance(tensor, gs.Constant):
             return tuple(tensor.shape)

@@ -74,6 +74,25 @@ def image_folder_files(root: Path, flag: str = "--images") -> list[Path]:
     return sorted(files, key=lambda f: f.relative_to(root).parts)
 
 
+def spread_over_classes(files: list[Path], root: Path, limit: Optional[int]) -> list[Path]:
+    """At most `limit` of an ImageFolder's sorted `files`, taken round-robin over the classes (each class's
+    first image, then each one's second, ...), so that a limit samples every class rather than the first
+    few folders. Returned in the same sorted order."""
+    if limit is None or limit >= len(files):
+        return files
+    per_class: dict[str, list[Path]] = {}
+    for f in files:
+        per_class.setdefault(f.relative_to(root).parts[0], []).append(f)
+    queues = [iter(found) for found in per_class.values()]
+    chosen: set[Path] = set()
+    while len(chosen) < limit:
+        for queue in queues:
+            f = next(queue, None)
+            if f is not None and len(chosen) < limit:
+                chosen.add(f)
+    return [f for f in files if f in chosen]
+
+
 def read_class_map(path: Path, folders: list[str]) -> dict[str, int]:
     """Folder name -> class index from JSON: a list of folder names (position = index) or {"folder": index}.
     Every class folder present needs an index, and each index belongs to one folder. A list is positional, so

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,10 +34,15 @@ class Reference:
     record: Any = None             # ReferenceRecord (record, pytorch): rebuilds the model, compressed too
     onnx_path: Optional[Path] = None
     note: Optional[str] = None
+    _onnx: Any = field(default=None, repr=False)   # the ONNX Runtime session, loaded once
 
     def run(self, x: np.ndarray, batch: int) -> np.ndarray:
         if self.kind == "onnx":
-            session = _session(self.onnx_path)
+            if self._onnx is None:
+                self._onnx = cpu_session(self.onnx_path)
+            session = self._onnx
+            fixed = session.get_inputs()[0].shape[0]
+            batch = fixed if isinstance(fixed, int) and fixed > 0 else batch   # an original exported at batch 1
             name = session.get_inputs()[0].name
             return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
         import torch
@@ -110,20 +115,23 @@ def _onnx_reference(out_dir: Path, path: Path) -> Reference:
     if not path.is_file():
         raise Vit2TrtError(f"--reference-onnx {path}: no such file.")
     try:
-        session = _session(path)
+        session = cpu_session(path)
     except Exception as exc:   # ORT raises many types for a file it cannot load
         raise Vit2TrtError(f"--reference-onnx {path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]}).") \
             from None
     shape = session.get_inputs()[0].shape
     if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
         raise Vit2TrtError(f"--reference-onnx {path}: input shape {shape} is not [N, C, H, W] with fixed C, H, W.")
+    if isinstance(shape[0], int) and shape[0] != 1:
+        raise Vit2TrtError(f"--reference-onnx {path}: the input has a fixed batch of {shape[0]}; give a graph exported "
+                           "with a dynamic batch or with batch 1.")
     original = _read_original(out_dir) or {}
     note = None
     if original.get("sha256") and original["sha256"] != sha256_of(path):
         note = f"{path.name} is not the file convert read ({original.get('path')}): its bytes differ."
     preprocessing = dict(original.get("preprocessing") or DEFAULT_PREPROCESSING, input_size=list(shape[1:]))
     return Reference("onnx", f"ONNX Runtime running {path.name} (the original graph; no PyTorch model)",
-                     tuple(shape[1:]), preprocessing, onnx_path=path, note=note)
+                     tuple(shape[1:]), preprocessing, onnx_path=path, note=note, _onnx=session)
 
 
 def check_reference_fits(reference: Reference, session) -> None:
@@ -151,10 +159,15 @@ def check_reference_fits(reference: Reference, session) -> None:
 def missing_reference_message(out_dir: Path) -> str:
     """No reference given and none in OUT: say what the original was and the ways to supply one."""
     original = _read_original(out_dir)
-    if original is None:
+    try:
+        return _described_missing_reference(out_dir, original)
+    except (KeyError, TypeError, ValueError, IndexError):   # no original.json, or one edited by hand
         return (f"{out_dir} holds no reference record ({RECORD_FILE}) and no description of the original: give "
                 "--reference timm:NAME --weights FILE [--arg KEY=VALUE], --reference hf:ViTForImageClassification "
                 "..., --reference FILE.reference.json, or --reference-onnx ORIGINAL.onnx.")
+
+
+def _described_missing_reference(out_dir: Path, original: Optional[dict]) -> str:
     c, h, w = original["input"]["size"]
     tokens = ", ".join(f"{n} {k} token{'s' if n > 1 else ''}" for k, n in original.get("extra_tokens", {}).items()
                        ) or "no extra tokens"
@@ -177,7 +190,8 @@ def _read_original(out_dir: Path) -> Optional[dict]:
         return None
 
 
-def _session(path: os.PathLike):
+def cpu_session(path: os.PathLike):
+    """An ONNX Runtime CPU session, quiet (its warnings are not the user's problem)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

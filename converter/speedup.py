@@ -48,7 +48,9 @@ class Speedup:
 
     @property
     def exceeds_flops(self) -> bool:
-        return self.flops_ratio is not None and self.speedup > self.flops_ratio
+        """Even the low end of the interval lies beyond the FLOPs ratio: faster than removing that work
+        can make a model, so noise (a median just above it, within its interval, is the ratio met)."""
+        return self.flops_ratio is not None and self.low > self.flops_ratio
 
     @property
     def credible(self) -> float:
@@ -120,7 +122,8 @@ def measure_speedup(baseline: Runner, variant: Runner, x, rounds: int = 15, *, m
         base_s.append(b)
         var_s.append(v)
         progress(len(base_s), most)
-        if len(base_s) >= most or clock() - began >= time_cap:
+        # The cap never cuts a figure below its first `rounds` (or MIN_ROUNDS) pairs: --repeats is a minimum.
+        if len(base_s) >= most or (clock() - began >= time_cap and len(base_s) >= min(rounds, MIN_ROUNDS, most)):
             break
         if len(base_s) >= check_at:
             if speedup_of(_ratios(base_s, var_s)).stable:

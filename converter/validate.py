@@ -108,14 +108,6 @@ def _head_width(session) -> Optional[int]:
     return shape[-1] if shape and isinstance(shape[-1], int) else None
 
 
-def _session(onnx_path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-
 def _top_k_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     top = np.argsort(-logits, axis=1)[:, :k]
     return float(np.mean([label in row for row, label in zip(top, labels)]))
@@ -134,7 +126,7 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     import torch
 
     from vit2trt.converter.calibration import image_files, load_calibration, preprocess_image, DEFAULT_PREPROCESSING
-    from vit2trt.converter.references import check_reference_fits, resolve_reference
+    from vit2trt.converter.references import check_reference_fits, cpu_session, resolve_reference
     from vit2trt.models.reference import build_model
 
     out_dir = Path(out_dir)
@@ -150,7 +142,7 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     images = Path(images)
     if not images.exists():
         raise Vit2TrtError(f"--images {images}: no such file or folder.")
-    session = _session(onnx_path)
+    session = cpu_session(onnx_path)
     progress("checking that the reference fits the graph")
     check_reference_fits(reference_of, session)
     files = image_files(images, limit, "--images") if images.is_dir() else None

@@ -132,8 +132,8 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
     with them, the returned "k", "k_heads", "probs" and "context" are in the padded per-image
     layout, while "input" stays packed.
     Returns what was done and the new graph tensors of interest: "k" ([B, N, heads·dim], the keys
-    before the head split), "k_heads" ([B, heads, dim, N], as the scores use them), "input" (the attention's input), "probs" ([B, heads, N, N]) and
-    "context" ([B, heads, N, dim], each head's output before the heads are merged).
+    before the head split), "input" (the attention's input), "probs" ([B, heads, N, N]; None where the
+    fused op stays) and "context" ([B, heads, N, dim], each head's output before the heads are merged).
     """
     attn = block.attn
     w = attention_weights(tensors, attn)
@@ -211,8 +211,7 @@ def rebuild_attention(graph, tensors, nodes, block, keep: BlockKeep, dtype, scor
     proj.inputs[1] = _const(f"{prefix}/proj.weight", w.wproj[v_cols, :], dtype)
     record = {"heads": h, "head_dim_qk": [w.head_dim_qk, dqk], "head_dim_v": [w.head_dim_v, dv], "scale": scale,
               "attention": f"explicit ({explicit_because})" if explicit_because else "onnx_attention"}
-    return record, {"k": parts[1], "k_heads": k if explicit_because else None, "input": x, "probs": probs,
-                    "context": heads_ctx}
+    return record, {"k": parts[1], "input": x, "probs": probs, "context": heads_ctx}
 
 
 def _explicit_attention_reason(attn, need_probs: bool, qkv_hook, context_hook, dqk: int, dv: int) -> str:
@@ -226,7 +225,7 @@ def _explicit_attention_reason(attn, need_probs: bool, qkv_hook, context_hook, d
     if dqk != dv:
         return f"Q·K head dim {dqk} differs from V head dim {dv}"
     if attn.mask_inputs:
-        return "a constant mask besides the pass's bias"
+        return "the graph adds a constant attention mask"
     return ""
 
 

@@ -119,7 +119,7 @@ def test_every_method_works_on_every_form(tmp_path, export_cache, calib_npy, for
         assert forms[0] == "onnx_attention"
 
 
-@pytest.mark.skipif(tensorrt_backend() is None, reason="no TensorRT module (tensorrt or tensorrt-rtx) installed")
+@pytest.mark.skipif(tensorrt_backend()[1] is None, reason="no TensorRT module (tensorrt or tensorrt-rtx) installed")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_fused_attention_graphs_build_with_tensorrt(tmp_path, export_cache, calib_npy, precision):
     """TensorRT-RTX has no dedicated fp32 attention kernel: the build lets the layer decompose."""

@@ -63,7 +63,9 @@ def test_files_sorted_by_relative_path_and_labelled_by_sorted_folder_names(folde
     files, labels = _labels(folder)
     assert files == ["ant/1.png", "ant/2.png", "bee/z/only.png", "cat/a/deeper/y.jpg", "cat/a/x.png", "cat/b.png"]
     assert labels == [0, 0, 1, 2, 2, 2]       # ant, bee, cat in sorted order
-    assert [f.name for f in image_files(folder, limit=3)] == ["1.png", "2.png", "only.png"]
+    # A limit samples every class round-robin (first of each, then second of each), in the same order.
+    assert [f.name for f in image_files(folder, limit=3)] == ["1.png", "only.png", "y.jpg"]
+    assert [f.name for f in image_files(folder, limit=5)] == ["1.png", "2.png", "only.png", "y.jpg", "x.png"]
 
 
 def test_class_map_as_list_and_as_object(folder, tmp_path):

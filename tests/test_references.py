@@ -122,3 +122,22 @@ def test_a_reference_that_does_not_fit_is_refused(own_export, args, needles):
     for needle in needles:
         assert needle in text, text
     assert (own_export / "out" / "report.json").read_text() == before
+
+
+def test_an_original_exported_at_a_fixed_batch_is_run_image_by_image(own_export, tmp_path):
+    """Many users export at batch 1: the reference runs it one image at a time; another fixed batch is refused."""
+    from safetensors.torch import load_file
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=64, depth=2).eval()
+    model.load_state_dict(load_file(str(own_export / "weights.safetensors")))
+    for batch in (1, 2):
+        torch.onnx.export(model, (torch.randn(batch, 3, 64, 64),), str(tmp_path / f"fixed{batch}.onnx"), dynamo=False,
+                          opset_version=17)
+    result = _validate(own_export, "--reference-onnx", str(tmp_path / "fixed1.onnx"), "--batch", "4")
+    assert result.exit_code == 0, result.output
+    fixed = json.loads((own_export / "out" / "report.json").read_text())["validation"]
+    assert fixed["reference"].startswith("ONNX Runtime running fixed1.onnx")
+    dynamic = validate(own_export / "out", own_export / "images.npy", reference_onnx=own_export / "model.onnx")
+    assert fixed["relative_error"] == pytest.approx(dynamic["relative_error"], rel=1e-3, abs=1e-5)
+    result = _validate(own_export, "--reference-onnx", str(tmp_path / "fixed2.onnx"))
+    assert result.exit_code == 2 and "fixed batch of 2" in result.output
