@@ -4,7 +4,9 @@ Forms: TorchScript (eager attention: MatMul -> Softmax -> MatMul) and the dynamo
 (one ONNX Attention node per block). Each is compressed with ToMe (r = 8, no calibration) and with
 ToaSt at 0.8 of the FLOPs with closed-form compensation (fitted on the first --calib photos of
 val/ in sorted order); top-1 is measured on the next --held photos, which no method saw.
-The forms must give the same accuracy (the same model, read into the same description), and the
+The originals and ToMe must give the same accuracy in both forms (the same model, read into the
+same description). ToaSt's budget on the fused form keeps each block's Q·K and V dims equal, so
+that its blocks stay fused; the table shows what that costs against the untied allocation. The
 report says which attention form each compressed graph kept.
 
     python benchmarks/attention_forms_real.py --work /tmp/forms [--calib 256] [--held 1000]

@@ -248,7 +248,7 @@ def _relative(before: float, after: float, p: BlockParts) -> dict:
 class Knob:
     """One (block, kind) choice: the counts it may take, their distortion and FLOPs."""
     block: int
-    kind: str                  # "qk", "v" or "ffn"
+    kind: str                  # "qk", "v", "ffn", or "qkv" (Q·K and V dims tied to one count)
     counts: list[int]          # allowed counts, descending (counts[0] = everything)
     distortion: np.ndarray     # relative distortion at each count
     flops: np.ndarray          # multiply-accumulates at each count
@@ -306,6 +306,24 @@ def measure_knobs(parts: list[BlockParts], vit: ViTGraph, tokens: list[int], gai
     return knobs
 
 
+def tie_qk_and_v(knobs: list[Knob]) -> list[Knob]:
+    """One knob per block for its Q·K and V dims, which then keep the same count (each with its own
+    order): ONNX Attention and TensorRT's fused attention want K and V of one shape. Blocks whose
+    dims differ already keep their separate knobs."""
+    by_key = {(k.block, k.kind): k for k in knobs}
+    tied = []
+    for k in knobs:
+        if k.kind == "v" and (k.block, "qk") in by_key and by_key[(k.block, "qk")].counts == k.counts:
+            continue
+        if k.kind == "qk" and (k.block, "v") in by_key and by_key[(k.block, "v")].counts == k.counts:
+            v = by_key[(k.block, "v")]
+            tied.append(Knob(k.block, "qkv", k.counts, k.distortion + v.distortion, k.flops + v.flops,
+                             removals=[k.removals, v.removals]))
+            continue
+        tied.append(k)
+    return tied
+
+
 def allocate(knobs: list[Knob], fixed_flops: int, target: float) -> None:
     """Lower every knob's level until fixed + Σ FLOPs ≤ target, cheapest distortion per FLOP first."""
     def total() -> int:
@@ -339,6 +357,9 @@ def allocated_keeps(knobs: list[Knob], depth: int) -> list[BlockKeep]:
         count = k.counts[k.level]
         if k.kind == "qk":
             keeps[k.block].qk_keep = [r.keep(count) for r in k.removals]
+        elif k.kind == "qkv":
+            keeps[k.block].qk_keep = [r.keep(count) for r in k.removals[0]]
+            keeps[k.block].v_keep = [r.keep(count) for r in k.removals[1]]
         elif k.kind == "v":
             keeps[k.block].v_keep = [r.keep(count) for r in k.removals]
         else:
@@ -354,10 +375,11 @@ def block_flops_at(tokens: list[int], qk: int, v: int, ffn: int, block) -> int:
 def plan_budget(model: onnx.ModelProto, vit: ViTGraph, stats: CalibrationStats, target: float,
                 multiple: int = 1, consistent: bool = False, tokens: Optional[list[int]] = None,
                 progress: Callable[[str], None] = lambda msg: None,
-                cache: Optional[dict] = None) -> tuple[list[BlockKeep], dict]:
+                cache: Optional[dict] = None, tie_qk_v: bool = False) -> tuple[list[BlockKeep], dict]:
     """Keep lists for every block such that the model does at most `target` multiply-accumulates.
     `tokens` are the tokens each block will see (fewer after token merging). `cache` keeps the
-    measured gains of a graph for later budgets on the same graph and statistics (the planner)."""
+    measured gains of a graph for later budgets on the same graph and statistics (the planner).
+    `tie_qk_v` keeps each block's Q·K and V head dims equal (fused attention stays fused)."""
     check_multiple(vit, multiple)
     tokens = tokens or [b.tokens or vit.num_tokens for b in vit.blocks]
     parts = block_parts(model, vit, stats)
@@ -370,13 +392,16 @@ def plan_budget(model: onnx.ModelProto, vit: ViTGraph, stats: CalibrationStats, 
         if key is not None:
             cache[key] = gains
     knobs = measure_knobs(parts, vit, tokens, gains, multiple, consistent, progress)
+    if tie_qk_v:
+        knobs = tie_qk_and_v(knobs)
     full_blocks = sum(block_flops_at([b.tokens or vit.num_tokens for b in vit.blocks], b.attn.head_dim_qk, b.attn.head_dim_v,
                                      b.ffn.hidden, b) for b in vit.blocks)
     # What the blocks' prunable matmuls do not cover (patch embedding, head, token-pass extras).
     fixed = vit.flops.total - full_blocks
     allocate(knobs, fixed, target)
-    chosen = {(k.block, k.kind): k.counts[k.level] for k in knobs}
-    record = {"target_macs": int(target), "multiple": multiple, "consistent": consistent,
+    chosen = {(k.block, kind): k.counts[k.level] for k in knobs
+              for kind in (("qk", "v") if k.kind == "qkv" else (k.kind,))}
+    record = {"target_macs": int(target), "multiple": multiple, "consistent": consistent, "tied_qk_v": tie_qk_v,
               "predicted_flops": fixed + int(sum(k.flops[k.level] for k in knobs)),
               "per_block": [{"index": b.index, "gain": float(gains[b.index]), "qk": chosen[(b.index, "qk")], "v": chosen[(b.index, "v")],
                              "ffn": chosen[(b.index, "ffn")],

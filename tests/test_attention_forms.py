@@ -109,6 +109,9 @@ def test_every_method_works_on_every_form(tmp_path, export_cache, calib_npy, for
     # unequal Q·K and V head dims (TensorRT's fused attention wants K and V of one shape).
     if method_id == "tome":
         assert forms == ["onnx_attention"] * 4 and _ops(out.onnx_path)["Softmax"] == 0
+    elif method_id == "toast_budget":   # the budget ties each block's Q·K and V dims: every block stays fused
+        assert forms == ["onnx_attention"] * 4 and decisions["budget"]["tied_qk_v"]
+        assert any(b.attn.head_dim_qk < 64 for b in g.blocks)
     elif method_id.startswith("toast"):
         for b in g.blocks:
             want_form = "onnx_attention" if b.attn.head_dim_qk == b.attn.head_dim_v else "explicit"

@@ -53,13 +53,20 @@ def check_budget(name: str, target_flops: Optional[float], run: Run) -> None:
 
 
 def budget_keeps(run: Run, target_flops: float, multiple: int, consistent: bool, tokens=None):
-    """Keep lists meeting `target_flops` of the original FLOPs, allocated by measured sensitivity."""
+    """Keep lists meeting `target_flops` of the original FLOPs, allocated by measured sensitivity. Where the
+    graph writes attention as ONNX Attention nodes, each block's Q·K and V dims are kept equal, so that the
+    rebuilt blocks stay fused (TensorRT's fused attention wants K and V of one shape)."""
     from vit2trt.passes.sensitivity import plan_budget
 
     stats = run.calibration_stats()
     tokens = tokens or run.token_schedule
+    tie = any(b.attn.fused_op for b in run.vit.blocks)
     keeps, budget = plan_budget(run.model, run.vit, stats, target_flops * run.original_vit.flops.total, multiple,
-                                consistent=consistent, tokens=tokens, progress=run.progress, cache=run.cache)
+                                consistent=consistent, tokens=tokens, progress=run.progress, cache=run.cache,
+                                tie_qk_v=tie)
+    if tie:
+        run.notes.append("Q·K and V head dims were kept equal in every block, so that the fused ONNX Attention "
+                         "nodes stay fused (TensorRT's fused attention wants K and V of one shape).")
     return keeps, budget, stats
 
 
