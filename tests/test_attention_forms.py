@@ -135,3 +135,21 @@ def test_fused_attention_graphs_build_with_tensorrt(tmp_path, export_cache, cali
             pytest.skip(f"this TensorRT cannot build fp16 here: {report.message}")
         assert report.status == "built", report.message
         assert any("attention" in note for note in report.how["notes"])
+
+
+def test_the_budget_can_allocate_q_k_and_v_apart_on_a_fused_export(tmp_path, export_cache, calib_npy):
+    """--no-tie-qk-v: dims allocated apart, so the blocks whose dims differ are spelt out; still exact."""
+    exported = export_cache(*TIMM, "dynamo@23")
+    out = convert(exported.onnx_path, tmp_path / "out", ConvertOptions(
+        method="toast", target_flops=0.6, multiple=8, tie_qk_v=False, build=False, calib=str(calib_npy)))
+    decisions = json.loads((tmp_path / "out" / "decisions.json").read_text())
+    assert decisions["budget"]["tied_qk_v"] is False
+    g = read_vit(out.onnx_path)
+    untied = [b for b in g.blocks if b.attn.head_dim_qk != b.attn.head_dim_v]
+    assert untied and all(b.attn.form == "explicit" for b in untied)
+    reference = compressed_reference(build_model(ReferenceRecord.load(exported.record_path)), decisions,
+                                     tmp_path / "out")
+    x = np.random.default_rng(3).standard_normal((4, 3, 96, 96)).astype(np.float32)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(x)).numpy()
+    assert rel_error(run_onnx(out.onnx_path, x), want) <= 1e-4

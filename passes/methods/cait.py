@@ -9,7 +9,7 @@ from vit2trt.passes.methods import register
 from vit2trt.passes.methods.asvit import STAGES_HELP
 from vit2trt.passes.methods.base import Method, Run, option
 from vit2trt.passes.methods.parsing import index_list
-from vit2trt.passes.methods.toast import (COMPENSATE_HELP, MULTIPLE_HELP, TARGET_FLOPS_HELP, budget_keeps,
+from vit2trt.passes.methods.toast import (COMPENSATE_HELP, MULTIPLE_HELP, TARGET_FLOPS_HELP, TIE_HELP, budget_keeps,
                                           check_budget)
 
 DEFAULT_RATIO = 0.25
@@ -28,6 +28,7 @@ class CAITOptions:
     multiple: int = option(1, "--multiple", MULTIPLE_HELP, shared=True)
     compensate: Optional[bool] = option(None, "--compensate", COMPENSATE_HELP, bool, shared=True,
                                         secondary="--no-compensate")
+    tie_qk_v: Optional[bool] = option(None, "--tie-qk-v", TIE_HELP, bool, shared=True, secondary="--no-tie-qk-v")
 
 
 @register
@@ -80,7 +81,8 @@ class CAIT(Method):
         budget = None
         if o.target_flops is not None:
             ratio = None
-            keeps, budget, stats = budget_keeps(run, o.target_flops, o.multiple, consistent=True)
+            keeps, budget, stats = budget_keeps(run, o.target_flops, o.multiple, consistent=True,
+                                                tie_qk_v=o.tie_qk_v)
             run.prune(keeps, "sensitivity budget", stats, o.compensate)
             run.notes.append(f"channels allocated by measured sensitivity (the same channels in every head) for "
                              f"{o.target_flops:g} of the original FLOPs"

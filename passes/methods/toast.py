@@ -12,9 +12,11 @@ from vit2trt.passes.methods.parsing import fraction_list
 TARGET_FLOPS_HELP = ("Fraction of the original FLOPs. toast, cait: every block's QK dims, V dims and FFN channels "
                      "are chosen by measured sensitivity (needs --calib); in a composition it counts the tokens ToMe "
                      "or ATME leaves each block (AS-ViT's depend on the image and are not counted). asvit: the thresholds are calibrated to meet it on average (default 0.65).")
-MULTIPLE_HELP = ("toast, cait: kept head dims and FFN channels are multiples of N (8 lets TensorRT fuse attention "
+MULTIPLE_HELP = ("Kept head dims and FFN channels are multiples of N (8 lets TensorRT fuse attention "
                  "for head dims 16-256).")
-COMPENSATE_HELP = ("toast, cait: fit what pruning removes from what it keeps, in closed form on the --calib images, "
+TIE_HELP = ("With --target-flops, keep each block's Q·K and V head dims equal, so that ONNX Attention "
+            "nodes stay fused for TensorRT (default: on where the graph has them; costs some accuracy).")
+COMPENSATE_HELP = ("Fit what pruning removes from what it keeps, in closed form on the --calib images, "
                    "and fold it into the kept weights (default: on with --calib).")
 
 
@@ -39,6 +41,7 @@ class ToastOptions:
     multiple: int = option(1, "--multiple", MULTIPLE_HELP, shared=True)
     compensate: Optional[bool] = option(None, "--compensate", COMPENSATE_HELP, bool, shared=True,
                                         secondary="--no-compensate")
+    tie_qk_v: Optional[bool] = option(None, "--tie-qk-v", TIE_HELP, bool, shared=True, secondary="--no-tie-qk-v")
     skip_blocks: tuple = (0,)    # SCWP leaves the first block whole, as the paper
 
 
@@ -52,7 +55,8 @@ def check_budget(name: str, target_flops: Optional[float], run: Run) -> None:
                            "images: give --calib DIR.")
 
 
-def budget_keeps(run: Run, target_flops: float, multiple: int, consistent: bool, tokens=None):
+def budget_keeps(run: Run, target_flops: float, multiple: int, consistent: bool, tokens=None,
+                 tie_qk_v: Optional[bool] = None):
     """Keep lists meeting `target_flops` of the original FLOPs, allocated by measured sensitivity. Where the
     graph writes attention as ONNX Attention nodes, each block's Q·K and V dims are kept equal, so that the
     rebuilt blocks stay fused (TensorRT's fused attention wants K and V of one shape)."""
@@ -60,13 +64,14 @@ def budget_keeps(run: Run, target_flops: float, multiple: int, consistent: bool,
 
     stats = run.calibration_stats()
     tokens = tokens or run.token_schedule
-    tie = any(b.attn.fused_op for b in run.vit.blocks)
+    tie = any(b.attn.fused_op for b in run.vit.blocks) if tie_qk_v is None else tie_qk_v
     keeps, budget = plan_budget(run.model, run.vit, stats, target_flops * run.original_vit.flops.total, multiple,
                                 consistent=consistent, tokens=tokens, progress=run.progress, cache=run.cache,
                                 tie_qk_v=tie)
-    if tie:
+    if tie and tie_qk_v is None:
         run.notes.append("Q·K and V head dims were kept equal in every block, so that the fused ONNX Attention "
-                         "nodes stay fused (TensorRT's fused attention wants K and V of one shape).")
+                         "nodes stay fused (TensorRT's fused attention wants K and V of one shape); "
+                         "--no-tie-qk-v allocates them apart, for a little more accuracy and unfused attention.")
     return keeps, budget, stats
 
 
@@ -110,7 +115,8 @@ class Toast(Method):
         budget = None
         if o.target_flops is not None:
             plan = ToastPlan(None, None, None)   # the budget replaces SCWP and TCS
-            keeps, budget, stats = budget_keeps(run, o.target_flops, o.multiple, consistent=False)
+            keeps, budget, stats = budget_keeps(run, o.target_flops, o.multiple, consistent=False,
+                                                tie_qk_v=o.tie_qk_v)
             run.prune(keeps, "sensitivity budget", stats, o.compensate)
             run.notes.append(f"dims and channels allocated by measured sensitivity for {o.target_flops:g} of the "
                              f"original FLOPs on {stats.images} calibration images, without training.")
