@@ -28,7 +28,9 @@ from vit2trt.converter.export import export_model
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 SETTINGS = {"tome r=8": dict(method="tome", r=8),
-            "toast 0.8 FLOPs, compensated": dict(method="toast", target_flops=0.8, multiple=8, compensate=True)}
+            "toast 0.8 FLOPs, compensated": dict(method="toast", target_flops=0.8, multiple=8, compensate=True),
+            "toast 0.8, compensated, untied": dict(method="toast", target_flops=0.8, multiple=8, compensate=True,
+                                                  tie_qk_v=False)}
 
 
 def photos(first: int, count: int, preprocessing: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +79,7 @@ def main() -> None:
         base, base_pred = top1(exported[form].onnx_path, held_x, held_y)
         rows.append({"form": form, "setting": "original", "top1": base, "ops": attention_ops(exported[form].onnx_path)})
         for label, settings in SETTINGS.items():
-            out = args.work / form.split()[0] / label.split()[0]
+            out = args.work / form.split()[0] / label.replace(" ", "_").replace(",", "").replace("=", "")
             result = convert(exported[form].onnx_path, out, ConvertOptions(
                 build=False, overwrite=True, calib=str(args.work / "calib.npy"), **settings))
             acc, pred = top1(result.onnx_path, held_x, held_y)
