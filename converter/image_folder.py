@@ -19,7 +19,6 @@ from vit2trt.converter.calibration import IMAGE_SUFFIXES
 from vit2trt.errors import Vit2TrtError
 
 
-
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
