@@ -24,9 +24,9 @@ from vit2trt.models.reference import ReferenceRecord, build_model
 
 from conftest import rel_error, run_onnx
 
-TIMM = ("timm:vit_tiny_patch16_224", {"depth": 4, "img_size": 96, "num_classes": 10})
+TIMM = ("timm:vit_tiny_patch16_224", {"depth": 4, "img_size": 64, "num_classes": 10})
 HF_SDPA = ("hf:ViTForImageClassification", {"num_hidden_layers": 4, "hidden_size": 192, "num_attention_heads": 3,
-                                            "intermediate_size": 768, "num_labels": 10, "image_size": 96,
+                                            "intermediate_size": 768, "num_labels": 10, "image_size": 64,
                                             "attn_implementation": "sdpa"})
 # (id, model, exporter, the form every block of the export has)
 FORMS = [
@@ -38,7 +38,7 @@ METHODS = [
     ("toast_scwp", dict(method="toast", head_sparsity=0.5)),
     ("toast_budget", dict(method="toast", target_flops=0.6, multiple=8)),
     ("tome", dict(method="tome", r=4)),
-    ("asvit", dict(method="asvit", stages=[2, 3], thresholds=[1 / 37, 1 / 37])),
+    ("asvit", dict(method="asvit", stages=[2, 3], thresholds=[1 / 17, 1 / 17])),
     ("cait", dict(method="cait", stages=[2], channel_ratio=0.5)),
 ]
 
@@ -50,7 +50,7 @@ def _ops(path) -> Counter:
 @pytest.fixture(scope="module")
 def calib_npy(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.npy"
-    np.save(path, np.random.default_rng(5).standard_normal((32, 3, 96, 96)).astype(np.float32))
+    np.save(path, np.random.default_rng(5).standard_normal((56, 3, 64, 64)).astype(np.float32))
     return path
 
 
@@ -91,7 +91,7 @@ def test_every_method_works_on_every_form(tmp_path, export_cache, calib_npy, for
     decisions = json.loads((tmp_path / "out" / "decisions.json").read_text())
     reference = compressed_reference(build_model(ReferenceRecord.load(exported.record_path)), decisions,
                                      tmp_path / "out")
-    x = np.random.default_rng(3).standard_normal((6, 3, 96, 96)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((6, 3, 64, 64)).astype(np.float32)
     with torch.no_grad():
         want = reference(torch.from_numpy(x)).numpy()
     got = run_onnx(out.onnx_path, x)
@@ -149,7 +149,7 @@ def test_the_budget_can_allocate_q_k_and_v_apart_on_a_fused_export(tmp_path, exp
     assert untied and all(b.attn.form == "explicit" for b in untied)
     reference = compressed_reference(build_model(ReferenceRecord.load(exported.record_path)), decisions,
                                      tmp_path / "out")
-    x = np.random.default_rng(3).standard_normal((4, 3, 96, 96)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((4, 3, 64, 64)).astype(np.float32)
     with torch.no_grad():
         want = reference(torch.from_numpy(x)).numpy()
     assert rel_error(run_onnx(out.onnx_path, x), want) <= 1e-4
