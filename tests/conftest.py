@@ -79,6 +79,17 @@ def run_onnx(path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
+def compressed_reference_outputs(exported, out_dir: Path, x: np.ndarray) -> np.ndarray:
+    """The exported model in PyTorch, compressed as out_dir/decisions.json says, run on x."""
+    from vit2trt.models.compressed_reference import compressed_reference
+    from vit2trt.models.reference import ReferenceRecord, build_model
+
+    decisions = json.loads((Path(out_dir) / "decisions.json").read_text())
+    reference = compressed_reference(build_model(ReferenceRecord.load(exported.record_path)), decisions, out_dir)
+    with torch.no_grad():
+        return reference(torch.from_numpy(x)).numpy()
+
+
 def rel_error(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| relative to max |want|."""
     return float(np.abs(got - want).max() / np.abs(want).max())
