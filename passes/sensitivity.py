@@ -25,7 +25,7 @@ from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
 from vit2trt.passes.calibration_stats import BlockStats, CalibrationStats
 from vit2trt.passes.compensation import (
-    Removal, compensate_inputs, compensate_queries, greedy_removal, query_columns, removal_error, write_linear,
+    compensate_inputs, compensate_queries, greedy_removal, query_columns, removal_error, write_linear,
 )
 from vit2trt.passes.structured_prune import AttentionWeights, BlockKeep, attention_weights, linear_bias, linear_weight
 
