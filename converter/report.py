@@ -116,6 +116,9 @@ def _markdown(report: dict, has_plot: bool) -> str:
                   f"| batch vs single runs, max diff | {validation['batch_dependence']:.2g} |"]
         if validation.get("surgery_error") is not None:
             lines.append(f"| graph vs PyTorch compressed alike (relative) | {validation['surgery_error']:.2g} |")
+        if validation.get("surgery_near_ties"):
+            lines.append(f"| ToMe merges that rounding decided, the reference following the graph | "
+                         f"{validation['surgery_near_ties']} |")
         accuracy = validation.get("accuracy")
         if accuracy:
             lines += [f"| top-1 accuracy, original / compressed | {accuracy['reference_top1'] * 100:.1f}% / "

@@ -123,11 +123,8 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     `reference_onnx`: the original graph instead (converter.references). use_folder_labels=False reads only
     the images of an ImageFolder (convert's check on its --calib, whose folders need not be in the head's
     order)."""
-    import torch
-
     from vit2trt.converter.calibration import image_files, load_calibration, preprocess_image, DEFAULT_PREPROCESSING
     from vit2trt.converter.references import check_reference_fits, cpu_session, resolve_reference
-    from vit2trt.models.reference import build_model
 
     out_dir = Path(out_dir)
     onnx_path = out_dir / "model.onnx"
@@ -170,19 +167,10 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     singles = np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(min(len(x), SINGLE_RUNS))])
     if got.shape != want.shape:
         raise Vit2TrtError(f"the compressed graph returns {list(got.shape)}, the reference {list(want.shape)}.")
-    surgery_error = None
-    decisions_path = out_dir / "decisions.json"
-    if decisions_path.is_file() and reference_of.record is not None:
-        # The surgery itself: the graph against PyTorch running the same compression.
-        from vit2trt.models.compressed_reference import compressed_reference
-
+    surgery = {"error": None, "near_ties": None}
+    if (out_dir / "decisions.json").is_file() and reference_of.record is not None:
         progress("running the PyTorch reference of the compressed model")
-        compressed = compressed_reference(build_model(reference_of.record), json.loads(decisions_path.read_text()),
-                                          out_dir)
-        with torch.no_grad():
-            same = np.concatenate([compressed(torch.from_numpy(x[i:i + batch])).numpy()
-                                   for i in range(0, len(x), batch)])
-        surgery_error = float(np.abs(got - same).max() / max(np.abs(same).max(), 1e-30))
+        surgery = surgery_check(out_dir, reference_of.record, x, batch)
 
     flat_want, flat_got = want.reshape(len(x), -1).astype(np.float64), got.reshape(len(x), -1).astype(np.float64)
     cosine = (flat_want * flat_got).sum(1) / np.maximum(
@@ -195,7 +183,8 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
         "max_abs_error": float(np.abs(got - want).max()),
         "relative_error": float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)),
         "batch_dependence": float(np.abs(singles - got[:len(singles)]).max()),
-        "surgery_error": surgery_error,   # vs the PyTorch model compressed the same way (relative)
+        "surgery_error": surgery["error"],   # vs the PyTorch model compressed the same way (relative)
+        "surgery_near_ties": surgery["near_ties"],   # ToMe merges where the reference followed a near-tie
         "engine": _engine_check(out_dir, name, x, batch, want),
     }
     if truth is not None:
@@ -218,6 +207,43 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     update_report(out_dir, "validation", result)
     render_report(out_dir)
     return result
+
+
+def surgery_check(out_dir: Path, record, x: np.ndarray, batch: int) -> dict:
+    """The graph in ONNX Runtime against PyTorch running the same compression (decisions.json) on x:
+    the largest difference relative to the largest logit. Where a ToMe graph's merge differs from the
+    reference's only by a choice within NEAR_TIE (rounding decides it), the reference takes the graph's
+    choice, so that what is checked is the surgery; `near_ties` counts the (image, block) merges that did."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from vit2trt.models.compressed_reference import compressed_reference
+    from vit2trt.models.reference import build_model
+    from vit2trt.models.tome_reference import ToMeViT
+    from vit2trt.passes.tome import with_decision_outputs
+
+    compressed = compressed_reference(build_model(record), json.loads((out_dir / "decisions.json").read_text()),
+                                      out_dir)
+    follower = next((m for m in compressed.modules() if isinstance(m, ToMeViT)), None)
+    graph = onnx.load(str(out_dir / "model.onnx"))
+    outputs = len(graph.graph.output)
+    exposed, blocks = with_decision_outputs(graph) if follower is not None else (graph, 0)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    got, same = [], []
+    for i in range(0, len(x), batch):
+        run = session.run(None, {name: x[i:i + batch]})
+        if blocks:
+            follower.follow = list(zip(run[outputs::2], run[outputs + 1::2]))
+        with torch.no_grad():
+            same.append(compressed(torch.from_numpy(x[i:i + batch])).numpy())
+        got.append(run[0])
+    got, same = np.concatenate(got), np.concatenate(same)
+    return {"error": float(np.abs(got - same).max() / max(np.abs(same).max(), 1e-30)),
+            "near_ties": follower.near_ties if blocks else None}
 
 
 def _engine_check(out_dir: Path, input_name: str, x: np.ndarray, batch: int, want: np.ndarray):

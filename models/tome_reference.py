@@ -1,42 +1,118 @@
 """PyTorch reference of ToMe token merging on a timm or HF ViT, as vit2trt's graph computes it.
 
 Written from the algorithm (bipartite soft matching on head-averaged keys, size-weighted merge,
-proportional attention), op for op in the order the ONNX pass uses, so that the two select and
-merge exactly the same tokens.
+proportional attention) with the same decision rules as the ONNX pass (docs/methods/tome.md,
+"Decisions that rounding cannot flip"), so that the two select and merge exactly the same tokens:
+
+- similarities are cos − 1 computed on keys centred on their mean, which keeps the rounding error
+  of near-parallel keys about ten times below that of a plain dot product near 1;
+- a score within TIE_TOLERANCE of the best counts as tied, and ties go to the lower index: the
+  best partner is the lowest-indexed B token within the tolerance of the row's best, and at the
+  r-th place the A tokens within the tolerance of its score are taken in index order.
+
+Rounding still decides where two scores lie within float32 noise (about 1e-8) of the tolerance's
+edge, as it decides any discrete choice on floats. To check a graph's surgery regardless, ToMeViT can
+`follow` the graph's decisions where its own scores put them within NEAR_TIE of its own choice
+(adopt_near_ties), and counts how often it did.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
 from vit2trt.models.vit_parts import attention_parts, vit_parts
-from vit2trt.passes.tome import PROTECT
+from vit2trt.passes.tome import PROTECT, TIE_TOLERANCE
+
+# A graph's decision within this of the reference's own is rounding, not a different choice: a hundred
+# times float32's noise on these scores, and far below the gaps that decide real photos (about 1e-3).
+NEAR_TIE = 10 * TIE_TOLERANCE
 
 
-def _merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, protect_cls: bool):
-    n = x.shape[1]
-    metric = metric / metric.pow(2).sum(-1, keepdim=True).sqrt()
-    a, b = metric[:, 0::2], metric[:, 1::2]
-    scores = a @ b.transpose(1, 2)
-    if protect_cls:
-        guard = torch.zeros(scores.shape[1], 1, dtype=scores.dtype)
+def similarity(metric: torch.Tensor, protect_cls: bool) -> torch.Tensor:
+    """[B, na, nb]: cosine − 1 between the A (even) and B (odd) tokens' metrics [B, n, d]."""
+    unit = metric / metric.pow(2).sum(-1, keepdim=True).sqrt()
+    centred = unit - unit.mean(1, keepdim=True)
+    half_sq = 0.5 * centred.pow(2).sum(-1, keepdim=True)                     # [B, n, 1]
+    a, b = centred[:, 0::2], centred[:, 1::2]
+    scores = a @ b.transpose(1, 2) - half_sq[:, 0::2] - half_sq[:, 1::2].transpose(1, 2)
+    if protect_cls:   # the class token (first of A) never merges
+        guard = torch.zeros(scores.shape[1], 1, dtype=scores.dtype, device=scores.device)
         guard[0, 0] = PROTECT
         scores = scores + guard
-    node_max, node_idx = scores.max(-1)
-    edges = node_max.topk(node_max.shape[1], dim=-1).indices
-    src_idx, unm_idx = edges[:, :r], edges[:, r:]
-    if protect_cls:
-        unm_idx = unm_idx.sort(dim=-1).values
-    dst_idx = node_idx.gather(1, src_idx)
+    return scores
+
+
+def best_partner(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each A token's best score [B, na] and partner [B, na]: the lowest B index within the tolerance."""
+    best = scores.max(-1, keepdim=True).values
+    nb = scores.shape[-1]
+    rank = nb - torch.arange(nb, device=scores.device)          # distinct, lower index higher
+    near = torch.where(scores < best - TIE_TOLERANCE, torch.zeros_like(rank), rank)
+    return best[..., 0], near.argmax(-1)
+
+
+def split_edges(node_max: torch.Tensor, node_idx: torch.Tensor, r: int):
+    """(src, dst, unm) A/B indices: the r A tokens with the best scores merge (those tied at the r-th
+    score in index order) into their partners; the others stay, in their original order."""
+    na = node_max.shape[1]
+    kth = node_max.topk(r, dim=-1).values[:, -1:]
+    tier = 1 + (node_max > kth + TIE_TOLERANCE).long() - (node_max < kth - TIE_TOLERANCE).long()
+    key = tier * (na + 1) + (na - torch.arange(na, device=node_max.device))   # distinct integers
+    edges = key.topk(na, dim=-1).indices
+    src_idx, unm_idx = edges[:, :r], edges[:, r:].sort(dim=-1).values
+    return src_idx, node_idx.gather(1, src_idx), unm_idx
+
+
+def match(metric: torch.Tensor, r: int, protect_cls: bool):
+    """ToMe's bipartite matching of the tokens' metrics [B, n, d]: (src, dst, unm) indices."""
+    return split_edges(*best_partner(similarity(metric, protect_cls)), r)
+
+
+def graph_decisions(partner, edges, r: int):
+    """(src, dst, unm) from a graph's partner and edge-order outputs ([B, na] or [B, na, 1])."""
+    partner = torch.as_tensor(partner).reshape(len(partner), -1)
+    edges = torch.as_tensor(edges).reshape(len(edges), -1)
+    src = edges[:, :r]
+    return src, partner.gather(1, src), edges[:, r:].sort(dim=-1).values
+
+
+def adopt_near_ties(scores: torch.Tensor, own: tuple, graph: tuple, r: int) -> tuple[tuple, int]:
+    """Per image, the graph's (src, dst, unm) where they differ from `own` only by choices that `scores`
+    put within NEAR_TIE of the best; otherwise `own`. Returns the decisions and how many images adopted."""
+    node_max = scores.max(-1).values
+    kth = node_max.topk(r, dim=-1).values[:, -1:]
+    g_src, g_dst, g_unm = graph
+    merged_ok = (node_max.gather(1, g_src) >= kth - NEAR_TIE).all(1)
+    kept_ok = (node_max.gather(1, g_unm) <= kth + NEAR_TIE).all(1)
+    partner_scores = scores.gather(1, g_src[..., None].expand(-1, -1, scores.shape[-1])).gather(2, g_dst[..., None])
+    partner_ok = (partner_scores[..., 0] >= node_max.gather(1, g_src) - NEAR_TIE).all(1)
+    differs = torch.tensor([_pairs(*(t[i] for t in own)) != _pairs(*(t[i] for t in graph)) for i in range(len(kth))])
+    adopt = differs & merged_ok & kept_ok & partner_ok
+    chosen = tuple(torch.where(adopt[:, None], g, o) for g, o in zip(graph, own))
+    return chosen, int(adopt.sum())
+
+
+def _pairs(src, dst, unm):
+    return sorted(zip(src.tolist(), dst.tolist())), unm.tolist()
+
+
+def merge_matched(x: torch.Tensor, size: torch.Tensor, src_idx, dst_idx, unm_idx):
+    """Size-weighted merge of the sources into their destinations: (x, size) with n − r tokens."""
     y = torch.cat([x * size, size], dim=2)
     y_a, y_b = y[:, 0::2], y[:, 1::2]
     width = y.shape[2]
     unmerged = y_a.gather(1, unm_idx[..., None].expand(-1, -1, width))
     sources = y_a.gather(1, src_idx[..., None].expand(-1, -1, width))
-    onehot = (dst_idx[..., None] == torch.arange(y_b.shape[1])).to(y.dtype)          # [B, r, nb]
+    onehot = (dst_idx[..., None] == torch.arange(y_b.shape[1], device=y.device)).to(y.dtype)          # [B, r, nb]
     y = torch.cat([unmerged, y_b + onehot.transpose(1, 2) @ sources], dim=1)
-    assert y.shape[1] == n - r
     return y[..., :-1] / y[..., -1:], y[..., -1:]
+
+
+def _merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, protect_cls: bool):
+    """Match and merge r of x's tokens ([B, n, C]; sizes [B, n, 1]; metric [B, n, d])."""
+    return merge_matched(x, size, *match(metric, r, protect_cls))
 
 
 class ToMeViT(nn.Module):
@@ -47,17 +123,33 @@ class ToMeViT(nn.Module):
         self.model, self.r = model.eval(), r
         self.parts = vit_parts(model)
         self.merge = merge or _merge   # plugins/tome_triton.tome_merge runs the fused kernels instead
+        self.decisions: list[tuple] = []   # (src, dst, unm) of every merging block in the last forward
+        # Set to a graph's (partner, edge order) per merging block to follow its near-tie choices (validate);
+        # `near_ties` counts the (image, block) merges that did.
+        self.follow: Optional[list[tuple]] = None
+        self.near_ties = 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         p = self.parts
         x = p.embed(images)
         size = None
+        self.decisions = []
         for block, r in zip(p.blocks, self.r):
             out, metric, _, _ = attention_parts(block, block.norm1(x), size)
             x = x + block.ls1(out)
             if r:
                 if size is None:
-                    size = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype)
-                x, size = self.merge(x, size, metric, r, p.has_class_token)
+                    size = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device)
+                if self.merge is _merge:
+                    scores = similarity(metric, p.has_class_token)
+                    matched = split_edges(*best_partner(scores), r)
+                    if self.follow is not None:
+                        graph = graph_decisions(*self.follow[len(self.decisions)], r)
+                        matched, adopted = adopt_near_ties(scores, matched, graph, r)
+                        self.near_ties += adopted
+                    self.decisions.append(matched)
+                    x, size = merge_matched(x, size, *matched)
+                else:
+                    x, size = self.merge(x, size, metric, r, p.has_class_token)
             x = x + block.ls2(block.mlp(block.norm2(x)))
         return p.head(x)

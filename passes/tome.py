@@ -23,7 +23,10 @@ from vit2trt.errors import Vit2TrtError
 from vit2trt.passes.base import PassResult
 from vit2trt.passes.structured_prune import BlockKeep, rebuild_attention
 
-PROTECT = -1e4   # added to the class token's similarities: cosine similarities lie in [-1, 1]
+PROTECT = -1e4   # added to the class token's similarities, which lie in [-2, 0] (cosine − 1)
+# Scores closer than this count as tied and go to the lower index: well above the rounding that tells
+# ONNX Runtime from PyTorch (about 1e-8 on centred keys) and below the gaps that decide real photos.
+TIE_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -78,7 +81,6 @@ def apply_tome(model: onnx.ModelProto, vit: ViTGraph, r: int | list[int]) -> Pas
         keys = b.op("Reshape", [handles["k"], b.i64("key_heads", [0, 0, block.attn.heads, block.attn.head_dim_qk])],
                     "key_heads")
         metric = b.reduce("ReduceSum", keys, [2], False, "metric")                               # [B, N, d]
-        metric = b.op("LpNormalization", [metric], "metric_unit", axis=-1, p=2)
         if size is None:
             size = _ones_like_tokens(m, residual)
             weighted = residual
@@ -94,6 +96,23 @@ def apply_tome(model: onnx.ModelProto, vit: ViTGraph, r: int | list[int]) -> Pas
     return PassResult(export_like(graph, model), report)
 
 
+def with_decision_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of a ToMe graph that also outputs, for every merging block in order, each A token's partner
+    and the A tokens in merge order ([B, na, 1] each; the first r merge). Returns it and how many merging
+    blocks it exposes (0: no ToMe in the graph)."""
+    found: dict[str, dict[str, str]] = {}
+    for node in model.graph.node:
+        scope, _, step = node.name.rpartition("/tome/match/")
+        if scope and step in ("best_match", "edge_order"):
+            found.setdefault(scope, {})[step] = node.output[1]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    for steps in found.values():
+        for name in (steps["best_match"], steps["edge_order"]):
+            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    return exposed, len(found)
+
+
 def _ones_like_tokens(b: GraphBuilder, x):
     """Token sizes before the first merge: ones, [B, n, 1]."""
     ones_shape = b.op("Concat", [b.op("Shape", [x], "xshape", out_dtype=np.int64, start=0, end=2),
@@ -101,30 +120,69 @@ def _ones_like_tokens(b: GraphBuilder, x):
     return b.op("Expand", [b.f("one_size", np.ones((1, 1, 1))), ones_shape], "size_ones")
 
 
+def _every_other(b: GraphBuilder, t, start: int, n: int, name: str):
+    """Tokens start, start + 2, ... of t [B, n, ...]: set A from 0, set B from 1."""
+    return b.op("Slice", [t, b.i64(f"{name}_start", [start]), b.i64(f"{name}_end", [n]),
+                          b.i64(f"{name}_axis", [1]), b.i64(f"{name}_step", [2])], name)
+
+
+def _similarity(b: GraphBuilder, metric, n: int, protect_cls: bool):
+    """cos − 1 between the A and B tokens' metrics, [B, na, nb]. On unit metrics centred on their mean
+    the products are small, so rounding errs about ten times less than a plain dot product near 1."""
+    unit = b.op("LpNormalization", [metric], "metric_unit", axis=-1, p=2)
+    centred = b.op("Sub", [unit, b.reduce_mean(unit, [1], True, "metric_mean")], "metric_centred")
+    half_sq = b.op("Mul", [b.reduce("ReduceSumSquare", centred, [2], True, "metric_sq"), b.f("half", 0.5)],
+                   "metric_half_sq")                                                        # [B, n, 1]
+    b_centred = b.op("Transpose", [_every_other(b, centred, 1, n, "centred_b")], "centred_bT", perm=[0, 2, 1])
+    dots = b.op("MatMul", [_every_other(b, centred, 0, n, "centred_a"), b_centred], "centred_dots")
+    b_half_sq = b.op("Transpose", [_every_other(b, half_sq, 1, n, "half_sq_b")], "half_sq_bT", perm=[0, 2, 1])
+    scores = b.op("Sub", [dots, _every_other(b, half_sq, 0, n, "half_sq_a")], "similarity_a")
+    scores = b.op("Sub", [scores, b_half_sq], "similarity")                                  # [B, na, nb]
+    if protect_cls:  # the class token (first of A) never merges
+        guard = np.zeros(((n + 1) // 2, 1), dtype=b.dtype)
+        guard[0, 0] = PROTECT
+        scores = b.op("Add", [scores, b.f("protect_cls", guard)], "similarity_guarded")
+    return scores
+
+
+def _best_partner(b: GraphBuilder, scores, nb: int):
+    """Each A token's best score and partner, [B, na, 1]: the lowest B index within TIE_TOLERANCE of the best."""
+    best = b.reduce("ReduceMax", scores, [2], True, "best_score")
+    floor = b.op("Sub", [best, b.f("tie_tolerance", TIE_TOLERANCE)], "tie_floor")
+    below = b.op("Less", [scores, floor], "below_best", out_dtype=np.bool_)
+    # Distinct integer keys, higher for lower indices: the top-1 is the first tied partner on any runtime.
+    key = b.op("Where", [below, b.f("not_tied", 0.0), b.f("b_rank", nb - np.arange(nb))], "partner_key")
+    _, partner = b.op("TopK", [key, b.i64("best", [1])], "best_match", n_out=2, axis=-1, largest=1, sorted=1)
+    partner.dtype = np.int64
+    return best, partner
+
+
+def _edge_order(b: GraphBuilder, node_max, na: int, r: int):
+    """A tokens in merge order [B, na, 1]: the r first merge. Scores beyond TIE_TOLERANCE of the r-th
+    come first, those tied with it next, the rest last, each group in index order (distinct integer keys)."""
+    top, _ = b.op("TopK", [node_max, b.i64("r_best", [r])], "r_best", n_out=2, axis=1, largest=1, sorted=1)
+    _.dtype = np.int64
+    kth = b.op("Slice", [top, b.i64("kth_start", [r - 1]), b.i64("kth_end", [r]), b.i64("kth_axis", [1])], "kth")
+    above = b.op("Greater", [node_max, b.op("Add", [kth, b.f("tie_above", TIE_TOLERANCE)], "tie_ceiling")],
+                 "above_kth", out_dtype=np.bool_)
+    below = b.op("Less", [node_max, b.op("Sub", [kth, b.f("tie_below", TIE_TOLERANCE)], "kth_floor")],
+                 "below_kth", out_dtype=np.bool_)
+    rank = (na - np.arange(na)).reshape(na, 1)
+    key = b.op("Where", [below, b.f("rank_below", rank - (na + 1)), b.f("rank_tied", rank)], "edge_key_low")
+    key = b.op("Where", [above, b.f("rank_above", rank + (na + 1)), key], "edge_key")
+    _, edges = b.op("TopK", [key, b.i64("all_edges", [na])], "edge_order", n_out=2, axis=1, largest=1, sorted=1)
+    edges.dtype = np.int64
+    return edges
+
+
 def _merge(b: GraphBuilder, m: GraphBuilder, weighted, size, metric, n: int, r: int, channels: int, protect_cls: bool):
-    """Bipartite soft matching of n tokens, r merges. `weighted` is x·size [B, n, C], `metric` the unit
-    keys [B, n, d]. Returns (x [B, n-r, C], size [B, n-r, 1]). Indices keep a trailing axis of 1
+    """Bipartite soft matching of n tokens, r merges. `weighted` is x·size [B, n, C], `metric` the keys
+    [B, n, d]. Returns (x [B, n-r, C], size [B, n-r, 1]). Indices keep a trailing axis of 1
     ([B, k, 1]) so that they feed GatherElements, GatherND and Equal without reshapes. Matching
     nodes go to builder b, merging arithmetic to builder m."""
     na, nb = (n + 1) // 2, n // 2
-
-    def every_other(t, start, name):
-        return b.op("Slice", [t, b.i64(f"{name}_start", [start]), b.i64(f"{name}_end", [n]),
-                              b.i64(f"{name}_axis", [1]), b.i64(f"{name}_step", [2])], name)
-
-    b_metric = b.op("Transpose", [every_other(metric, 1, "metric_b")], "metric_bT", perm=[0, 2, 1])
-    scores = b.op("MatMul", [every_other(metric, 0, "metric_a"), b_metric], "similarity")     # [B, na, nb]
-    if protect_cls:  # the class token (first of A) never merges
-        guard = np.zeros((na, 1), dtype=b.dtype)
-        guard[0, 0] = PROTECT
-        scores = b.op("Add", [scores, b.f("protect_cls", guard)], "similarity_guarded")
-    # Each A token's best B partner and its similarity: one TopK (K = 1) is both ReduceMax and ArgMax.
-    node_max, node_idx = b.op("TopK", [scores, b.i64("best", [1])], "best_match", n_out=2, axis=-1,
-                              largest=1, sorted=1)                                              # [B, na, 1]
-    node_idx.dtype = np.int64
-    _, edges = b.op("TopK", [node_max, b.i64("all_edges", [na])], "edge_order", n_out=2,
-                    axis=1, largest=1, sorted=1)
-    edges.dtype = np.int64
+    node_max, node_idx = _best_partner(b, _similarity(b, metric, n, protect_cls), nb)          # [B, na, 1]
+    edges = _edge_order(b, node_max, na, r)
     # A token i is token 2i of the block: gathers read the tokens directly, not a copy of set A.
     rows = b.op("Mul", [edges, b.i64("a_stride", 2)], "a_rows", out_dtype=np.int64)
 
@@ -133,10 +191,10 @@ def _merge(b: GraphBuilder, m: GraphBuilder, weighted, size, metric, n: int, r: 
                               b.i64(f"{name}_axis", [1])], name, out_dtype=np.int64)
 
     src_rows, unm_rows = row_range(0, r, "src_rows"), row_range(r, na, "unm_rows")          # [B, r | na-r, 1]
-    if protect_cls:  # keep unmerged tokens in their original order, so the class token stays first
-        unm_rows, _ = b.op("TopK", [unm_rows, b.i64("unm_count", [na - r])], "unm_sorted", n_out=2,
-                           out_dtype=np.int64, axis=1, largest=0, sorted=1)
-        _.dtype = np.int64
+    # Unmerged tokens keep their original order (the class token stays first).
+    unm_rows, _ = b.op("TopK", [unm_rows, b.i64("unm_count", [na - r])], "unm_sorted", n_out=2,
+                       out_dtype=np.int64, axis=1, largest=0, sorted=1)
+    _.dtype = np.int64
     src_idx = b.op("Slice", [edges, b.i64("src_start", [0]), b.i64("src_end", [r]), b.i64("src_axis", [1])],
                    "src_idx", out_dtype=np.int64)
     dst_idx = b.op("GatherElements", [node_idx, src_idx], "dst_idx", out_dtype=np.int64, axis=1)  # [B, r, 1]
@@ -145,7 +203,7 @@ def _merge(b: GraphBuilder, m: GraphBuilder, weighted, size, metric, n: int, r: 
     y = m.op("Concat", [weighted, size], "with_size", axis=2)
     unmerged = b.op("GatherND", [y, unm_rows], "unmerged", batch_dims=1)                       # [B, na-r, C+1]
     sources = b.op("GatherND", [y, src_rows], "sources", batch_dims=1)                         # [B, r, C+1]
-    y_b = every_other(y, 1, "y_b")                                                             # [B, nb, C+1]
+    y_b = _every_other(b, y, 1, n, "y_b")                                                      # [B, nb, C+1]
     # One-hot [B, r, nb]: row s marks the B token that source s merges into; the MatMul reads it transposed.
     hit = m.op("Equal", [dst_idx, m.i64("b_positions", np.arange(nb))], "dst_hit", out_dtype=np.bool_)
     onehot = m.op("Cast", [hit], "dst_onehot", to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(m.dtype)))

@@ -3,11 +3,11 @@
 The native ONNX form (passes/tome.py) spends about 35 small nodes per block on matching and
 merging; here they are two kernels and one top-k:
 
-- `_match_kernel`: one program per (image, A token): cosine similarity of the A token's metric
-  with every B token, the best partner and its score (the class token gets PROTECT added, as in
-  the graph);
-- the edge order: a top-k over the best scores (torch), the r best become sources, the others stay
-  in their original order when a class token is protected;
+- `_match_kernel`: one program per (image, A token): the similarity (cos − 1 on metrics centred
+  in torch, as in the graph) with every B token, the best score and the best partner (the lowest
+  index within TIE_TOLERANCE; the class token gets PROTECT added, as in the graph);
+- the edge order: the reference's `split_edges` (torch): the r best become sources, ties at the
+  r-th score in index order, the others stay in their original order;
 - `_merge_kernel`: one program per (image, output token): unmerged A tokens are copied, B tokens
   add their sources (size-weighted); the output is divided by the summed size.
 
@@ -21,35 +21,41 @@ import torch
 import triton
 import triton.language as tl
 
-from vit2trt.passes.tome import PROTECT
+from vit2trt.models.tome_reference import split_edges
+from vit2trt.passes.tome import PROTECT, TIE_TOLERANCE
 
 
 @triton.jit
-def _match_kernel(metric_ptr, node_max_ptr, node_idx_ptr, n_b, dim, stride_batch, stride_token, protect,
-                  BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+def _match_kernel(centred_ptr, half_sq_ptr, node_max_ptr, node_idx_ptr, n, n_b, dim, stride_batch, stride_token,
+                  protect, tolerance, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     image = tl.program_id(0)
     a = tl.program_id(1)
     n_a = tl.num_programs(1)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
-    base = metric_ptr + image * stride_batch
+    base = centred_ptr + image * stride_batch
     a_vec = tl.load(base + (2 * a) * stride_token + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    a_vec = a_vec / tl.sqrt(tl.sum(a_vec * a_vec, axis=0))
+    a_half_sq = tl.load(half_sq_ptr + image * n + 2 * a)
     best = tl.full((), float("-inf"), tl.float32)
-    best_idx = tl.full((), 0, tl.int64)
-    for start in range(0, n_b, BLOCK_B):
+    for start in range(0, n_b, BLOCK_B):      # the best score: cos − 1 on centred unit metrics
         offs_b = start + tl.arange(0, BLOCK_B)
         mask_b = offs_b < n_b
         rows = tl.load(base + (2 * offs_b + 1)[:, None] * stride_token + offs_d[None, :],
-                       mask=mask_b[:, None] & mask_d[None, :], other=1.0).to(tl.float32)
-        rows = rows / tl.sqrt(tl.sum(rows * rows, axis=1))[:, None]
-        sims = tl.sum(rows * a_vec[None, :], axis=1)
-        sims = tl.where(mask_b, sims, float("-inf"))
-        block_best = tl.max(sims, axis=0)
-        block_idx = tl.argmax(sims, axis=0).to(tl.int64) + start
-        better = block_best > best          # strictly better: the first maximum wins, as ArgMax
-        best_idx = tl.where(better, block_idx, best_idx)
-        best = tl.where(better, block_best, best)
+                       mask=mask_b[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        b_half_sq = tl.load(half_sq_ptr + image * n + 2 * offs_b + 1, mask=mask_b, other=0.0)
+        sims = tl.sum(rows * a_vec[None, :], axis=1) - a_half_sq - b_half_sq
+        best = tl.maximum(best, tl.max(tl.where(mask_b, sims, float("-inf")), axis=0))
+    floor = best - tolerance
+    best_idx = tl.full((), n_b, tl.int64)
+    for start in range(0, n_b, BLOCK_B):      # the partner: the lowest B index within the tolerance
+        offs_b = start + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < n_b
+        rows = tl.load(base + (2 * offs_b + 1)[:, None] * stride_token + offs_d[None, :],
+                       mask=mask_b[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        b_half_sq = tl.load(half_sq_ptr + image * n + 2 * offs_b + 1, mask=mask_b, other=0.0)
+        sims = tl.sum(rows * a_vec[None, :], axis=1) - a_half_sq - b_half_sq
+        tied = tl.where(mask_b & (sims >= floor), offs_b.to(tl.int64), n_b)
+        best_idx = tl.minimum(best_idx, tl.min(tied, axis=0))
     best = tl.where(a == 0, best + protect, best)
     tl.store(node_max_ptr + image * n_a + a, best)
     tl.store(node_idx_ptr + image * n_a + a, best_idx)
@@ -88,18 +94,18 @@ def tome_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int
     """Merge r of x's n tokens ([B, n, C]; sizes [B, n, 1]; metric [B, n, d]): (x, size) with n - r tokens."""
     batch, n, channels = x.shape
     n_a, n_b = (n + 1) // 2, n // 2
-    x, size, metric = x.contiguous().float(), size.reshape(batch, n).contiguous().float(), metric.contiguous().float()
+    x, size = x.contiguous().float(), size.reshape(batch, n).contiguous().float()
+    unit = metric.float() / metric.float().pow(2).sum(-1, keepdim=True).sqrt()
+    centred = (unit - unit.mean(1, keepdim=True)).contiguous()
+    half_sq = (0.5 * centred.pow(2).sum(-1)).contiguous()
     node_max = torch.empty(batch, n_a, dtype=torch.float32, device=x.device)
     node_idx = torch.empty(batch, n_a, dtype=torch.int64, device=x.device)
     dim = metric.shape[-1]
-    _match_kernel[(batch, n_a)](metric, node_max, node_idx, n_b, dim, metric.stride(0), metric.stride(1),
-                                PROTECT if protect_cls else 0.0,
+    _match_kernel[(batch, n_a)](centred, half_sq, node_max, node_idx, n, n_b, dim, centred.stride(0),
+                                centred.stride(1), PROTECT if protect_cls else 0.0, TIE_TOLERANCE,
                                 BLOCK_B=min(64, triton.next_power_of_2(n_b)), BLOCK_D=triton.next_power_of_2(dim))
-    edges = node_max.topk(n_a, dim=-1).indices
-    src_idx, unm_idx = edges[:, :r], edges[:, r:]
-    if protect_cls:
-        unm_idx = unm_idx.sort(dim=-1).values
-    dst_idx = node_idx.gather(1, src_idx).contiguous()
+    src_idx, dst_idx, unm_idx = split_edges(node_max, node_idx, r)
+    dst_idx = dst_idx.contiguous()
     order = torch.cat([unm_idx, src_idx], dim=1).contiguous()
     out = torch.empty(batch, n - r, channels, dtype=torch.float32, device=x.device)
     out_size = torch.empty(batch, n - r, dtype=torch.float32, device=x.device)

@@ -398,6 +398,8 @@ def validate(
         table.add_row("batch vs single runs, max diff", f"{result['batch_dependence']:.2g}")
         if result["surgery_error"] is not None:
             table.add_row("graph vs PyTorch compressed the same way", f"{result['surgery_error']:.2g} (relative)")
+        if result.get("surgery_near_ties"):
+            table.add_row("ToMe near-ties rounding decided (followed)", str(result["surgery_near_ties"]))
         if "accuracy" in result:
             a = result["accuracy"]
             table.add_row("top-1 accuracy reference / compressed",
