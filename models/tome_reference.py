@@ -30,35 +30,34 @@ from vit2trt.passes.tome import PROTECT, TIE_TOLERANCE
 NEAR_TIE = 10 * TIE_TOLERANCE
 
 
-def similarity(metric: torch.Tensor, protect_cls: bool) -> torch.Tensor:
-    """[B, na, nb]: cosine − 1 between the A (even) and B (odd) tokens' metrics [B, n, d]."""
+def best_partners(metric: torch.Tensor, protect_cls: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the A (even) and B (odd) tokens of metric [B, n, d]: each A token's best similarity
+    (cos − 1) [B, na] and partner [B, na], the lowest B index within the tolerance of the best; and the
+    similarities [B, na, nb]. cos − 1 = c_a·c_b − ½|c_a|² − ½|c_b|² on unit metrics centred on their mean;
+    the row term ½|c_a|² is subtracted after the row's max, as the graph does."""
     unit = metric / metric.pow(2).sum(-1, keepdim=True).sqrt()
     centred = unit - unit.mean(1, keepdim=True)
-    half_sq = 0.5 * centred.pow(2).sum(-1, keepdim=True)                     # [B, n, 1]
-    a, b = centred[:, 0::2], centred[:, 1::2]
-    scores = a @ b.transpose(1, 2) - half_sq[:, 0::2] - half_sq[:, 1::2].transpose(1, 2)
+    a, b = centred[:, 0::2], centred[:, 1::2].transpose(1, 2)
+    row_scores = a @ b - 0.5 * b.pow(2).sum(1, keepdim=True)                  # [B, na, nb]
+    row_best = row_scores.max(-1, keepdim=True).values
+    nb = row_scores.shape[-1]
+    rank = nb - torch.arange(nb, device=metric.device)          # distinct, lower index higher
+    tied = torch.where(row_scores < row_best - TIE_TOLERANCE, torch.zeros_like(rank), rank)
+    a_half_sq = 0.5 * a.pow(2).sum(2, keepdim=True)
+    best = row_best - a_half_sq
     if protect_cls:   # the class token (first of A) never merges
-        guard = torch.zeros(scores.shape[1], 1, dtype=scores.dtype, device=scores.device)
+        guard = torch.zeros(best.shape[1], 1, dtype=best.dtype, device=best.device)
         guard[0, 0] = PROTECT
-        scores = scores + guard
-    return scores
-
-
-def best_partner(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each A token's best score [B, na] and partner [B, na]: the lowest B index within the tolerance."""
-    best = scores.max(-1, keepdim=True).values
-    nb = scores.shape[-1]
-    rank = nb - torch.arange(nb, device=scores.device)          # distinct, lower index higher
-    near = torch.where(scores < best - TIE_TOLERANCE, torch.zeros_like(rank), rank)
-    return best[..., 0], near.argmax(-1)
+        best = best + guard
+    return best[..., 0], tied.argmax(-1), row_scores - a_half_sq
 
 
 def split_edges(node_max: torch.Tensor, node_idx: torch.Tensor, r: int):
     """(src, dst, unm) A/B indices: the r A tokens with the best scores merge (those tied at the r-th
     score in index order) into their partners; the others stay, in their original order."""
     na = node_max.shape[1]
-    kth = node_max.topk(r, dim=-1).values[:, -1:]
-    tier = 1 + (node_max > kth + TIE_TOLERANCE).long() - (node_max < kth - TIE_TOLERANCE).long()
+    from_kth = node_max - node_max.topk(r, dim=-1).values[:, -1:]
+    tier = 1 + (from_kth > TIE_TOLERANCE).long() - (from_kth < -TIE_TOLERANCE).long()
     key = tier * (na + 1) + (na - torch.arange(na, device=node_max.device))   # distinct integers
     edges = key.topk(na, dim=-1).indices
     src_idx, unm_idx = edges[:, :r], edges[:, r:].sort(dim=-1).values
@@ -67,7 +66,8 @@ def split_edges(node_max: torch.Tensor, node_idx: torch.Tensor, r: int):
 
 def match(metric: torch.Tensor, r: int, protect_cls: bool):
     """ToMe's bipartite matching of the tokens' metrics [B, n, d]: (src, dst, unm) indices."""
-    return split_edges(*best_partner(similarity(metric, protect_cls)), r)
+    best, partner, _ = best_partners(metric, protect_cls)
+    return split_edges(best, partner, r)
 
 
 def graph_decisions(partner, edges, r: int):
@@ -78,16 +78,17 @@ def graph_decisions(partner, edges, r: int):
     return src, partner.gather(1, src), edges[:, r:].sort(dim=-1).values
 
 
-def adopt_near_ties(scores: torch.Tensor, own: tuple, graph: tuple, r: int) -> tuple[tuple, int]:
-    """Per image, the graph's (src, dst, unm) where they differ from `own` only by choices that `scores`
-    put within NEAR_TIE of the best; otherwise `own`. Returns the decisions and how many images adopted."""
-    node_max = scores.max(-1).values
-    kth = node_max.topk(r, dim=-1).values[:, -1:]
+def adopt_near_ties(best: torch.Tensor, scores: torch.Tensor, own: tuple, graph: tuple, r: int) -> tuple[tuple, int]:
+    """Per image, the graph's (src, dst, unm) where they differ from `own` only by choices that the best
+    similarities [B, na] and similarities [B, na, nb] put within NEAR_TIE of the best; otherwise `own`.
+    Returns the decisions and how many images took the graph's."""
+    kth = best.topk(r, dim=-1).values[:, -1:]
     g_src, g_dst, g_unm = graph
-    merged_ok = (node_max.gather(1, g_src) >= kth - NEAR_TIE).all(1)
-    kept_ok = (node_max.gather(1, g_unm) <= kth + NEAR_TIE).all(1)
+    merged_ok = (best.gather(1, g_src) >= kth - NEAR_TIE).all(1)
+    kept_ok = (best.gather(1, g_unm) <= kth + NEAR_TIE).all(1)
+    row_best = scores.max(-1).values.gather(1, g_src)
     partner_scores = scores.gather(1, g_src[..., None].expand(-1, -1, scores.shape[-1])).gather(2, g_dst[..., None])
-    partner_ok = (partner_scores[..., 0] >= node_max.gather(1, g_src) - NEAR_TIE).all(1)
+    partner_ok = (partner_scores[..., 0] >= row_best - NEAR_TIE).all(1)
     differs = torch.tensor([_pairs(*(t[i] for t in own)) != _pairs(*(t[i] for t in graph)) for i in range(len(kth))])
     adopt = differs & merged_ok & kept_ok & partner_ok
     chosen = tuple(torch.where(adopt[:, None], g, o) for g, o in zip(graph, own))
@@ -141,11 +142,11 @@ class ToMeViT(nn.Module):
                 if size is None:
                     size = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device)
                 if self.merge is _merge:
-                    scores = similarity(metric, p.has_class_token)
-                    matched = split_edges(*best_partner(scores), r)
+                    best, partner, scores = best_partners(metric, p.has_class_token)
+                    matched = split_edges(best, partner, r)
                     if self.follow is not None:
                         graph = graph_decisions(*self.follow[len(self.decisions)], r)
-                        matched, adopted = adopt_near_ties(scores, matched, graph, r)
+                        matched, adopted = adopt_near_ties(best, scores, matched, graph, r)
                         self.near_ties += adopted
                     self.decisions.append(matched)
                     x, size = merge_matched(x, size, *matched)

@@ -126,34 +126,35 @@ def _every_other(b: GraphBuilder, t, start: int, n: int, name: str):
                           b.i64(f"{name}_axis", [1]), b.i64(f"{name}_step", [2])], name)
 
 
-def _similarity(b: GraphBuilder, metric, n: int, protect_cls: bool):
-    """cos − 1 between the A and B tokens' metrics, [B, na, nb]. On unit metrics centred on their mean
-    the products are small, so rounding errs about ten times less than a plain dot product near 1."""
+def _best_partners(b: GraphBuilder, metric, n: int, protect_cls: bool):
+    """Each A token's best similarity (cos − 1) and its partner, [B, na, 1]: the lowest-indexed B token
+    within TIE_TOLERANCE of the best. On unit metrics centred on their mean the products are small, so
+    rounding errs about ten times less than a plain dot product near 1:
+    cos − 1 = c_a·c_b − ½|c_a|² − ½|c_b|², whose row term ½|c_a|² is subtracted after the row's max."""
     unit = b.op("LpNormalization", [metric], "metric_unit", axis=-1, p=2)
     centred = b.op("Sub", [unit, b.reduce_mean(unit, [1], True, "metric_mean")], "metric_centred")
-    half_sq = b.op("Mul", [b.reduce("ReduceSumSquare", centred, [2], True, "metric_sq"), b.f("half", 0.5)],
-                   "metric_half_sq")                                                        # [B, n, 1]
-    b_centred = b.op("Transpose", [_every_other(b, centred, 1, n, "centred_b")], "centred_bT", perm=[0, 2, 1])
-    dots = b.op("MatMul", [_every_other(b, centred, 0, n, "centred_a"), b_centred], "centred_dots")
-    b_half_sq = b.op("Transpose", [_every_other(b, half_sq, 1, n, "half_sq_b")], "half_sq_bT", perm=[0, 2, 1])
-    scores = b.op("Sub", [dots, _every_other(b, half_sq, 0, n, "half_sq_a")], "similarity_a")
-    scores = b.op("Sub", [scores, b_half_sq], "similarity")                                  # [B, na, nb]
-    if protect_cls:  # the class token (first of A) never merges
-        guard = np.zeros(((n + 1) // 2, 1), dtype=b.dtype)
-        guard[0, 0] = PROTECT
-        scores = b.op("Add", [scores, b.f("protect_cls", guard)], "similarity_guarded")
-    return scores
-
-
-def _best_partner(b: GraphBuilder, scores, nb: int):
-    """Each A token's best score and partner, [B, na, 1]: the lowest B index within TIE_TOLERANCE of the best."""
-    best = b.reduce("ReduceMax", scores, [2], True, "best_score")
-    floor = b.op("Sub", [best, b.f("tie_tolerance", TIE_TOLERANCE)], "tie_floor")
-    below = b.op("Less", [scores, floor], "below_best", out_dtype=np.bool_)
+    a_centred = _every_other(b, centred, 0, n, "centred_a")                                   # [B, na, d]
+    b_centred = _every_other(b, centred, 1, n, "centred_b")                                   # [B, nb, d]
+    half = b.f("half", 0.5)
+    a_half_sq = b.op("Mul", [b.reduce("ReduceSumSquare", a_centred, [2], True, "a_sq"), half], "a_half_sq")
+    # [B, 1, nb] by a Reshape of [B, nb, 1]: the transposed B tokens then feed only the MatMul, which fuses it.
+    b_sq = b.op("Reshape", [b.reduce("ReduceSumSquare", b_centred, [2], True, "b_sq"), b.i64("row", [0, 1, -1])],
+                "b_sq_row")
+    dots = b.op("MatMul", [a_centred, b.op("Transpose", [b_centred], "centred_bT", perm=[0, 2, 1])], "centred_dots")
+    row_scores = b.op("Sub", [dots, b.op("Mul", [b_sq, half], "b_half_sq")], "row_scores")    # [B, na, nb]
+    row_best = b.reduce("ReduceMax", row_scores, [2], True, "row_best")                        # [B, na, 1]
+    floor = b.op("Sub", [row_best, b.f("tie_tolerance", TIE_TOLERANCE)], "tie_floor")
+    below = b.op("Less", [row_scores, floor], "below_best", out_dtype=np.bool_)
     # Distinct integer keys, higher for lower indices: the top-1 is the first tied partner on any runtime.
+    nb = n // 2
     key = b.op("Where", [below, b.f("not_tied", 0.0), b.f("b_rank", nb - np.arange(nb))], "partner_key")
     _, partner = b.op("TopK", [key, b.i64("best", [1])], "best_match", n_out=2, axis=-1, largest=1, sorted=1)
     partner.dtype = np.int64
+    best = b.op("Sub", [row_best, a_half_sq], "best_similarity")
+    if protect_cls:  # the class token (first of A) never merges
+        guard = np.zeros(((n + 1) // 2, 1), dtype=b.dtype)
+        guard[0, 0] = PROTECT
+        best = b.op("Add", [best, b.f("protect_cls", guard)], "best_guarded")
     return best, partner
 
 
@@ -163,10 +164,9 @@ def _edge_order(b: GraphBuilder, node_max, na: int, r: int):
     top, _ = b.op("TopK", [node_max, b.i64("r_best", [r])], "r_best", n_out=2, axis=1, largest=1, sorted=1)
     _.dtype = np.int64
     kth = b.op("Slice", [top, b.i64("kth_start", [r - 1]), b.i64("kth_end", [r]), b.i64("kth_axis", [1])], "kth")
-    above = b.op("Greater", [node_max, b.op("Add", [kth, b.f("tie_above", TIE_TOLERANCE)], "tie_ceiling")],
-                 "above_kth", out_dtype=np.bool_)
-    below = b.op("Less", [node_max, b.op("Sub", [kth, b.f("tie_below", TIE_TOLERANCE)], "kth_floor")],
-                 "below_kth", out_dtype=np.bool_)
+    from_kth = b.op("Sub", [node_max, kth], "from_kth")
+    above = b.op("Greater", [from_kth, b.f("tie_above", TIE_TOLERANCE)], "above_kth", out_dtype=np.bool_)
+    below = b.op("Less", [from_kth, b.f("tie_below", -TIE_TOLERANCE)], "below_kth", out_dtype=np.bool_)
     rank = (na - np.arange(na)).reshape(na, 1)
     key = b.op("Where", [below, b.f("rank_below", rank - (na + 1)), b.f("rank_tied", rank)], "edge_key_low")
     key = b.op("Where", [above, b.f("rank_above", rank + (na + 1)), key], "edge_key")
@@ -181,7 +181,7 @@ def _merge(b: GraphBuilder, m: GraphBuilder, weighted, size, metric, n: int, r: 
     ([B, k, 1]) so that they feed GatherElements, GatherND and Equal without reshapes. Matching
     nodes go to builder b, merging arithmetic to builder m."""
     na, nb = (n + 1) // 2, n // 2
-    node_max, node_idx = _best_partner(b, _similarity(b, metric, n, protect_cls), nb)          # [B, na, 1]
+    node_max, node_idx = _best_partners(b, metric, n, protect_cls)                            # [B, na, 1]
     edges = _edge_order(b, node_max, na, r)
     # A token i is token 2i of the block: gathers read the tokens directly, not a copy of set A.
     rows = b.op("Mul", [edges, b.i64("a_stride", 2)], "a_rows", out_dtype=np.int64)

@@ -110,7 +110,7 @@ def test_graph_and_reference_merge_alike_under_ties(tied, case):
 def test_the_inputs_tie_and_ties_go_to_the_lower_index(tied):
     """Exact ties exist in these inputs (so the test above can fail), and a blank canvas, where every
     token ties with every other, merges A tokens 1..r (never the class token 0) into B token 0."""
-    from vit2trt.models.tome_reference import best_partner, similarity
+    from vit2trt.models.tome_reference import best_partners
 
     result, reference = tied
     x = tie_inputs()["blank canvases"]
@@ -126,24 +126,25 @@ def test_the_inputs_tie_and_ties_go_to_the_lower_index(tied):
         from vit2trt.models.vit_parts import attention_parts
 
         _, metric, _, _ = attention_parts(parts.blocks[0], parts.blocks[0].norm1(tokens))
-        scores = similarity(metric, True)
-    best, _ = best_partner(scores)
+        best, _, scores = best_partners(metric, True)
     tied_candidates = (scores[:, 1:] >= best[:, 1:, None] - TIE_TOLERANCE).sum(-1)
     assert (tied_candidates >= 8).all()
 
 
 def test_adopt_near_ties_takes_only_choices_within_the_near_tie_band():
-    from vit2trt.models.tome_reference import NEAR_TIE, adopt_near_ties, best_partner, split_edges
+    from vit2trt.models.tome_reference import NEAR_TIE, adopt_near_ties, split_edges
 
-    scores = torch.tensor([[[-9e3, -9e3], [-0.10, -0.10 + NEAR_TIE / 2], [-0.30, -0.20], [-0.5, -0.9]]])
-    own = split_edges(*best_partner(scores), 1)            # A token 1 merges into B token 1, the better by 5e-6
-    assert own[1].item() == 1
+    scores = torch.tensor([[[-0.9, -0.9], [-0.10, -0.10 + NEAR_TIE / 2], [-0.30, -0.20], [-0.5, -0.9]]])
+    best = scores.max(-1).values - torch.tensor([[1e4, 0, 0, 0]])       # the class token, guarded
+    own = split_edges(best, torch.tensor([[0, 1, 1, 0]]), 1)             # A token 1 into B token 1, better by 5e-6
     near = (torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([[0, 2, 3]]))
-    chosen, adopted = adopt_near_ties(scores, own, near, 1)
+    chosen, adopted = adopt_near_ties(best, scores, own, near, 1)
     assert adopted == 1 and chosen[1].item() == 0
     far = (torch.tensor([[2]]), torch.tensor([[1]]), torch.tensor([[0, 1, 3]]))   # A token 2 scores 0.1 lower
-    chosen, adopted = adopt_near_ties(scores, own, far, 1)
+    chosen, adopted = adopt_near_ties(best, scores, own, far, 1)
     assert adopted == 0 and [t.tolist() for t in chosen] == [t.tolist() for t in own]
+    cls = (torch.tensor([[0]]), torch.tensor([[0]]), torch.tensor([[1, 2, 3]]))   # never the class token
+    assert adopt_near_ties(best, scores, own, cls, 1)[1] == 0
 
 
 def test_surgery_check_follows_rounding_ties_and_still_catches_wrong_merges(tied, tmp_path, monkeypatch):
