@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -214,36 +216,50 @@ def surgery_check(out_dir: Path, record, x: np.ndarray, batch: int) -> dict:
     the largest difference relative to the largest logit. Where a ToMe graph's merge differs from the
     reference's only by a choice within NEAR_TIE (rounding decides it), the reference takes the graph's
     choice, so that what is checked is the surgery; `near_ties` counts the (image, block) merges that did."""
-    import onnx
-    import onnxruntime as ort
     import torch
 
+    from vit2trt.converter.references import cpu_session
     from vit2trt.models.compressed_reference import compressed_reference
     from vit2trt.models.reference import build_model
     from vit2trt.models.tome_reference import ToMeViT
-    from vit2trt.passes.tome import with_decision_outputs
 
     compressed = compressed_reference(build_model(record), json.loads((out_dir / "decisions.json").read_text()),
                                       out_dir)
     follower = next((m for m in compressed.modules() if isinstance(m, ToMeViT)), None)
-    graph = onnx.load(str(out_dir / "model.onnx"))
-    outputs = len(graph.graph.output)
-    exposed, blocks = with_decision_outputs(graph) if follower is not None else (graph, 0)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    got, same = [], []
-    for i in range(0, len(x), batch):
-        run = session.run(None, {name: x[i:i + batch]})
-        if blocks:
-            follower.follow = list(zip(run[outputs::2], run[outputs + 1::2]))
-        with torch.no_grad():
-            same.append(compressed(torch.from_numpy(x[i:i + batch])).numpy())
-        got.append(run[0])
+    with _graph_with_decisions(out_dir / "model.onnx") if follower is not None else nullcontext() as exposed:
+        blocks = exposed[1] if exposed and exposed[1] == sum(1 for r in follower.r if r) else 0
+        session = cpu_session(exposed[0] if blocks else out_dir / "model.onnx")
+        outputs = len(session.get_outputs()) - 2 * blocks
+        name = session.get_inputs()[0].name
+        got, same = [], []
+        for i in range(0, len(x), batch):
+            run = session.run(None, {name: x[i:i + batch]})
+            if blocks:
+                follower.follow = list(zip(run[outputs::2], run[outputs + 1::2]))
+            with torch.no_grad():
+                same.append(compressed(torch.from_numpy(x[i:i + batch])).numpy())
+            got.append(run[0])
     got, same = np.concatenate(got), np.concatenate(same)
     return {"error": float(np.abs(got - same).max() / max(np.abs(same).max(), 1e-30)),
             "near_ties": follower.near_ties if blocks else None}
+
+
+@contextmanager
+def _graph_with_decisions(path: Path):
+    """(path, merging blocks): a copy of a ToMe graph that also outputs its decisions, written beside the
+    original (so that external weights resolve, and are not loaded) and removed afterwards."""
+    import onnx
+
+    from vit2trt.passes.tome import with_decision_outputs
+
+    exposed, blocks = with_decision_outputs(onnx.load(str(path), load_external_data=False))
+    fd, copy = tempfile.mkstemp(prefix=".vit2trt-decisions-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(exposed, copy)
+        yield Path(copy), blocks
+    finally:
+        os.unlink(copy)
 
 
 def _engine_check(out_dir: Path, input_name: str, x: np.ndarray, batch: int, want: np.ndarray):

@@ -191,10 +191,10 @@ def _merge(b: GraphBuilder, m: GraphBuilder, weighted, size, metric, n: int, r: 
                               b.i64(f"{name}_axis", [1])], name, out_dtype=np.int64)
 
     src_rows, unm_rows = row_range(0, r, "src_rows"), row_range(r, na, "unm_rows")          # [B, r | na-r, 1]
-    # Unmerged tokens keep their original order (the class token stays first).
-    unm_rows, _ = b.op("TopK", [unm_rows, b.i64("unm_count", [na - r])], "unm_sorted", n_out=2,
-                       out_dtype=np.int64, axis=1, largest=0, sorted=1)
-    _.dtype = np.int64
+    if na - r > 1:   # unmerged tokens keep their original order (the class token stays first)
+        unm_rows, _ = b.op("TopK", [unm_rows, b.i64("unm_count", [na - r])], "unm_sorted", n_out=2,
+                           out_dtype=np.int64, axis=1, largest=0, sorted=1)
+        _.dtype = np.int64
     src_idx = b.op("Slice", [edges, b.i64("src_start", [0]), b.i64("src_end", [r]), b.i64("src_axis", [1])],
                    "src_idx", out_dtype=np.int64)
     dst_idx = b.op("GatherElements", [node_idx, src_idx], "dst_idx", out_dtype=np.int64, axis=1)  # [B, r, 1]

@@ -190,3 +190,24 @@ def test_real_photos_merge_as_the_official_tome_except_below_the_tie_tolerance()
     assert counts["merges"] == 128 * 12
     assert counts["vs_float64"] <= counts["merges"] // 1000
     assert all(gap < 2 * TIE_TOLERANCE for gap in counts["gaps"])
+
+
+def test_no_class_token_merging_every_a_token(tmp_path):
+    """Without a class token, r is clipped to half the tokens: every A token merges (no unmerged token to
+    sort) and the graph still equals the reference, through the surgery check too."""
+    from vit2trt.converter.validate import surgery_check
+
+    args = dict(ARGS, class_token=False, global_pool="avg")
+    exported = export_model("timm:vit_tiny_patch16_224", tmp_path / "model.onnx", model_args=args)
+    result = convert(exported.onnx_path, tmp_path / "tome", ConvertOptions(method="tome", tome_r=40, build=False))
+    assert result.decisions["tome"]["r"] == [32, 16, 8, 4]
+    x = np.random.default_rng(1).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    reference = compressed_reference(build_model(ReferenceRecord.load(exported.record_path)),
+                                     json.loads((tmp_path / "tome" / "decisions.json").read_text()), tmp_path / "tome")
+    with torch.no_grad():
+        want = reference(torch.from_numpy(x)).numpy()
+    got, _ = onnx_decisions(result.onnx_path, x, result.decisions["tome"]["r"],
+                            ort.GraphOptimizationLevel.ORT_ENABLE_ALL, 0, len(x))
+    assert rel_error(got, want) <= 1e-4
+    checked = surgery_check(tmp_path / "tome", ReferenceRecord.load(exported.record_path), x, 2)
+    assert checked["error"] <= 1e-4 and checked["near_ties"] == 0
