@@ -25,8 +25,8 @@ from torch import nn
 from vit2trt.models.vit_parts import attention_parts, vit_parts
 from vit2trt.passes.tome import PROTECT, TIE_TOLERANCE
 
-# A graph's decision within this of the reference's own is rounding, not a different choice: a hundred
-# times float32's noise on these scores, and far below the gaps that decide real photos (about 1e-3).
+# A graph's decision within this of the reference's own is rounding, not a different choice: ten times the
+# tie tolerance, and far below the gaps that decide real photos (about 1e-3).
 NEAR_TIE = 10 * TIE_TOLERANCE
 
 
@@ -78,7 +78,8 @@ def graph_decisions(partner, edges, r: int):
     return src, partner.gather(1, src), edges[:, r:].sort(dim=-1).values
 
 
-def adopt_near_ties(best: torch.Tensor, scores: torch.Tensor, own: tuple, graph: tuple, r: int) -> tuple[tuple, int]:
+def adopt_near_ties(best: torch.Tensor, scores: torch.Tensor, own: tuple, graph: tuple,
+                    r: int) -> tuple[tuple, int]:
     """Per image, the graph's (src, dst, unm) where they differ from `own` only by choices that the best
     similarities [B, na] and similarities [B, na, nb] put within NEAR_TIE of the best; otherwise `own`.
     Returns the decisions and how many images took the graph's."""
@@ -106,7 +107,7 @@ def merge_matched(x: torch.Tensor, size: torch.Tensor, src_idx, dst_idx, unm_idx
     width = y.shape[2]
     unmerged = y_a.gather(1, unm_idx[..., None].expand(-1, -1, width))
     sources = y_a.gather(1, src_idx[..., None].expand(-1, -1, width))
-    onehot = (dst_idx[..., None] == torch.arange(y_b.shape[1], device=y.device)).to(y.dtype)          # [B, r, nb]
+    onehot = (dst_idx[..., None] == torch.arange(y_b.shape[1], device=y.device)).to(y.dtype)   # [B, r, nb]
     y = torch.cat([unmerged, y_b + onehot.transpose(1, 2) @ sources], dim=1)
     return y[..., :-1] / y[..., -1:], y[..., -1:]
 

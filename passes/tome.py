@@ -24,8 +24,9 @@ from vit2trt.passes.base import PassResult
 from vit2trt.passes.structured_prune import BlockKeep, rebuild_attention
 
 PROTECT = -1e4   # added to the class token's similarities, which lie in [-2, 0] (cosine − 1)
-# Scores closer than this count as tied and go to the lower index: well above the rounding that tells
-# ONNX Runtime from PyTorch (about 1e-8 on centred keys) and below the gaps that decide real photos.
+# Scores closer than this count as tied and go to the lower index: above the rounding that tells ONNX
+# Runtime from PyTorch (about 1e-8 near the best scores, a few 1e-7 between tokens equal up to rounding)
+# and below nearly every gap that decides real photos (docs/methods/tome.md).
 TIE_TOLERANCE = 1e-6
 
 
