@@ -26,6 +26,17 @@ from vit2trt.passes.tome import PROTECT, TIE_TOLERANCE
 
 
 @triton.jit
+def _row_scores(base, half_sq_base, a_vec, offs_d, mask_d, start, n_b, stride_token, BLOCK_B: tl.constexpr):
+    """c_a·c_b − ½|c_b|² (cos − 1 but the row term) for the B tokens start .. start + BLOCK_B, and their mask."""
+    offs_b = start + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < n_b
+    rows = tl.load(base + (2 * offs_b + 1)[:, None] * stride_token + offs_d[None, :],
+                   mask=mask_b[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    b_half_sq = tl.load(half_sq_base + 2 * offs_b + 1, mask=mask_b, other=0.0)
+    return tl.sum(rows * a_vec[None, :], axis=1) - b_half_sq, offs_b, mask_b
+
+
+@triton.jit
 def _match_kernel(centred_ptr, half_sq_ptr, node_max_ptr, node_idx_ptr, n, n_b, dim, stride_batch, stride_token,
                   protect, tolerance, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     image = tl.program_id(0)
@@ -34,28 +45,21 @@ def _match_kernel(centred_ptr, half_sq_ptr, node_max_ptr, node_idx_ptr, n, n_b, 
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     base = centred_ptr + image * stride_batch
+    half_sq_base = half_sq_ptr + image * n
     a_vec = tl.load(base + (2 * a) * stride_token + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     best = tl.full((), float("-inf"), tl.float32)
-    for start in range(0, n_b, BLOCK_B):      # the row's best c_a·c_b − ½|c_b|² (cos − 1 but the row term)
-        offs_b = start + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < n_b
-        rows = tl.load(base + (2 * offs_b + 1)[:, None] * stride_token + offs_d[None, :],
-                       mask=mask_b[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        b_half_sq = tl.load(half_sq_ptr + image * n + 2 * offs_b + 1, mask=mask_b, other=0.0)
-        sims = tl.sum(rows * a_vec[None, :], axis=1) - b_half_sq
+    for start in range(0, n_b, BLOCK_B):      # the row's best score
+        sims, offs_b, mask_b = _row_scores(base, half_sq_base, a_vec, offs_d, mask_d, start, n_b, stride_token,
+                                           BLOCK_B)
         best = tl.maximum(best, tl.max(tl.where(mask_b, sims, float("-inf")), axis=0))
     floor = best - tolerance
     best_idx = tl.full((), n_b, tl.int64)
     for start in range(0, n_b, BLOCK_B):      # the partner: the lowest B index within the tolerance
-        offs_b = start + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < n_b
-        rows = tl.load(base + (2 * offs_b + 1)[:, None] * stride_token + offs_d[None, :],
-                       mask=mask_b[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        b_half_sq = tl.load(half_sq_ptr + image * n + 2 * offs_b + 1, mask=mask_b, other=0.0)
-        sims = tl.sum(rows * a_vec[None, :], axis=1) - b_half_sq
+        sims, offs_b, mask_b = _row_scores(base, half_sq_base, a_vec, offs_d, mask_d, start, n_b, stride_token,
+                                           BLOCK_B)
         tied = tl.where(mask_b & (sims >= floor), offs_b.to(tl.int64), n_b)
         best_idx = tl.minimum(best_idx, tl.min(tied, axis=0))
-    best = best - tl.load(half_sq_ptr + image * n + 2 * a)
+    best = best - tl.load(half_sq_base + 2 * a)
     best = tl.where(a == 0, best + protect, best)
     tl.store(node_max_ptr + image * n_a + a, best)
     tl.store(node_idx_ptr + image * n_a + a, best_idx)
