@@ -19,9 +19,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from vit2trt.converter.report import render_report, read_report, update_report
-from vit2trt.converter.speedup import MAX_ROUNDS, TIME_CAP_S, PairedTiming, Speedup, measure_speedup
-from vit2trt.errors import Vit2TrtError
+from .report import render_report, read_report, update_report
+from .speedup import MAX_ROUNDS, TIME_CAP_S, PairedTiming, Speedup, measure_speedup
+from ..errors import Vit2TrtError
 
 BACKENDS = ("ort", "tensorrt", "torch-cuda", "torch-cpu")
 
@@ -127,8 +127,8 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
         batches = sorted({1, max(int(opt), 1)} | ({8} if opt == 1 else set()))
     if any(b < 1 for b in batches):
         raise Vit2TrtError(f"batch sizes must be at least 1, got {batches}.")
-    from vit2trt.converter.loading import load_onnx
-    from vit2trt.converter.graph_reader import describe_vit
+    from .loading import load_onnx
+    from .graph_reader import describe_vit
 
     vit = describe_vit(load_onnx(original), str(original))
     rng = np.random.default_rng(0)
@@ -169,7 +169,7 @@ def _flops_ratio(out_dir: Path, report: dict) -> Optional[float]:
 
 
 def _engine_runners(out_dir: Path, original: Path, input_name: str) -> dict[str, Callable]:
-    from vit2trt.converter.engine import BuildOptions, build_engine, engine_runner
+    from .engine import BuildOptions, build_engine, engine_runner
 
     engine = out_dir / "model.engine"
     if not engine.is_file():
@@ -193,8 +193,8 @@ def _engine_runners(out_dir: Path, original: Path, input_name: str) -> dict[str,
 def _torch_runners(out_dir: Path, backend: str, threads: int) -> dict[str, Callable]:
     import torch
 
-    from vit2trt.models.compressed_reference import compressed_reference
-    from vit2trt.models.reference import ReferenceRecord, build_model
+    from ..models.compressed_reference import compressed_reference
+    from ..models.reference import ReferenceRecord, build_model
 
     if backend == "torch-cuda" and not torch.cuda.is_available():
         raise Vit2TrtError("--backend torch-cuda needs a CUDA GPU visible to PyTorch.")

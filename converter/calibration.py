@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from vit2trt.errors import Vit2TrtError
+from ..errors import Vit2TrtError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_PREPROCESSING = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875,
@@ -50,7 +50,7 @@ def load_calibration(path: str | os.PathLike, input_size: tuple[int, int, int],
 def image_files(folder: Path, limit: Optional[int] = None, flag: str = "--calib") -> list[Path]:
     """The folder's images in sorted order (the order of every array made from them): a flat folder's own
     images, or every image of an ImageFolder (one subfolder per class) sorted by relative path."""
-    from vit2trt.converter.image_folder import image_folder_files, is_image_folder, spread_over_classes
+    from .image_folder import image_folder_files, is_image_folder, spread_over_classes
 
     if is_image_folder(folder):   # a limit samples every class, not the first folders
         return spread_over_classes(image_folder_files(folder, flag), Path(folder), limit)

@@ -13,16 +13,16 @@ from typing import Callable, Optional
 import numpy as np
 import onnx
 
-from vit2trt.converter.engine import BuildOptions, build_engine, check_build, report_dict
-from vit2trt.converter.graph_reader import describe_vit
-from vit2trt.converter.loading import load_onnx
-from vit2trt.converter.references import ORIGINAL_FILE
-from vit2trt.converter.report import block_table, flops_breakdown, render_report
-from vit2trt.converter.shapes import memory_session
-from vit2trt.converter.vit_graph import BuildReport
-from vit2trt.errors import Vit2TrtError
-from vit2trt.models.reference import sha256_of
-from vit2trt.passes.methods import REGISTRY, Method, Run, composition_name, parse_composition
+from .engine import BuildOptions, build_engine, check_build, report_dict
+from .graph_reader import describe_vit
+from .loading import load_onnx
+from .references import ORIGINAL_FILE
+from .report import block_table, flops_breakdown, render_report
+from .shapes import memory_session
+from .vit_graph import BuildReport
+from ..errors import Vit2TrtError
+from ..models.reference import sha256_of
+from ..passes.methods import REGISTRY, Method, Run, composition_name, parse_composition
 
 COMPENSATION_FILE = "compensation.safetensors"
 _TWO_GB = 2**31
@@ -137,7 +137,7 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
 
     progress("checking against the original graph")
     if options.calib:
-        from vit2trt.converter.calibration import load_calibration
+        from .calibration import load_calibration
 
         record = run.record()
         inputs = load_calibration(options.calib, (vit.in_chans, *vit.img_size),

@@ -19,8 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from vit2trt.converter.speedup import MAX_ROUNDS, Speedup, describe_method, format_speedup, measure_speedup
-from vit2trt.errors import Vit2TrtError
+from .speedup import MAX_ROUNDS, Speedup, describe_method, format_speedup, measure_speedup
+from ..errors import Vit2TrtError
 
 BATCHES = (1, 8)
 DEMO_TIME_CAP_S = 3.0   # per figure: twelve figures, so an unsteady machine costs the demo 36 s at most
@@ -44,10 +44,10 @@ def run_demo(out_dir: str | os.PathLike, repeats: int = 30, threads: int = 2, bu
              overwrite: bool = False, progress: Callable[[str], None] = lambda msg: None,
              time_cap: float = DEMO_TIME_CAP_S) -> dict:
     """`repeats`: paired timing rounds at least per figure; `time_cap`: seconds of timing at most per figure."""
-    from vit2trt.converter.convert import ConvertOptions, convert
-    from vit2trt.converter.export import export_model
-    from vit2trt.converter.validate import validate
-    from vit2trt.models.digits import CHECKPOINT, MODEL_ARGS, MODEL_NAME, compose, load_split, test_set
+    from .convert import ConvertOptions, convert
+    from .export import export_model
+    from .validate import validate
+    from ..models.digits import CHECKPOINT, MODEL_ARGS, MODEL_NAME, compose, load_split, test_set
 
     out_dir = Path(out_dir)
     if not CHECKPOINT.is_file():
@@ -108,7 +108,7 @@ def run_demo(out_dir: str | os.PathLike, repeats: int = 30, threads: int = 2, bu
 def _time_variants(rows: dict, variants: dict, images: np.ndarray, repeats: int, threads: int, time_cap: float,
                    progress: Callable[[str], None]) -> None:
     """rows[name]["speedup_b1"/"speedup_b8"]: each variant against the uncompressed model, paired."""
-    from vit2trt.converter.bench import ort_runner
+    from .bench import ort_runner
 
     runners = {name: ort_runner(path, threads) for name, path in variants.items()}
     for b in BATCHES:

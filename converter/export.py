@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from vit2trt.errors import ExportError
-from vit2trt.models.reference import (
+from ..errors import ExportError
+from ..models.reference import (
     ReferenceRecord, build_model, parse_model_spec, preprocessing_of, sha256_of,
 )
 

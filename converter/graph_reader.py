@@ -19,14 +19,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import const_value, name_nodes
-from vit2trt.converter.loading import load_onnx
-from vit2trt.converter.shapes import observe_shapes
-from vit2trt.converter.vit_graph import (
+from .graph_utils import const_value, name_nodes
+from .loading import load_onnx
+from .shapes import observe_shapes
+from .vit_graph import (
     FFN, Attention, Block, BlockFlops, ExtraToken, GraphFlops, Head, HeadReshape, LayerScale,
     Linear, PatchEmbed, ViTGraph,
 )
-from vit2trt.errors import NotAViTError, Vit2TrtError
+from ..errors import NotAViTError, Vit2TrtError
 
 # Ops that only move data around (or scale it) between a projection and the attention MatMuls.
 _LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather", "Pad",

@@ -15,8 +15,8 @@ from typing import Optional
 
 import numpy as np
 
-from vit2trt.converter.calibration import IMAGE_SUFFIXES
-from vit2trt.errors import Vit2TrtError
+from .calibration import IMAGE_SUFFIXES
+from ..errors import Vit2TrtError
 
 
 def _is_image(path: Path) -> bool:

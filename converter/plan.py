@@ -24,9 +24,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from vit2trt.converter.files import write_atomically
-from vit2trt.converter.speedup import Speedup, describe_method, format_speedup, measure_speedup
-from vit2trt.errors import Vit2TrtError
+from .files import write_atomically
+from .speedup import Speedup, describe_method, format_speedup, measure_speedup
+from ..errors import Vit2TrtError
 
 RUNTIMES = ("ort", "tensorrt")
 
@@ -115,7 +115,7 @@ PLAN_ORDER = ("tome", "cait", "toast")   # cheap first, so that a short --time-l
 def families(vit, has_record: bool) -> list[Family]:
     """What the planner searches: every registered method that declares search levels, then the
     compositions of ToMe with a structured method."""
-    from vit2trt.passes.methods import REGISTRY, available
+    from ..passes.methods import REGISTRY, available
 
     names = sorted(available(), key=lambda n: PLAN_ORDER.index(n) if n in PLAN_ORDER else len(PLAN_ORDER))
     out, singles = [], []
@@ -160,12 +160,12 @@ def check_plan_options(o: PlanOptions) -> None:
 
 def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable[[str], None] = lambda m: None,
          clock: Callable[[], float] = time.monotonic) -> PlanResult:
-    from vit2trt.converter.convert import ConvertOptions, convert
-    from vit2trt.converter.graph_reader import describe_vit
-    from vit2trt.converter.loading import load_onnx
-    from vit2trt.passes.methods import get_method
+    from .convert import ConvertOptions, convert
+    from .graph_reader import describe_vit
+    from .loading import load_onnx
+    from ..passes.methods import get_method
 
-    from vit2trt.converter.engine import BuildOptions, check_build
+    from .engine import BuildOptions, check_build
 
     check_plan_options(options)
     check_build(BuildOptions(options.engine if options.build else "none"))   # before the search, not after
@@ -351,8 +351,8 @@ def _split(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _load_images(options: PlanOptions, vit, record_path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    from vit2trt.converter.calibration import image_files, load_calibration
-    from vit2trt.converter.validate import image_labels
+    from .calibration import image_files, load_calibration
+    from .validate import image_labels
 
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     calib = Path(options.calib)
@@ -379,7 +379,7 @@ class _Judge:
     """The original's outputs on the held-out images, and how a candidate compares: accuracy and speed."""
 
     def __init__(self, model_path, held: np.ndarray, labels: Optional[np.ndarray], options: PlanOptions):
-        from vit2trt.converter.bench import ort_runner
+        from .bench import ort_runner
 
         self.options, self.held, self.labels = options, held, labels
         self.original_runner = ort_runner(Path(model_path), options.threads)
@@ -394,7 +394,7 @@ class _Judge:
         return np.concatenate([runner(self.held[i:i + 8])[0] for i in range(0, len(self.held), 8)])
 
     def score(self, c: Candidate, onnx_path: Path) -> None:
-        from vit2trt.converter.bench import ort_runner
+        from .bench import ort_runner
 
         runner = ort_runner(onnx_path, self.options.threads)
         logits = self._logits(runner)

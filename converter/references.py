@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from vit2trt.errors import ExportError, Vit2TrtError
+from ..errors import ExportError, Vit2TrtError
 
 RECORD_FILE = "reference.json"
 ORIGINAL_FILE = "original.json"
@@ -47,7 +47,7 @@ class Reference:
             return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
         import torch
 
-        from vit2trt.models.reference import build_model
+        from ..models.reference import build_model
 
         model = build_model(self.record).eval()
         with torch.no_grad():
@@ -81,7 +81,7 @@ def _is_model_spec(reference: Optional[str]) -> bool:
 
 
 def _record_reference(path: Path) -> Reference:
-    from vit2trt.models.reference import ReferenceRecord
+    from ..models.reference import ReferenceRecord
 
     try:
         record = ReferenceRecord.load(path)
@@ -94,7 +94,7 @@ def _record_reference(path: Path) -> Reference:
 
 
 def _pytorch_reference(spec: str, weights: Optional[str], model_args: Optional[dict]) -> Reference:
-    from vit2trt.converter.export import reference_model
+    from .export import reference_model
 
     try:
         record, _ = reference_model(spec, weights, model_args)
@@ -109,8 +109,8 @@ def _pytorch_reference(spec: str, weights: Optional[str], model_args: Optional[d
 
 
 def _onnx_reference(out_dir: Path, path: Path) -> Reference:
-    from vit2trt.converter.calibration import DEFAULT_PREPROCESSING
-    from vit2trt.models.reference import sha256_of
+    from .calibration import DEFAULT_PREPROCESSING
+    from ..models.reference import sha256_of
 
     if not path.is_file():
         raise Vit2TrtError(f"--reference-onnx {path}: no such file.")

@@ -183,7 +183,7 @@ def _markdown(report: dict, has_plot: bool) -> str:
 
 def speedup_cell(row: dict, flops_ratio=None, ascii: bool = False) -> str:
     """A latency row's speedup as converter/speedup.py writes it (interval, unstable, beyond FLOPs)."""
-    from vit2trt.converter.speedup import Speedup, format_speedup
+    from .speedup import Speedup, format_speedup
 
     figure = Speedup.reference() if row.get("variant") == "original" else Speedup.from_json(row, flops_ratio)
     return format_speedup(figure, ascii)

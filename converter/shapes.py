@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from vit2trt.errors import NotAViTError
+from ..errors import NotAViTError
 
 _PROTOBUF_LIMIT = 2**31 - 1 - 64 * 2**20  # leave headroom for the graph itself
 

@@ -11,19 +11,19 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from vit2trt.converter.files import write_atomically
-from vit2trt.converter.graph_reader import read_vit
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.methods.asvit import asvit_flops_model, asvit_inputs
+from .files import write_atomically
+from .graph_reader import read_vit
+from ..errors import Vit2TrtError
+from ..passes.methods.asvit import asvit_flops_model, asvit_inputs
 
 
 def tune_asvit_thresholds(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: Optional[str],
                           target_flops: float = 0.65, stages: Optional[list[int]] = None, epochs: int = 30,
                           seed: int = 0, calib_limit: Optional[int] = None, overwrite: bool = False,
                           progress: Callable[[str], None] = lambda message: None) -> dict:
-    from vit2trt.models.asvit_reference import calibrate_thresholds
-    from vit2trt.models.asvit_tuning import tune_thresholds
-    from vit2trt.passes.asvit import check_settings, default_stages
+    from ..models.asvit_reference import calibrate_thresholds
+    from ..models.asvit_tuning import tune_thresholds
+    from ..passes.asvit import check_settings, default_stages
 
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:

@@ -20,8 +20,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from vit2trt.converter.report import render_report, update_report
-from vit2trt.errors import Vit2TrtError
+from .report import render_report, update_report
+from ..errors import Vit2TrtError
 
 SINGLE_RUNS = 16   # images re-run one at a time for the batch-dependence check
 
@@ -75,7 +75,7 @@ def image_labels(images: Path, files: Optional[list[Path]], count: int, labels: 
                  class_map: Optional[Path], width: Optional[int], flag: str) -> Optional[np.ndarray]:
     """The class of each image, in the order of `files` (None: an .npy of `count` images), or None when no
     labels are given. An ImageFolder labels itself; a flat folder or an array takes --labels."""
-    from vit2trt.converter.image_folder import class_indices, folder_labels, is_image_folder
+    from .image_folder import class_indices, folder_labels, is_image_folder
 
     if files is not None and is_image_folder(images):
         if labels is not None:
@@ -125,8 +125,8 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     `reference_onnx`: the original graph instead (converter.references). use_folder_labels=False reads only
     the images of an ImageFolder (convert's check on its --calib, whose folders need not be in the head's
     order)."""
-    from vit2trt.converter.calibration import image_files, load_calibration, preprocess_image, DEFAULT_PREPROCESSING
-    from vit2trt.converter.references import check_reference_fits, cpu_session, resolve_reference
+    from .calibration import image_files, load_calibration, preprocess_image, DEFAULT_PREPROCESSING
+    from .references import check_reference_fits, cpu_session, resolve_reference
 
     out_dir = Path(out_dir)
     onnx_path = out_dir / "model.onnx"
@@ -218,10 +218,10 @@ def surgery_check(out_dir: Path, record, x: np.ndarray, batch: int) -> dict:
     choice, so that what is checked is the surgery; `near_ties` counts the (image, block) merges that did."""
     import torch
 
-    from vit2trt.converter.references import cpu_session
-    from vit2trt.models.compressed_reference import compressed_reference
-    from vit2trt.models.reference import build_model
-    from vit2trt.models.tome_reference import ToMeViT
+    from .references import cpu_session
+    from ..models.compressed_reference import compressed_reference
+    from ..models.reference import build_model
+    from ..models.tome_reference import ToMeViT
 
     compressed = compressed_reference(build_model(record), json.loads((out_dir / "decisions.json").read_text()),
                                       out_dir)
@@ -250,7 +250,7 @@ def _graph_with_decisions(path: Path):
     original (so that external weights resolve, and are not loaded) and removed afterwards."""
     import onnx
 
-    from vit2trt.passes.tome import with_decision_outputs
+    from ..passes.tome import with_decision_outputs
 
     exposed, blocks = with_decision_outputs(onnx.load(str(path), load_external_data=False))
     fd, copy = tempfile.mkstemp(prefix=".vit2trt-decisions-", suffix=".onnx", dir=path.parent)
@@ -267,7 +267,7 @@ def _engine_check(out_dir: Path, input_name: str, x: np.ndarray, batch: int, wan
     engine = out_dir / "model.engine"
     if not engine.is_file():
         return "not run: no model.engine in OUT"
-    from vit2trt.converter.engine import engine_runner
+    from .engine import engine_runner
 
     try:
         run = engine_runner(engine, input_name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vit2trt.models.vit_parts import attention_parts, vit_parts
+from .vit_parts import attention_parts, vit_parts
 
 
 def token_scores(probs: torch.Tensor, per_head: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit2trt.models.asvit_reference import ASViT, token_scores
-from vit2trt.models.vit_parts import attention_parts, vit_parts
+from .asvit_reference import ASViT, token_scores
+from .vit_parts import attention_parts, vit_parts
 
 TAU_FRACTION = 0.25    # sigmoid temperature as a fraction of each stage's starting threshold
 BUDGET_WEIGHT = 20.0    # λ: the squared FLOPs gap is small (0.01 for a 10-point miss)

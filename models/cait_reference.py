@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vit2trt.models.pruned_reference import apply_decisions
-from vit2trt.models.vit_parts import attention_parts, vit_parts
-from vit2trt.passes.atme import EPS
+from .pruned_reference import apply_decisions
+from .vit_parts import attention_parts, vit_parts
+from ..passes.atme import EPS
 
 
 def merge_neighbours(x: torch.Tensor, importance: torch.Tensor, sizes: torch.Tensor, extra: int,

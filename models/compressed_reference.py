@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vit2trt.errors import Vit2TrtError
+from ..errors import Vit2TrtError
 
 
 def compensation_weights(decisions: dict, out_dir: Optional[Path]) -> Optional[dict[str, torch.Tensor]]:
@@ -32,7 +32,7 @@ def compressed_reference(model: nn.Module, decisions: dict, out_dir: Optional[Pa
     """`out_dir` is where decisions.json lies (compensated weights are read from there). The pruned
     structure of every part (decisions' 'blocks', 'tcs' and compensated weights) is applied first,
     then each part wraps the model in the order it ran (a composition lists them under 'parts')."""
-    from vit2trt.passes.methods import REGISTRY
+    from ..passes.methods import REGISTRY
 
     weights = compensation_weights(decisions, out_dir)
     parts = decisions.get("parts") or [decisions]
@@ -40,7 +40,7 @@ def compressed_reference(model: nn.Module, decisions: dict, out_dir: Optional[Pa
     if unknown:
         raise Vit2TrtError(f"decisions.json names an unknown method '{unknown[0]}'.")
     if decisions.get("blocks") or decisions.get("tcs") or weights:
-        from vit2trt.models.pruned_reference import apply_decisions
+        from .pruned_reference import apply_decisions
 
         model = apply_decisions(model, decisions, weights)
     model = model.eval()

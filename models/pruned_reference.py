@@ -12,8 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from vit2trt.errors import Vit2TrtError
-from vit2trt.models.reference import HFLogits
+from ..errors import Vit2TrtError
+from .reference import HFLogits
 
 
 def _columns(keep: list[list[int]], head_dim: int) -> torch.Tensor:

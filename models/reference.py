@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from vit2trt.errors import ExportError
+from ..errors import ExportError
 
 RECORD_SUFFIX = ".reference.json"
 HF_VIT = "ViTForImageClassification"

@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vit2trt.models.vit_parts import attention_parts, vit_parts
-from vit2trt.passes.tome import PROTECT, TIE_TOLERANCE
+from .vit_parts import attention_parts, vit_parts
+from ..passes.tome import PROTECT, TIE_TOLERANCE
 
 # A graph's decision within this of the reference's own is rounding, not a different choice: ten times the
 # tie tolerance, and far below the gaps that decide real photos (about 1e-3).

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vit2trt.models.digits import CHECKPOINT, MODEL_ARGS, MODEL_NAME, compose, load_split, test_set
+from .digits import CHECKPOINT, MODEL_ARGS, MODEL_NAME, compose, load_split, test_set
 
 
 def build(seed: int = 0) -> nn.Module:

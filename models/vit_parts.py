@@ -8,8 +8,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from vit2trt.models.pruned_reference import PrunedAttention
-from vit2trt.models.reference import HFLogits
+from .pruned_reference import PrunedAttention
+from .reference import HFLogits
 
 
 @dataclass

@@ -30,11 +30,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import GraphBuilder, export_like, open_for_surgery
-from vit2trt.converter.vit_graph import ViTGraph
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.base import PassResult
-from vit2trt.passes.structured_prune import BlockKeep, rebuild_attention
+from ..converter.graph_utils import GraphBuilder, export_like, open_for_surgery
+from ..converter.vit_graph import ViTGraph
+from ..errors import Vit2TrtError
+from .base import PassResult
+from .structured_prune import BlockKeep, rebuild_attention
 
 MASKED = -1e4
 FORMS = ("dynamic", "bounded", "packed")

@@ -14,11 +14,11 @@ from typing import Callable, Optional
 import numpy as np
 import onnx
 
-from vit2trt.converter.graph_utils import open_for_surgery
-from vit2trt.converter.shapes import memory_session, with_outputs
-from vit2trt.converter.vit_graph import ViTGraph
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.structured_prune import AttentionWeights, attention_weights
+from ..converter.graph_utils import open_for_surgery
+from ..converter.shapes import memory_session, with_outputs
+from ..converter.vit_graph import ViTGraph
+from ..errors import Vit2TrtError
+from .structured_prune import AttentionWeights, attention_weights
 
 CHUNK = 16
 PROBE_IMAGES = 32  # images on which end-to-end sensitivity is measured

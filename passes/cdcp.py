@@ -16,12 +16,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from vit2trt.converter.graph_utils import open_for_surgery
-from vit2trt.converter.vit_graph import ViTGraph
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.base import PassResult
-from vit2trt.passes.scwp import kept_count, rounded_count
-from vit2trt.passes.structured_prune import BlockKeep, attention_weights, prune_structure
+from ..converter.graph_utils import open_for_surgery
+from ..converter.vit_graph import ViTGraph
+from ..errors import Vit2TrtError
+from .base import PassResult
+from .scwp import kept_count, rounded_count
+from .structured_prune import BlockKeep, attention_weights, prune_structure
 
 
 def _top_channels(scores: np.ndarray, keep: int) -> list[int]:

@@ -19,9 +19,9 @@ from typing import Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import const_value
-from vit2trt.converter.vit_graph import Attention, Linear
-from vit2trt.errors import Vit2TrtError
+from ..converter.graph_utils import const_value
+from ..converter.vit_graph import Attention, Linear
+from ..errors import Vit2TrtError
 
 RIDGE = 1e-3   # λ = RIDGE · mean of the kept inputs' variances
 

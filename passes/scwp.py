@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from vit2trt.converter.graph_utils import open_for_surgery
-from vit2trt.converter.vit_graph import ViTGraph
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.structured_prune import BlockKeep, attention_weights
+from ..converter.graph_utils import open_for_surgery
+from ..converter.vit_graph import ViTGraph
+from ..errors import Vit2TrtError
+from .structured_prune import BlockKeep, attention_weights
 
 
 def kept_count(head_dim: int, sparsity: float) -> int:

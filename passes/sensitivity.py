@@ -19,15 +19,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import const_value, export_like, open_for_surgery
-from vit2trt.converter.vit_graph import ViTGraph
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.base import PassResult
-from vit2trt.passes.calibration_stats import BlockStats, CalibrationStats
-from vit2trt.passes.compensation import (
+from ..converter.graph_utils import const_value, export_like, open_for_surgery
+from ..converter.vit_graph import ViTGraph
+from ..errors import Vit2TrtError
+from .base import PassResult
+from .calibration_stats import BlockStats, CalibrationStats
+from .compensation import (
     compensate_inputs, compensate_queries, greedy_removal, query_columns, removal_error, write_linear,
 )
-from vit2trt.passes.structured_prune import AttentionWeights, BlockKeep, attention_weights, linear_bias, linear_weight
+from .structured_prune import AttentionWeights, BlockKeep, attention_weights, linear_bias, linear_weight
 
 QK_PROBE_LEVELS = 8    # QK levels measured per head; the curve is interpolated in between
 
@@ -114,7 +114,7 @@ def measure_gains(model: onnx.ModelProto, vit: ViTGraph, parts: list[BlockParts]
     output distribution (or squared error of the outputs, when they are not class scores) per unit
     E‖e‖² per token, with e Gaussian noise shaped like the block's own FFN output (what pruning
     errors look like), measured on `images`."""
-    from vit2trt.converter.shapes import memory_session
+    from ..converter.shapes import memory_session
 
     surgery = open_for_surgery(model)
     graph, rng = surgery.graph, np.random.default_rng(seed)

@@ -16,10 +16,10 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from vit2trt.converter.graph_utils import open_for_surgery
-from vit2trt.converter.vit_graph import ViTGraph
-from vit2trt.passes.base import PassResult
-from vit2trt.passes.structured_prune import (
+from ..converter.graph_utils import open_for_surgery
+from ..converter.vit_graph import ViTGraph
+from .base import PassResult
+from .structured_prune import (
     BlockKeep, attention_weights, linear_bias, linear_weight, prune_structure,
 )
 

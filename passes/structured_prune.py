@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vit2trt.converter.graph_utils import const_value, export_like, open_for_surgery
-from vit2trt.converter.vit_graph import Attention, Linear, ViTGraph
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.base import PassResult
+from ..converter.graph_utils import const_value, export_like, open_for_surgery
+from ..converter.vit_graph import Attention, Linear, ViTGraph
+from ..errors import Vit2TrtError
+from .base import PassResult
 
 
 @dataclass

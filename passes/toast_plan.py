@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from vit2trt.converter.vit_graph import ViTGraph
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.scwp import kept_count
-from vit2trt.passes.tcs import kept_channels
-from vit2trt.passes.toast_schedules import SCHEDULES
+from ..converter.vit_graph import ViTGraph
+from ..errors import Vit2TrtError
+from .scwp import kept_count
+from .tcs import kept_channels
+from .toast_schedules import SCHEDULES
 
 DEFAULT_HEAD_SPARSITY = 0.9
 _FC2_STEPS = [0.5, 0.6, 0.7, 0.8, 0.9]

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from vit2trt.converter.graph_utils import GraphBuilder, export_like, open_for_surgery
-from vit2trt.converter.vit_graph import ViTGraph
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.base import PassResult
-from vit2trt.passes.structured_prune import BlockKeep, rebuild_attention
+from ..converter.graph_utils import GraphBuilder, export_like, open_for_surgery
+from ..converter.vit_graph import ViTGraph
+from ..errors import Vit2TrtError
+from .base import PassResult
+from .structured_prune import BlockKeep, rebuild_attention
 
 PROTECT = -1e4   # added to the class token's similarities, which lie in [-2, 0] (cosine − 1)
 # Scores closer than this count as tied and go to the lower index: above the rounding that tells ONNX

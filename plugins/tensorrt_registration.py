@@ -39,7 +39,7 @@ def register_tensorrt_plugins() -> bool:
              outputs: Tuple[trtp.Tensor], stream: int) -> None:
         import torch
 
-        from vit2trt.plugins.tome_triton import tome_merge
+        from .tome_triton import tome_merge
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             merged, sizes = tome_merge(torch.as_tensor(x, device="cuda"), torch.as_tensor(size, device="cuda"),

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vit2trt.models.tome_reference import split_edges
-from vit2trt.passes.tome import PROTECT, TIE_TOLERANCE
+from ..models.tome_reference import split_edges
+from ..passes.tome import PROTECT, TIE_TOLERANCE
 
 
 @triton.jit

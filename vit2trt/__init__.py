@@ -10,11 +10,11 @@ __all__ = ["read_vit", "export_model", "__version__"]
 
 def __getattr__(name):  # lazy, so `vit2trt --help` does not import onnx and torch
     if name == "read_vit":
-        from vit2trt.converter.graph_reader import read_vit
+        from .converter.graph_reader import read_vit
 
         return read_vit
     if name == "export_model":
-        from vit2trt.converter.export import export_model
+        from .converter.export import export_model
 
         return export_model
     raise AttributeError(name)

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vit2trt import __version__
-from vit2trt.errors import Vit2TrtError
+from . import __version__
+from .errors import Vit2TrtError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -58,7 +58,7 @@ def _user_errors():
 
 def _parse_model_args(pairs: List[str]) -> dict:
     """--arg depth=2 --arg class_token=false -> {'depth': 2, 'class_token': False}."""
-    from vit2trt.errors import ExportError
+    from .errors import ExportError
 
     parsed = {}
     for pair in pairs:
@@ -91,7 +91,7 @@ def export(
 ):
     """Export a timm or Hugging Face ViT to ONNX with a dynamic batch axis. Nothing is downloaded."""
     with _user_errors():
-        from vit2trt.converter.export import export_model
+        from .converter.export import export_model
 
         with err.status(f"exporting {model} with the {exporter} exporter ..."):
             result = export_model(model, out_path, weights=str(weights) if weights else None, exporter=exporter,
@@ -111,8 +111,8 @@ def inspect(
 ):
     """Describe the ViT inside an ONNX graph: tokens, every block's attention and FFN, the head, FLOPs."""
     with _user_errors():
-        from vit2trt.converter.engine import build_engine
-        from vit2trt.converter.graph_reader import read_vit
+        from .converter.engine import build_engine
+        from .converter.graph_reader import read_vit
 
         with err.status(f"reading {model} ..."):
             graph = read_vit(model, img_size=img_size)
@@ -128,7 +128,7 @@ def inspect(
 def method_option_parameters() -> list[pyinspect.Parameter]:
     """One command-line option per method option in the registry, grouped by method in --help; an
     option several methods declare (--target-flops, --stages, --multiple) appears once."""
-    from vit2trt.passes.methods import REGISTRY, available, option_fields
+    from .passes.methods import REGISTRY, available, option_fields
 
     owners: dict[str, list] = {}
     for name in available():
@@ -152,7 +152,7 @@ def method_option_parameters() -> list[pyinspect.Parameter]:
 
 def method_options_given(values: dict, settings: List[str]) -> dict:
     """The method options the user set: values that differ from their defaults, and --set part.option=value."""
-    from vit2trt.passes.methods import REGISTRY, option_fields
+    from .passes.methods import REGISTRY, option_fields
 
     specs = {f.name: f for m in REGISTRY.values() for f in option_fields(m.Options)}
     # Not given: None; a plain flag (no --no- form) that is absent may also read False.
@@ -206,7 +206,7 @@ def convert(
     asymmetric merging of neighbouring tokens (--stages). Methods compose with '+'. Every graph is
     native ONNX."""
     with _user_errors():
-        from vit2trt.converter.convert import ConvertOptions, convert as run_convert
+        from .converter.convert import ConvertOptions, convert as run_convert
 
         options = ConvertOptions(method=method, calib=str(calib) if calib else None, fit_limit=fit_images,
                                  build=build, engine=engine, batch=_batch_profile(batch), precision=precision,
@@ -226,7 +226,7 @@ def convert(
         for note in result.notes:
             out.print(f"note: {note}", style="yellow")
         if calib is not None and (result.out_dir / "reference.json").is_file():
-            from vit2trt.converter.validate import validate as run_validate
+            from .converter.validate import validate as run_validate
 
             with _progress("validating against the PyTorch reference") as report:
                 v = run_validate(result.out_dir, calib, limit=64, progress=report, use_folder_labels=False)
@@ -280,8 +280,8 @@ def plan(
     measuring every candidate's latency against the original and its accuracy on held-out images.
     Ctrl-C or --time-limit keeps the best model found so far."""
     with _user_errors():
-        from vit2trt.converter.plan import PlanOptions, credible_speedup, figure, plan as run_plan
-        from vit2trt.converter.speedup import format_speedup, terminal_legend
+        from .converter.plan import PlanOptions, credible_speedup, figure, plan as run_plan
+        from .converter.speedup import format_speedup, terminal_legend
 
         options = PlanOptions(calib=str(calib), out_dir=str(out_dir), labels=str(labels) if labels else None,
                               class_map=str(class_map) if class_map else None,
@@ -333,7 +333,7 @@ def tune_thresholds(
     calibrated ones; then the hard budget is met exactly. The paper trains backbone and thresholds
     together (30 epochs on ImageNet); this tunes the thresholds alone."""
     with _user_errors():
-        from vit2trt.converter.tune import tune_asvit_thresholds
+        from .converter.tune import tune_asvit_thresholds
 
         parsed = _int_list(stages, "--stages takes comma-separated block indices such as 4,7,10") if stages else None
         with _progress("tuning AS-ViT thresholds") as report:
@@ -378,7 +378,7 @@ def validate(
     accuracy with labels (--labels, or the class subfolders of an ImageFolder), batch independence.
     The result is added to OUT/report.json; exit code 1 when a threshold is missed."""
     with _user_errors():
-        from vit2trt.converter.validate import Thresholds, validate as run_validate
+        from .converter.validate import Thresholds, validate as run_validate
 
         with _progress("validating") as report:
             result = run_validate(out_dir, images, labels, reference, batch, limit,
@@ -433,9 +433,9 @@ def bench(
     latency; speedup as the median of the pairs' ratios with its 95% interval, marked unstable or
     beyond the FLOPs ratio where it is). Results go into OUT/report.json."""
     with _user_errors():
-        from vit2trt.converter.bench import bench as run_bench
-        from vit2trt.converter.report import speedup_cell
-        from vit2trt.converter.speedup import terminal_legend
+        from .converter.bench import bench as run_bench
+        from .converter.report import speedup_cell
+        from .converter.speedup import terminal_legend
 
         batches = None if batch is None else _int_list(batch, "--batch takes comma-separated sizes such as 1,8")
         with _progress("timing") as report:
@@ -466,8 +466,8 @@ def demo(
     tome, validate each on the fixed test split (accuracy), time all of them side by side, and print
     one table (also demo.md with a plot)."""
     with _user_errors():
-        from vit2trt.converter.demo import figure, run_demo
-        from vit2trt.converter.speedup import format_speedup, terminal_legend
+        from .converter.demo import figure, run_demo
+        from .converter.speedup import format_speedup, terminal_legend
 
         with _progress("demo") as report:
             summary = run_demo(out_dir, repeats, threads, build, overwrite, progress=report, time_cap=time_cap)

@@ -11,8 +11,8 @@ then contributes its channel pruning).
 """
 from __future__ import annotations
 
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.methods.base import Method, Run, option, option_fields
+from ...errors import Vit2TrtError
+from .base import Method, Run, option, option_fields
 
 REGISTRY: dict[str, Method] = {}
 
@@ -52,7 +52,7 @@ def composition_name(parts: list[Method]) -> str:
     return "+".join(m.name for m in parts)
 
 
-from vit2trt.passes.methods import asvit, cait, toast, tome  # noqa: E402,F401 - registration
+from . import asvit, cait, toast, tome  # noqa: E402,F401 - registration
 
 __all__ = ["Method", "Run", "option", "option_fields", "register", "get_method", "available",
            "parse_composition", "composition_name", "REGISTRY"]

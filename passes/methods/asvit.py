@@ -6,11 +6,11 @@ from typing import Optional
 
 import numpy as np
 
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.methods import register
-from vit2trt.passes.methods.base import Method, Run, option
-from vit2trt.passes.methods.parsing import index_list, thresholds_value
-from vit2trt.passes.methods.toast import TARGET_FLOPS_HELP
+from ...errors import Vit2TrtError
+from . import register
+from .base import Method, Run, option
+from .parsing import index_list, thresholds_value
+from .toast import TARGET_FLOPS_HELP
 
 STAGES_HELP = ("AS-ViT: blocks before which tokens are dropped (default 4,7,10 for 12 blocks). CAIT: blocks before "
                "which neighbouring tokens merge (default 4,8).")
@@ -41,7 +41,7 @@ def asvit_inputs(vit, model_path, calib: Optional[str], calib_limit: Optional[in
     calibration inputs: (model, images [N,C,H,W], description)."""
     import torch
 
-    from vit2trt.models.reference import ReferenceRecord, build_model
+    from ...models.reference import ReferenceRecord, build_model
 
     record_path = ReferenceRecord.path_for(model_path)
     if not record_path.is_file():
@@ -49,7 +49,7 @@ def asvit_inputs(vit, model_path, calib: Optional[str], calib_limit: Optional[in
                            "by vit2trt export), which is missing; pass --thresholds instead.")
     record = ReferenceRecord.load(record_path)
     if calib:
-        from vit2trt.converter.calibration import load_calibration
+        from ...converter.calibration import load_calibration
 
         images = load_calibration(calib, (vit.in_chans, *vit.img_size), record.preprocessing, calib_limit)
         described = f"{len(images)} calibration inputs"
@@ -76,7 +76,7 @@ class ASViT(Method):
         return f"{level['target_flops']:g} FLOPs (mean)"
 
     def check(self, o: ASViTOptions, run: Run) -> None:
-        from vit2trt.passes.asvit import check_settings, default_stages
+        from ..asvit import check_settings, default_stages
 
         if isinstance(o.thresholds, dict):   # a thresholds file that also names its stages
             o.stages = o.stages or o.thresholds["stages"]
@@ -88,8 +88,8 @@ class ASViT(Method):
                                f"got {o.target_flops}.")
 
     def apply(self, o: ASViTOptions, run: Run) -> dict:
-        from vit2trt.models.asvit_reference import calibrate_thresholds
-        from vit2trt.passes.asvit import apply_asvit
+        from ...models.asvit_reference import calibrate_thresholds
+        from ..asvit import apply_asvit
 
         calibration = None
         thresholds = o.thresholds
@@ -132,6 +132,6 @@ class ASViT(Method):
                 "asvit": dict(result.report, calibration=calibration)}
 
     def reference(self, model, part: dict):
-        from vit2trt.models.asvit_reference import ASViT as ASViTReference
+        from ...models.asvit_reference import ASViT as ASViTReference
 
         return ASViTReference(model, part["settings"]["stages"], part["settings"]["thresholds"]).eval()

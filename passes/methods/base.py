@@ -15,9 +15,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import onnx
 
-from vit2trt.converter.graph_reader import describe_vit
-from vit2trt.converter.vit_graph import ViTGraph
-from vit2trt.passes.structured_prune import BlockKeep, prune_structure
+from ...converter.graph_reader import describe_vit
+from ...converter.vit_graph import ViTGraph
+from ..structured_prune import BlockKeep, prune_structure
 
 
 def option(default: Any, flag: str, help: str, cli_type: type = None, parse: Callable[[Any], Any] = None,
@@ -107,7 +107,7 @@ class Run:
         """Remove structure a masked fine-tune zeroed (once per conversion)."""
         if self.stripped:
             return
-        from vit2trt.passes.strip_zeros import strip_dead_structure
+        from ..strip_zeros import strip_dead_structure
 
         self.stripped = True
         self.progress("stripping zeroed structure")
@@ -121,7 +121,7 @@ class Run:
             self.keeps = compose_keeps(self.keeps, keeps)
 
     def calibration_inputs(self, limit: int) -> np.ndarray:
-        from vit2trt.converter.calibration import load_calibration
+        from ...converter.calibration import load_calibration
 
         return load_calibration(self.calib, (self.vit.in_chans, *self.vit.img_size),
                                 (self.record() or {}).get("preprocessing"), limit,
@@ -131,7 +131,7 @@ class Run:
         """Activation moments of the current graph for compensation and budgets (None without --calib)."""
         if not self.calib:
             return None
-        from vit2trt.passes.calibration_stats import collect_stats
+        from ..calibration_stats import collect_stats
 
         key = None
         if self.cache is not None:
@@ -157,7 +157,7 @@ class Run:
                      for k in new_keeps]
         fitted_tensors: dict = {}
         if stats is not None and compensate is not False:
-            from vit2trt.passes.sensitivity import compensate_keeps
+            from ..sensitivity import compensate_keeps
 
             self.progress("fitting compensation")
             fitted, fitted_tensors = compensate_keeps(self.model, self.vit, stats, new_keeps)
@@ -175,8 +175,8 @@ class Run:
 
     def structured_reference(self):
         """The original's PyTorch reference with the structure pruned so far (AS-ViT calibrates on it)."""
-        from vit2trt.models.pruned_reference import apply_decisions
-        from vit2trt.models.reference import ReferenceRecord, build_model
+        from ...models.pruned_reference import apply_decisions
+        from ...models.reference import ReferenceRecord, build_model
 
         record_path = ReferenceRecord.path_for(self.model_path)
         if not record_path.is_file():

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.methods import register
-from vit2trt.passes.methods.asvit import STAGES_HELP
-from vit2trt.passes.methods.base import Method, Run, option
-from vit2trt.passes.methods.parsing import index_list
-from vit2trt.passes.methods.toast import (COMPENSATE_HELP, MULTIPLE_HELP, TARGET_FLOPS_HELP, TIE_HELP, budget_keeps,
+from ...errors import Vit2TrtError
+from . import register
+from .asvit import STAGES_HELP
+from .base import Method, Run, option
+from .parsing import index_list
+from .toast import (COMPENSATE_HELP, MULTIPLE_HELP, TARGET_FLOPS_HELP, TIE_HELP, budget_keeps,
                                           check_budget)
 
 DEFAULT_RATIO = 0.25
@@ -53,8 +53,8 @@ class CAIT(Method):
         return run.token_part in (None, self.name)
 
     def check(self, o: CAITOptions, run: Run) -> None:
-        from vit2trt.passes.atme import default_stages, plan_atme
-        from vit2trt.passes.sensitivity import check_multiple
+        from ..atme import default_stages, plan_atme
+        from ..sensitivity import check_multiple
 
         if o.target_flops is not None and o.channel_ratio is not None:
             raise Vit2TrtError("--target-flops chooses every block's channels itself; give it without --channel-ratio.")
@@ -70,8 +70,8 @@ class CAIT(Method):
         check_multiple(run.vit, o.multiple)
 
     def apply(self, o: CAITOptions, run: Run) -> dict:
-        from vit2trt.passes.atme import apply_atme
-        from vit2trt.passes.cdcp import cdcp_keep
+        from ..atme import apply_atme
+        from ..cdcp import cdcp_keep
 
         ratio = DEFAULT_RATIO if o.channel_ratio is None else o.channel_ratio
         had_keeps = bool(run.keeps)
@@ -112,7 +112,7 @@ class CAIT(Method):
                 "atme": atme, "budget": budget}
 
     def reference(self, model, part: dict):
-        from vit2trt.models.cait_reference import CAITViT
+        from ...models.cait_reference import CAITViT
 
         atme = part.get("atme")
         return CAITViT(model, atme["stages"], atme["axes"]).eval() if atme else model

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from vit2trt.errors import Vit2TrtError
+from ...errors import Vit2TrtError
 
 
 def _number_list(kind: type, flag: str, usage: str) -> Callable[[Optional[str]], Optional[list]]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from vit2trt.errors import Vit2TrtError
-from vit2trt.passes.methods import register
-from vit2trt.passes.methods.base import Method, Run, option
-from vit2trt.passes.methods.parsing import fraction_list
+from ...errors import Vit2TrtError
+from . import register
+from .base import Method, Run, option
+from .parsing import fraction_list
 
 TARGET_FLOPS_HELP = ("Fraction of the original FLOPs. toast, cait: every block's QK dims, V dims and FFN channels "
                      "are chosen by measured sensitivity (needs --calib); in a composition it counts the tokens ToMe "
@@ -60,7 +60,7 @@ def budget_keeps(run: Run, target_flops: float, multiple: int, consistent: bool,
     """Keep lists meeting `target_flops` of the original FLOPs, allocated by measured sensitivity. Where the
     graph writes attention as ONNX Attention nodes, each block's Q·K and V dims are kept equal, so that the
     rebuilt blocks stay fused (TensorRT's fused attention wants K and V of one shape)."""
-    from vit2trt.passes.sensitivity import plan_budget
+    from ..sensitivity import plan_budget
 
     stats = run.calibration_stats()
     tokens = tokens or run.token_schedule
@@ -89,7 +89,7 @@ class Toast(Method):
         return f"{level['target_flops']:g} FLOPs"
 
     def check(self, o: ToastOptions, run: Run) -> None:
-        from vit2trt.passes.sensitivity import check_multiple
+        from ..sensitivity import check_multiple
 
         tcs = o.fc1_ratios is not None or o.fc2_ratios is not None or o.target_gflops is not None
         if o.target_flops is not None and (o.fc1_ratios is not None or o.fc2_ratios is not None):
@@ -106,9 +106,9 @@ class Toast(Method):
         check_multiple(run.vit, o.multiple)
 
     def apply(self, o: ToastOptions, run: Run) -> dict:
-        from vit2trt.passes.scwp import scwp_keep
-        from vit2trt.passes.tcs import apply_tcs, tcs_blocks
-        from vit2trt.passes.toast_plan import ToastPlan, plan_toast
+        from ..scwp import scwp_keep
+        from ..tcs import apply_tcs, tcs_blocks
+        from ..toast_plan import ToastPlan, plan_toast
 
         run.strip_zeroed()
         pruned_before = bool(run.keeps)

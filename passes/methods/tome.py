@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vit2trt.passes.methods import register
-from vit2trt.passes.methods.base import Method, Run, option
+from . import register
+from .base import Method, Run, option
 
 
 @dataclass
@@ -18,12 +18,12 @@ class ToMe(Method):
     Options = ToMeOptions
 
     def check(self, o: ToMeOptions, run: Run) -> None:
-        from vit2trt.passes.tome import tome_schedule
+        from ..tome import tome_schedule
 
         run.token_schedule = tome_schedule(run.vit, o.r).tokens   # refuses bad r and token layouts early
 
     def apply(self, o: ToMeOptions, run: Run) -> dict:
-        from vit2trt.passes.tome import apply_tome
+        from ..tome import apply_tome
 
         run.progress(f"merging {o.r} tokens per block (ToMe)")
         vit = run.vit
@@ -44,6 +44,6 @@ class ToMe(Method):
         return f"r={level['r']}"
 
     def reference(self, model, part: dict):
-        from vit2trt.models.tome_reference import ToMeViT
+        from ...models.tome_reference import ToMeViT
 
         return ToMeViT(model, part["tome"]["r"]).eval()
