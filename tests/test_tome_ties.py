@@ -21,6 +21,7 @@ from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
 from vit2trt.models.compressed_reference import compressed_reference
 from vit2trt.models.reference import ReferenceRecord, build_model
+from vit2trt.models.tome_reference import graph_decisions
 from vit2trt.passes.tome import TIE_TOLERANCE, with_decision_outputs
 
 from conftest import rel_error
@@ -78,9 +79,7 @@ def onnx_decisions(path, x: np.ndarray, rs: list[int], level, threads: int, batc
     outputs = [np.concatenate(parts) for parts in zip(*runs)]
     blocks = []
     for k, r in enumerate([r for r in rs if r]):
-        partner, edges = outputs[1 + 2 * k][..., 0], outputs[2 + 2 * k][..., 0]
-        src = edges[:, :r]
-        blocks.append((src, np.take_along_axis(partner, src, 1), np.sort(edges[:, r:], 1)))
+        blocks.append(tuple(t.numpy() for t in graph_decisions(outputs[1 + 2 * k], outputs[2 + 2 * k], r)))
     return outputs[0], blocks
 
 
