@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vit2trt.converter.bench import ort_runner
+from vit2trt.converter.runtime import ort_runner
 from vit2trt.converter.speedup import Speedup, format_speedup, measure_speedup
 from vit2trt.converter.calibration import load_calibration
 from vit2trt.converter.convert import ConvertOptions, convert

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from vit2trt.converter.bench import ort_runner, ort_session
+from vit2trt.converter.runtime import ort_runner, ort_session
 from vit2trt.converter.speedup import (
     TIME_CAP_S, PairedTiming, Speedup, format_speedup, measure_speedup, terminal_legend,
 )
 
 
 def session(path: Path, threads: int, profile_prefix: str | None = None):
-    return ort_session(path, threads, profile_prefix)
+    return ort_session(path, threads, profile_prefix=profile_prefix)
 
 
 def paired_speedups(paths: dict[str, Path], batches: list[int], rounds: int, threads: int,

@@ -103,7 +103,7 @@ def _asvit_per_image(base: Path, asvit, record_path: Path, inputs: np.ndarray, a
     need; and the FLOPs a batch of 8 really executes (each stage keeps the batch's largest count)."""
     import torch
 
-    from vit2trt.converter.bench import ort_runner
+    from vit2trt.converter.runtime import ort_runner
     from vit2trt.converter.speedup import format_speedup, measure_speedup
     from vit2trt.passes.methods.asvit import asvit_flops_model
     from vit2trt.models.asvit_reference import ASViT

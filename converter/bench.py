@@ -11,7 +11,6 @@ reached (then the figure is marked unstable), and flagged where it exceeds the F
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from pathlib import Path
@@ -19,75 +18,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .report import render_report, read_report, update_report
+from .artifact import DECISIONS_FILE, ENGINE_FILE, ENGINE_INFO_FILE, RECORD_FILE, Artifact, read_json
+from .report import render_report
+from .runtime import ort_runner, torch_runner
 from .speedup import MAX_ROUNDS, TIME_CAP_S, PairedTiming, Speedup, measure_speedup
 from ..errors import Vit2TrtError
 
 BACKENDS = ("ort", "tensorrt", "torch-cuda", "torch-cpu")
-
-
-def ort_session(path: Path, threads: int, profile_prefix: Optional[str] = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], object]:
-    session = ort_session(path, threads)
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})
-
-
-def torch_runner(module, device: str, threads: int = 2) -> Callable[[np.ndarray], object]:
-    """Run `module` on `device`; on CUDA, capture one CUDA graph per batch size and replay it."""
-    import torch
-
-    torch.set_num_threads(threads)
-
-    module = module.to(device).eval()
-    if device == "cpu":
-        def run_cpu(x):
-            with torch.no_grad():
-                return module(torch.from_numpy(x))
-        return run_cpu
-    graphs: dict[tuple, tuple] = {}
-
-    def run_cuda(x):
-        key = x.shape
-        if graphs.get(key) == "eager":
-            with torch.no_grad():
-                out = module(torch.from_numpy(x).to(device))
-            torch.cuda.synchronize()
-            return out
-        if key not in graphs:
-            static_in = torch.from_numpy(x).to(device)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.no_grad(), torch.cuda.stream(stream):
-                for _ in range(3):   # warm up outside the capture, as CUDA graphs require
-                    module(static_in)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.no_grad(), torch.cuda.graph(graph):
-                    static_out = module(static_in)
-            except RuntimeError:   # data-dependent shapes (AS-ViT) cannot be captured: run eagerly
-                graphs[key] = "eager"
-                return run_cuda(x)
-            graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = graphs[key]
-        static_in.copy_(torch.from_numpy(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        return static_out
-    return run_cuda
 
 
 def latency_rows(timing: PairedTiming, batch: int) -> list[dict]:
@@ -109,10 +46,8 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
     """`repeats`: paired rounds at least per batch (up to MAX_ROUNDS times as many while the speedup's
     interval is wider than ±5%); `time_cap`: seconds of timing at most per backend and batch."""
     out_dir = Path(out_dir)
-    compressed = out_dir / "model.onnx"
-    if not compressed.is_file():
-        raise Vit2TrtError(f"{out_dir} holds no model.onnx; give the folder `vit2trt convert --out` wrote.")
-    report = read_report(out_dir)
+    artifact = Artifact.open(out_dir)
+    compressed, report = artifact.model_path, artifact.report
     original = Path(original) if original else Path(report.get("source_path", ""))
     if not original.is_file():
         raise Vit2TrtError(f"the original graph {original or '(unknown)'} is not there; pass --original MODEL.onnx.")
@@ -122,7 +57,7 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
     if repeats < 1 or threads < 1:
         raise Vit2TrtError("--repeats and --threads must be at least 1.")
     if batches is None:
-        how = _read_json(out_dir / "model.engine.json")
+        how = read_json(artifact.path(ENGINE_INFO_FILE))
         opt = next(iter(how.get("profile", {}).values()), {}).get("opt", [8])[0]
         batches = sorted({1, max(int(opt), 1)} | ({8} if opt == 1 else set()))
     if any(b < 1 for b in batches):
@@ -133,7 +68,7 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
     vit = describe_vit(load_onnx(original), str(original))
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal((b, vit.in_chans, *vit.img_size)).astype(np.float32) for b in batches}
-    flops_ratio = _flops_ratio(out_dir, report)
+    flops_ratio = _flops_ratio(artifact)
     results = {"batches": batches, "repeats": repeats, "max_rounds": repeats * MAX_ROUNDS, "time_cap_s": time_cap,
                "flops_ratio": flops_ratio, "threads": threads, "original": original.name, "inputs": "seeded noise",
                "backends": {}}
@@ -142,9 +77,9 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
         if backend == "ort":
             runners = {"original": ort_runner(original, threads), "compressed": ort_runner(compressed, threads)}
         elif backend == "tensorrt":
-            runners = _engine_runners(out_dir, original, vit.input_name)
+            runners = _engine_runners(artifact, original, vit.input_name)
         else:
-            runners = _torch_runners(out_dir, backend, threads)
+            runners = _torch_runners(artifact, backend, threads)
         rows = []
         for b, x in inputs.items():
             timing = measure_speedup(runners["original"], runners["compressed"], x, repeats, time_cap=time_cap,
@@ -152,32 +87,31 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
                                          f"timing on {backend}, batch {b}: round {d}/{t}"))
             rows += latency_rows(timing, b)
         results["backends"][backend] = rows
-    update_report(out_dir, "latency", results)
+    artifact.update_report("latency", results)
     render_report(out_dir)
     return results
 
 
-def _flops_ratio(out_dir: Path, report: dict) -> Optional[float]:
+def _flops_ratio(artifact: Artifact) -> Optional[float]:
     """The FLOPs ratio convert recorded, which bounds a credible speedup; none for AS-ViT, whose FLOPs
     depend on the image (the recorded count is one probe image's, not the timing inputs')."""
-    flops = report.get("flops") or {}
-    decisions = _read_json(out_dir / "decisions.json")
+    decisions = artifact.decisions
     parts = [decisions] + list(decisions.get("parts") or [])
-    if any("asvit" in part or part.get("method") == "asvit" for part in parts) or not {"before", "after"} <= set(flops):
+    if any("asvit" in part or part.get("method") == "asvit" for part in parts):
         return None
-    return flops["before"] / max(flops["after"], 1)
+    return artifact.flops_ratio
 
 
-def _engine_runners(out_dir: Path, original: Path, input_name: str) -> dict[str, Callable]:
+def _engine_runners(artifact: Artifact, original: Path, input_name: str) -> dict[str, Callable]:
     from .engine import BuildOptions, build_engine, engine_runner
 
-    engine = out_dir / "model.engine"
+    engine = artifact.path(ENGINE_FILE)
     if not engine.is_file():
         raise Vit2TrtError(f"--backend tensorrt needs {engine} (convert builds it when a TensorRT module is present).")
-    how = _read_json(out_dir / "model.engine.json")
+    how = read_json(artifact.path(ENGINE_INFO_FILE))
     profile = next(iter(how.get("profile", {}).values()), {"min": [1], "opt": [1], "max": [8]})
     compressed = engine_runner(engine, input_name)   # refuses early where no GPU can load it
-    original_engine = out_dir / ".original.engine"
+    original_engine = artifact.path(".original.engine")
     report = build_engine(original, engine_path=original_engine, options=BuildOptions(
         {"tensorrt_rtx": "tensorrt-rtx"}.get(how.get("module"), "tensorrt"),
         (profile["min"][0], profile["opt"][0], profile["max"][0]), how.get("precision", "fp32")))
@@ -190,27 +124,17 @@ def _engine_runners(out_dir: Path, original: Path, input_name: str) -> dict[str,
         Path(str(original_engine) + ".json").unlink(missing_ok=True)
 
 
-def _torch_runners(out_dir: Path, backend: str, threads: int) -> dict[str, Callable]:
+def _torch_runners(artifact: Artifact, backend: str, threads: int) -> dict[str, Callable]:
     import torch
 
-    from ..models.compressed_reference import compressed_reference
-    from ..models.reference import ReferenceRecord, build_model
+    from ..models.reference import build_model
 
     if backend == "torch-cuda" and not torch.cuda.is_available():
         raise Vit2TrtError("--backend torch-cuda needs a CUDA GPU visible to PyTorch.")
-    record_path, decisions_path = out_dir / "reference.json", out_dir / "decisions.json"
-    if not record_path.is_file() or not decisions_path.is_file():
-        raise Vit2TrtError(f"--backend {backend} needs {record_path.name} and {decisions_path.name} in {out_dir} "
+    record = artifact.reference_record()
+    if record is None or not artifact.decisions:
+        raise Vit2TrtError(f"--backend {backend} needs {RECORD_FILE} and {DECISIONS_FILE} in {artifact.folder} "
                            "(written by convert for models exported with `vit2trt export`).")
-    record = ReferenceRecord.load(record_path)
     device = "cuda" if backend == "torch-cuda" else "cpu"
-    decisions = json.loads(decisions_path.read_text())
     return {"original": torch_runner(build_model(record), device, threads),
-            "compressed": torch_runner(compressed_reference(build_model(record), decisions, out_dir), device, threads)}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+            "compressed": torch_runner(artifact.torch_model(record), device, threads)}

@@ -22,8 +22,10 @@ def load_calibration(path: str | os.PathLike, input_size: tuple[int, int, int],
                      preprocessing: Optional[dict] = None, limit: Optional[int] = None,
                      progress: Callable[[int, int], None] = lambda done, total: None,
                      flag: str = "--calib") -> np.ndarray:
-    """Return float32 [N, C, H, W] inputs from `path` (folder of images or .npy); `flag` names the
-    option in messages."""
+    """Return float32 [N, C, H, W] inputs from `path` (folder of images, .npy, or an array already in
+    memory); `flag` names the option in messages."""
+    if isinstance(path, np.ndarray):
+        return _checked_array(path, input_size, flag, "the array")[:limit]
     path = Path(path)
     if not path.exists():
         raise Vit2TrtError(f"{flag} {path}: no such file or folder.")
@@ -34,10 +36,7 @@ def load_calibration(path: str | os.PathLike, input_size: tuple[int, int, int],
             data = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise Vit2TrtError(f"{flag} {path}: not a readable .npy array ({exc}).") from exc
-        if data.ndim != 4 or tuple(data.shape[1:]) != tuple(input_size) or data.dtype.kind != "f":
-            raise Vit2TrtError(f"{flag} {path}: array has shape {list(data.shape)} and dtype {data.dtype}; "
-                               f"expected float [N, {', '.join(map(str, input_size))}].")
-        return np.ascontiguousarray(data[:limit].astype(np.float32))
+        return _checked_array(data[:limit], input_size, flag, str(path))
     files = image_files(path, limit, flag)
     config = dict(DEFAULT_PREPROCESSING, **(preprocessing or {}))
     batch = []
@@ -45,6 +44,13 @@ def load_calibration(path: str | os.PathLike, input_size: tuple[int, int, int],
         batch.append(preprocess_image(file, input_size, config))
         progress(i + 1, len(files))
     return np.stack(batch)
+
+
+def _checked_array(data: np.ndarray, input_size: tuple[int, int, int], flag: str, what: str) -> np.ndarray:
+    if data.ndim != 4 or tuple(data.shape[1:]) != tuple(input_size) or data.dtype.kind != "f":
+        raise Vit2TrtError(f"{flag} {what}: array has shape {list(data.shape)} and dtype {data.dtype}; "
+                           f"expected float [N, {', '.join(map(str, input_size))}].")
+    return np.ascontiguousarray(data.astype(np.float32, copy=False))
 
 
 def image_files(folder: Path, limit: Optional[int] = None, flag: str = "--calib") -> list[Path]:

@@ -1,11 +1,9 @@
-"""`vit2trt convert`: run the parts of a method or composition, check the result, write OUT atomically."""
+"""`vit2trt convert`: compress (run the parts of a method or composition, in memory), check the result
+against the original, save OUT atomically (converter/artifact.py)."""
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,19 +11,17 @@ from typing import Callable, Optional
 import numpy as np
 import onnx
 
-from .engine import BuildOptions, build_engine, check_build, report_dict
+from .artifact import COMPENSATION_FILE, MODEL_FILE, Artifact
+from .engine import BuildOptions, check_build
 from .graph_reader import describe_vit
 from .loading import load_onnx
-from .references import ORIGINAL_FILE
-from .report import block_table, flops_breakdown, render_report
-from .shapes import memory_session
+from .report import block_table, flops_breakdown
+from .runtime import ort_runner, run_batched
 from .vit_graph import BuildReport
 from ..errors import Vit2TrtError
-from ..models.reference import sha256_of
+from ..models.reference import read_record, sha256_of
 from ..passes.methods import REGISTRY, Method, Run, composition_name, parse_composition
 
-COMPENSATION_FILE = "compensation.safetensors"
-_TWO_GB = 2**31
 # Names the options had before each method declared its own (kept for scripts that use them).
 _ALIASES = {"tome_r": "r", "asvit_thresholds": "thresholds", "asvit_form": "form"}
 
@@ -98,31 +94,48 @@ class ConvertResult:
     agreement: dict
     build: Optional[BuildReport]
     notes: list[str] = field(default_factory=list)
+    artifact: Optional[Artifact] = None
 
 
-def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: ConvertOptions,
-            progress: Callable[[str], None] = lambda msg: None) -> ConvertResult:
+@dataclass
+class Original:
+    """The model a user gave, read once: the planner compresses it many times."""
+    path: Path
+    model: onnx.ModelProto
+    vit: object                      # its ViTGraph description
+    record: Optional[dict]           # the reference record `vit2trt export` wrote beside it
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "Original":
+        model = load_onnx(path)
+        return cls(Path(path), model, describe_vit(model, str(path)), read_record(path))
+
+
+def compress(source: str | os.PathLike | Original, options: ConvertOptions,
+             progress: Callable[[str], None] = lambda msg: None) -> Artifact:
+    """Run the method's parts on the graph and return the result in memory: nothing is written.
+    `options.calib` may be a folder, an .npy file or an array of preprocessed images."""
     parts = options.resolve()
     if options.fit_limit < 1:
         raise Vit2TrtError(f"--fit-images must be at least 1, got {options.fit_limit}.")
-    if any(getattr(o, "compensate", None) for _, o in parts) and not options.calib:
+    has_calib = options.calib is not None and not (isinstance(options.calib, str) and not options.calib)
+    if any(getattr(o, "compensate", None) for _, o in parts) and not has_calib:
         raise Vit2TrtError("compensation fits on calibration images: give --calib DIR (or drop --compensate).")
-    build_options = BuildOptions(options.engine if options.build else "none", tuple(options.batch), options.precision)
-    check_build(build_options)   # a module asked for but missing, or a precision it cannot build: before any work
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
-        raise Vit2TrtError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
-    progress("reading the graph")
-    original = load_onnx(model_path)
-    vit = describe_vit(original, str(model_path))
-    run = Run(original, vit, vit, str(model_path), options.calib, options.fit_limit, options.calib_limit,
-              options.seed, progress, model_name=options.model_name, cache=options.cache)
+    if not isinstance(source, Original):
+        progress("reading the graph")
+        source = Original.read(source)
+    working = onnx.ModelProto()
+    working.CopyFrom(source.model)   # the parts must not touch a graph the caller keeps
+    vit = source.vit
+    run = Run(working, vit, vit, str(source.path), options.calib if has_calib else None, options.fit_limit,
+              options.calib_limit, options.seed, progress, model_name=options.model_name, cache=options.cache,
+              reference_record=source.record)
     reducers = [m.name for m, _ in parts if m.reduces_tokens]
     run.token_part = reducers[0] if reducers else ("cait" if any(m.name == "cait" for m, _ in parts) else None)
     for method, method_options in parts:   # every refusal before any work
         method.check(method_options, run)
     sections = [{"method": method.name, **method.apply(method_options, run)} for method, method_options in parts]
-    model, current, notes = run.model, run.vit, run.notes
+    current, notes = run.vit, run.notes
     if any(not m.reduces_tokens for m, _ in parts):   # a structured part: say which heads cannot fuse
         notes.extend(_fusion_notes(current))
     name = composition_name([m for m, _ in parts])
@@ -133,63 +146,51 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: 
         decision_parts = {k: v for k, v in sections[0].items() if k != "method"}
     else:
         decision_parts = {"parts": sections, "tcs": next((s.get("tcs") for s in sections if s.get("tcs")), None)}
-    compensation = run.compensation
+    flops = {"before": vit.flops.total, "after": current.flops.total}
+    decisions = {"method": name, "source": source.path.name, **decision_parts, **structure, "flops": flops}
+    report = {"flops": flops, "notes": notes, "method": name, "source_path": str(source.path.resolve()),
+              "blocks": block_table(vit, current), "flops_breakdown": flops_breakdown(vit, current)}
+    return Artifact(decisions, report, run.compensation, source.record,
+                    original_description(source.path, source.model, vit, source.record), _model=run.model)
 
-    progress("checking against the original graph")
-    if options.calib:
+
+def check_inputs(source: Original, options: ConvertOptions, progress: Callable[[str], None]) -> tuple[np.ndarray, str]:
+    """The images the agreement check runs: calibration images, else seeded noise."""
+    vit = source.vit
+    if options.calib is not None and not (isinstance(options.calib, str) and not options.calib):
         from .calibration import load_calibration
 
-        record = run.record()
         inputs = load_calibration(options.calib, (vit.in_chans, *vit.img_size),
-                                  (record or {}).get("preprocessing"), options.calib_limit,
+                                  (source.record or {}).get("preprocessing"), options.calib_limit,
                                   progress=lambda done, total: progress(f"reading calibration images {done}/{total}"))
-        described = f"{len(inputs)} calibration inputs from {Path(options.calib).name}"
-    else:
-        inputs = np.random.default_rng(options.seed).standard_normal(
-            (options.check_batch, vit.in_chans, *vit.img_size)).astype(np.float32)
-        described = f"{options.check_batch} seeded random images"
-    agreement = _agreement(original, model, inputs, described)
-    decisions = {"method": name, "source": Path(model_path).name, **decision_parts, **structure,
-                 "flops": {"before": vit.flops.total, "after": current.flops.total}}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = None
-    # Stage everything beside OUT, then move it into place: nothing half-written on failure.
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".vit2trt-convert-") as staging:
-        tmp = Path(staging) / "out"
-        tmp.mkdir()
-        onnx_path = tmp / "model.onnx"
-        if model.ByteSize() >= _TWO_GB:
-            onnx.save(model, str(onnx_path), save_as_external_data=True, location="model.onnx.data")
-        else:
-            onnx.save(model, str(onnx_path))
-        if compensation:
-            from safetensors.numpy import save_file
+        named = "the array" if isinstance(options.calib, np.ndarray) else Path(options.calib).name
+        return inputs, f"{len(inputs)} calibration inputs from {named}"
+    inputs = np.random.default_rng(options.seed).standard_normal(
+        (options.check_batch, vit.in_chans, *vit.img_size)).astype(np.float32)
+    return inputs, f"{options.check_batch} seeded random images"
 
-            save_file(compensation, str(tmp / COMPENSATION_FILE))
-        (tmp / "decisions.json").write_text(json.dumps(decisions, indent=1, sort_keys=True) + "\n")
-        record_path = Path(str(model_path) + ".reference.json")
-        if record_path.is_file():   # lets `vit2trt validate OUT` rebuild the PyTorch reference
-            shutil.copyfile(record_path, tmp / "reference.json")
-        # Without a record, validate names what it is missing from this (and how to give it).
-        (tmp / ORIGINAL_FILE).write_text(json.dumps(
-            original_description(model_path, original, vit, run.record()), indent=1, sort_keys=True) + "\n")
-        if build_options.engine != "none":
-            progress("building a TensorRT engine")
-            # A failed build keeps everything else: the ONNX is the result, the report says what failed.
-            build = build_engine(onnx_path, engine_path=tmp / "model.engine", options=build_options)
-            if build.status == "unavailable":
-                notes.append(build.message)
-        (tmp / "report.json").write_text(json.dumps(
-            {"agreement": agreement, "flops": decisions["flops"], "notes": notes, "method": name,
-             "source_path": str(Path(model_path).resolve()),
-             "blocks": block_table(vit, current), "flops_breakdown": flops_breakdown(vit, current),
-             "build": report_dict(build)}, indent=1, sort_keys=True) + "\n")
-        render_report(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    return ConvertResult(out_dir, out_dir / "model.onnx", decisions, vit.flops.total, current.flops.total,
-                         agreement, build, notes)
+
+def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, options: ConvertOptions,
+            progress: Callable[[str], None] = lambda msg: None, source: Optional[Original] = None) -> ConvertResult:
+    """compress, check against the original in ONNX Runtime, save OUT (and build the engine).
+    `source`: the model already read (the planner reads it once)."""
+    options.resolve()   # refuse misplaced options before anything else
+    build_options = BuildOptions(options.engine if options.build else "none", tuple(options.batch), options.precision)
+    check_build(build_options)   # a module asked for but missing, or a precision it cannot build: before any work
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
+        raise Vit2TrtError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
+    if source is None:
+        progress("reading the graph")
+        source = Original.read(model_path)
+    artifact = compress(source, options, progress)
+    progress("checking against the original graph")
+    inputs, described = check_inputs(source, options, progress)
+    artifact.report["agreement"] = agreement(source.model, artifact.model, inputs, described)
+    build = artifact.save(out_dir, overwrite=True, build_options=build_options, progress=progress)
+    flops = artifact.decisions["flops"]
+    return ConvertResult(out_dir, out_dir / MODEL_FILE, artifact.decisions, flops["before"], flops["after"],
+                         artifact.report["agreement"], build, artifact.report["notes"], artifact)
 
 
 def original_description(model_path, original: onnx.ModelProto, vit, record: Optional[dict]) -> dict:
@@ -219,14 +220,9 @@ def _fusion_notes(vit) -> list[str]:
             "fewer than 16 dims still cannot fuse)."]
 
 
-def _agreement(original: onnx.ModelProto, compressed: onnx.ModelProto, inputs: np.ndarray, described: str) -> dict:
+def agreement(original: onnx.ModelProto, compressed: onnx.ModelProto, inputs: np.ndarray, described: str) -> dict:
     """ONNX Runtime outputs of both graphs on the same inputs, in batches of 8."""
-    outs = []
-    for model in (original, compressed):
-        session = memory_session(model)
-        name = session.get_inputs()[0].name
-        outs.append(np.concatenate([session.run(None, {name: inputs[i:i + 8]})[0] for i in range(0, len(inputs), 8)]))
-    ref, got = outs
+    ref, got = (run_batched(ort_runner(model), inputs, 8) for model in (original, compressed))
     diff = float(np.abs(ref - got).max())
     result = {"inputs": described, "max_abs_diff": diff,
               "relative_error": diff / max(float(np.abs(ref).max()), 1e-12)}

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from .artifact import MODEL_FILE, RECORD_FILE
 from .speedup import MAX_ROUNDS, Speedup, describe_method, format_speedup, measure_speedup
 from ..errors import Vit2TrtError
 
@@ -108,7 +109,7 @@ def run_demo(out_dir: str | os.PathLike, repeats: int = 30, threads: int = 2, bu
 def _time_variants(rows: dict, variants: dict, images: np.ndarray, repeats: int, threads: int, time_cap: float,
                    progress: Callable[[str], None]) -> None:
     """rows[name]["speedup_b1"/"speedup_b8"]: each variant against the uncompressed model, paired."""
-    from .bench import ort_runner
+    from .runtime import ort_runner
 
     runners = {name: ort_runner(path, threads) for name, path in variants.items()}
     for b in BATCHES:
@@ -131,8 +132,8 @@ def _as_out(work: Path, exported) -> Path:
     """A folder that validate reads as an OUT: the uncompressed graph and its reference record."""
     folder = work / "uncompressed"
     folder.mkdir()
-    shutil.copyfile(exported.onnx_path, folder / "model.onnx")
-    shutil.copyfile(exported.record_path, folder / "reference.json")
+    shutil.copyfile(exported.onnx_path, folder / MODEL_FILE)
+    shutil.copyfile(exported.record_path, folder / RECORD_FILE)
     return folder
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
+from .runtime import ort_runner
 from ..errors import ExportError
 from ..models.reference import (
     ReferenceRecord, build_model, parse_model_spec, preprocessing_of, sha256_of,
@@ -128,10 +128,7 @@ def _torch_export(model: torch.nn.Module, sample: torch.Tensor, path: Path, expo
 
 
 def _check_with_ort(model: torch.nn.Module, sample: torch.Tensor, path: Path) -> tuple[float, float]:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: sample.numpy()})[0]
+    got = ort_runner(path)(sample.numpy())[0]
     with torch.no_grad():
         want = model(sample).numpy()
     if got.shape != want.shape:

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .files import write_atomically
+from .runtime import ort_runner, run_batched, session_runner
 from .speedup import Speedup, describe_method, format_speedup, measure_speedup
 from ..errors import Vit2TrtError
 
@@ -160,28 +161,28 @@ def check_plan_options(o: PlanOptions) -> None:
 
 def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable[[str], None] = lambda m: None,
          clock: Callable[[], float] = time.monotonic) -> PlanResult:
-    from .convert import ConvertOptions, convert
-    from .graph_reader import describe_vit
-    from .loading import load_onnx
+    """Search in memory (every candidate is compressed and judged without touching the disk), then save
+    the chosen model as convert saves it, with plan.md, plan.json and plan.png beside it."""
+    from .convert import ConvertOptions, Original, agreement, check_inputs, compress
+    from .engine import BuildOptions, check_build
     from ..passes.methods import get_method
 
-    from .engine import BuildOptions, check_build
-
     check_plan_options(options)
-    check_build(BuildOptions(options.engine if options.build else "none"))   # before the search, not after
+    build_options = BuildOptions(options.engine if options.build else "none")
+    check_build(build_options)   # before the search, not after
     out_dir = Path(options.out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
         raise Vit2TrtError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
-    vit = describe_vit(load_onnx(model_path), str(model_path))
-    record_path = Path(str(model_path) + ".reference.json")
-    images, labels = _load_images(options, vit, record_path)
+    source = Original.read(model_path)
+    vit = source.vit
+    images, labels = _load_images(options, vit, source.record)
     fit_idx, held_idx = _split(len(images), options.holdout, options.seed)
     needed = math.ceil(max(b.ffn.hidden for b in vit.blocks) / vit.num_tokens) + 1
     if len(fit_idx) < needed:
         raise Vit2TrtError(f"{len(fit_idx)} calibration images are too few to fit on (this model needs at least "
                            f"{needed}); give more images in --calib or lower --holdout.")
     wanted = [f.strip() for f in options.methods] if options.methods else None
-    all_families = families(vit, record_path.is_file())
+    all_families = families(vit, source.record is not None)
     if wanted:
         unknown = sorted(set(wanted) - {f.name for f in all_families})
         if unknown:
@@ -197,84 +198,93 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
     candidates: list[Candidate] = []
     stopped = None
     notes: list[str] = []
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".vit2trt-plan-") as staging:
-        staging = Path(staging)
-        fit_file = staging / "fit.npy"
-        np.save(fit_file, images[fit_idx])
-        held = images[held_idx]
-        held_labels = labels[held_idx] if labels is not None else None
-        judge = _Judge(model_path, held, held_labels, options)
-        tome_flops: dict[int, float] = {}
+    fit = np.ascontiguousarray(images[fit_idx])
+    held = images[held_idx]
+    held_labels = labels[held_idx] if labels is not None else None
+    judge = _Judge(source, held, held_labels, options)
+    tome_flops: dict[int, float] = {}
+    best: dict = {}   # the candidate the choice would take so far, and its compressed model
 
-        def settings_for(family: Family, level: dict) -> dict:
-            if family.method in ("toast+tome", "cait+tome"):
-                r = level["r"]
-                if r not in tome_flops:
-                    probe = convert(model_path, staging / f"probe_r{r}", ConvertOptions(method="tome", r=r, build=False))
-                    tome_flops[r] = probe.flops_after / probe.flops_before
-                structure = family.method.split("+")[0]
-                extra = {"cait.target_flops" if structure == "cait" else "toast.target_flops":
-                         round(tome_flops[r] * level["share"], 4)}
-                return {"r": r, **extra}
-            return dict(level)
+    def convert_options(family: Family, level: dict) -> ConvertOptions:
+        return ConvertOptions(method=family.method, build=False, calib=fit, fit_limit=len(fit_idx),
+                              calib_limit=min(64, len(fit_idx)), seed=options.seed, cache=cache,
+                              **settings_for(family, level))
 
-        def evaluate(family: Family, level: dict) -> Candidate:
-            label = f"{family.name} {family.describe(level)}"
-            index = len(candidates) + 1
-            progress(f"candidate {index}: {label}")
-            candidate = Candidate(family.name, label, dict(level))
-            candidate.convert_options = {"method": family.method, **settings_for(family, level)}
-            began = clock()
-            try:
-                result = convert(model_path, staging / f"c{index}", ConvertOptions(
-                    method=family.method, build=False, calib=str(fit_file), fit_limit=len(fit_idx),
-                    calib_limit=min(64, len(fit_idx)), seed=options.seed, cache=cache,
-                    **settings_for(family, level)), progress=lambda m: progress(f"candidate {index}: {label}: {m}"))
-                candidate.convert_s = clock() - began
-                candidate.flops_ratio = result.flops_before / max(result.flops_after, 1)
-                judge.score(candidate, result.onnx_path)
-            except Exception as exc:   # an unreachable budget or a failed fit is a result, not the plan's end
-                candidate.error = str(exc) if isinstance(exc, Vit2TrtError) else f"{type(exc).__name__}: {exc}"
-                candidates.append(candidate)
-                return candidate
-            candidate.meets = _meets(candidate, options)
-            candidates.append(candidate)
-            shutil.rmtree(result.out_dir, ignore_errors=True)
-            return candidate
+    def settings_for(family: Family, level: dict) -> dict:
+        if family.method in ("toast+tome", "cait+tome"):
+            r = level["r"]
+            if r not in tome_flops:
+                flops = compress(source, ConvertOptions(method="tome", r=r, build=False)).decisions["flops"]
+                tome_flops[r] = flops["after"] / flops["before"]
+            structure = family.method.split("+")[0]
+            extra = {"cait.target_flops" if structure == "cait" else "toast.target_flops":
+                     round(tome_flops[r] * level["share"], 4)}
+            return {"r": r, **extra}
+        return dict(level)
 
+    def evaluate(family: Family, level: dict) -> Candidate:
+        label = f"{family.name} {family.describe(level)}"
+        index = len(candidates) + 1
+        progress(f"candidate {index}: {label}")
+        candidate = Candidate(family.name, label, dict(level))
+        candidate.convert_options = {"method": family.method, **settings_for(family, level)}
+        began = clock()
         try:
-            for family in all_families:
-                _walk(family, evaluate, options, lambda: clock() - start)
-        except _OutOfTime:
-            stopped = f"the time limit ({options.time_limit:g} s) ended the search"
-        except KeyboardInterrupt:
-            stopped = "interrupted (Ctrl-C): the best model found so far is kept"
-        chosen = _choose(candidates, options)
-        _mark_pareto(candidates)
-        if stopped:
-            notes.append(stopped + ".")
-        if chosen is not None and options.max_drop is not None and chosen.drop_se * 2 > options.max_drop:
-            notes.append(f"the chosen drop's standard error ({chosen.drop_se * 100:.2f} pt on {len(held_idx)} "
-                         f"held-out images) is more than half of --max-drop: these images cannot tell a "
-                         f"{options.max_drop * 100:g} pt drop from none; check the model on more labelled images "
-                         "(vit2trt validate --labels) or plan with more.")
-        final = staging / "out"
-        if chosen is not None:
-            progress(f"writing the chosen model: {chosen.label}")
-            family = next(f for f in all_families if f.name == chosen.family)
-            convert(model_path, final, ConvertOptions(
-                method=family.method, build=options.build, engine=options.engine, calib=str(fit_file),
-                fit_limit=len(fit_idx), calib_limit=min(64, len(fit_idx)), seed=options.seed, cache=cache,
-                **settings_for(family, chosen.settings)), progress=progress)
-        else:
+            artifact = compress(source, convert_options(family, level),
+                                progress=lambda m: progress(f"candidate {index}: {label}: {m}"))
+            candidate.convert_s = clock() - began
+            candidate.flops_ratio = artifact.flops_ratio
+            judge.score(candidate, artifact.session(options.threads))
+        except Exception as exc:   # an unreachable budget or a failed fit is a result, not the plan's end
+            candidate.error = str(exc) if isinstance(exc, Vit2TrtError) else f"{type(exc).__name__}: {exc}"
+            candidates.append(candidate)
+            return candidate
+        candidate.meets = _meets(candidate, options)
+        candidates.append(candidate)
+        if candidate.meets and _choose([c for c in (best.get("candidate"), candidate) if c], options) is candidate:
+            best.update(candidate=candidate, artifact=artifact, family=family)   # keep one model in memory, not all
+        return candidate
+
+    try:
+        for family in all_families:
+            _walk(family, evaluate, options, lambda: clock() - start)
+    except _OutOfTime:
+        stopped = f"the time limit ({options.time_limit:g} s) ended the search"
+    except KeyboardInterrupt:
+        stopped = "interrupted (Ctrl-C): the best model found so far is kept"
+    chosen = _choose(candidates, options)
+    _mark_pareto(candidates)
+    if stopped:
+        notes.append(stopped + ".")
+    if chosen is not None and options.max_drop is not None and chosen.drop_se * 2 > options.max_drop:
+        notes.append(f"the chosen drop's standard error ({chosen.drop_se * 100:.2f} pt on {len(held_idx)} "
+                     f"held-out images) is more than half of --max-drop: these images cannot tell a "
+                     f"{options.max_drop * 100:g} pt drop from none; check the model on more labelled images "
+                     "(vit2trt validate --labels) or plan with more.")
+    if chosen is None:
+        notes.append("no candidate met the budget; no model was written (see the table for the closest).")
+    result = PlanResult(out_dir, chosen, candidates, judge.original_accuracy, stopped, notes)
+
+    def write_plan(folder: Path) -> None:
+        _write_plan(folder, result, options, str(model_path), len(fit_idx), len(held_idx))
+
+    if chosen is not None:
+        assert best["candidate"] is chosen   # the choice over all equals the running choice
+        progress(f"writing the chosen model: {chosen.label}")
+        artifact = best["artifact"]
+        check = convert_options(best["family"], chosen.settings)
+        inputs, described = check_inputs(source, check, progress)
+        artifact.report["agreement"] = agreement(source.model, artifact.model, inputs, described)
+        artifact.save(out_dir, overwrite=True, build_options=build_options, progress=progress, extra=write_plan)
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".vit2trt-plan-") as staging:
+            final = Path(staging) / "out"
             final.mkdir()
-            notes.append("no candidate met the budget; no model was written (see the table for the closest).")
-        result = PlanResult(out_dir, chosen, candidates, judge.original_accuracy, stopped, notes)
-        _write_plan(final, result, options, str(model_path), len(fit_idx), len(held_idx))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(final, out_dir)
+            write_plan(final)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(final, out_dir)
     return result
 
 
@@ -350,11 +360,11 @@ def _split(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarra
     return np.sort(order[held:]), np.sort(order[:held])
 
 
-def _load_images(options: PlanOptions, vit, record_path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def _load_images(options: PlanOptions, vit, record: Optional[dict]) -> tuple[np.ndarray, Optional[np.ndarray]]:
     from .calibration import image_files, load_calibration
     from .validate import image_labels
 
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = record or {}
     calib = Path(options.calib)
     if not calib.exists():
         raise Vit2TrtError(f"--calib {calib} does not exist.")
@@ -378,11 +388,9 @@ def _classes(vit) -> int:
 class _Judge:
     """The original's outputs on the held-out images, and how a candidate compares: accuracy and speed."""
 
-    def __init__(self, model_path, held: np.ndarray, labels: Optional[np.ndarray], options: PlanOptions):
-        from .bench import ort_runner
-
+    def __init__(self, source, held: np.ndarray, labels: Optional[np.ndarray], options: PlanOptions):
         self.options, self.held, self.labels = options, held, labels
-        self.original_runner = ort_runner(Path(model_path), options.threads)
+        self.original_runner = ort_runner(source.path, options.threads)
         self.reference = self._logits(self.original_runner)
         self.reference_p = _softmax(self.reference)
         self.original_accuracy = (float(np.mean(self.reference.argmax(1) == labels)) if labels is not None else None)
@@ -391,12 +399,10 @@ class _Judge:
         self.timing_input = np.ascontiguousarray(held[pick])
 
     def _logits(self, runner) -> np.ndarray:
-        return np.concatenate([runner(self.held[i:i + 8])[0] for i in range(0, len(self.held), 8)])
+        return run_batched(runner, self.held, 8)
 
-    def score(self, c: Candidate, onnx_path: Path) -> None:
-        from .bench import ort_runner
-
-        runner = ort_runner(onnx_path, self.options.threads)
+    def score(self, c: Candidate, session) -> None:
+        runner = session_runner(session)
         logits = self._logits(runner)
         top = logits.argmax(1)
         c.agreement = float(np.mean(top == self.reference.argmax(1)))

@@ -11,18 +11,16 @@ as many logits as the graph.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from .artifact import ORIGINAL_FILE, RECORD_FILE, read_json
+from .runtime import fixed_batch, ort_session, run_batched, session_runner
 from ..errors import ExportError, Vit2TrtError
 
-RECORD_FILE = "reference.json"
-ORIGINAL_FILE = "original.json"
 
 
 @dataclass
@@ -39,19 +37,13 @@ class Reference:
     def run(self, x: np.ndarray, batch: int) -> np.ndarray:
         if self.kind == "onnx":
             if self._onnx is None:
-                self._onnx = cpu_session(self.onnx_path)
-            session = self._onnx
-            fixed = session.get_inputs()[0].shape[0]
-            batch = fixed if isinstance(fixed, int) and fixed > 0 else batch   # an original exported at batch 1
-            name = session.get_inputs()[0].name
-            return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
-        import torch
-
+                self._onnx = ort_session(self.onnx_path)
+            # an original exported at batch 1 runs one image at a time
+            return run_batched(session_runner(self._onnx), x, fixed_batch(self._onnx) or batch)
+        from .runtime import torch_batched
         from ..models.reference import build_model
 
-        model = build_model(self.record).eval()
-        with torch.no_grad():
-            return np.concatenate([model(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+        return torch_batched(build_model(self.record).eval(), x, batch)
 
 
 def resolve_reference(out_dir: Path, reference: Optional[str] = None, weights: Optional[str] = None,
@@ -115,7 +107,7 @@ def _onnx_reference(out_dir: Path, path: Path) -> Reference:
     if not path.is_file():
         raise Vit2TrtError(f"--reference-onnx {path}: no such file.")
     try:
-        session = cpu_session(path)
+        session = ort_session(path)
     except Exception as exc:   # ORT raises many types for a file it cannot load
         raise Vit2TrtError(f"--reference-onnx {path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]}).") \
             from None
@@ -184,16 +176,4 @@ def _described_missing_reference(out_dir: Path, original: Optional[dict]) -> str
 
 
 def _read_original(out_dir: Path) -> Optional[dict]:
-    try:
-        return json.loads((out_dir / ORIGINAL_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def cpu_session(path: os.PathLike):
-    """An ONNX Runtime CPU session, quiet (its warnings are not the user's problem)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return read_json(out_dir / ORIGINAL_FILE) or None

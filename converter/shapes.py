@@ -5,16 +5,11 @@ counts and token counts unknown; one real run at batch 1 knows them all.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from .runtime import ort_session
 from ..errors import NotAViTError
-
-_PROTOBUF_LIMIT = 2**31 - 1 - 64 * 2**20  # leave headroom for the graph itself
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -26,21 +21,6 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         if name not in present:
             tapped.graph.output.append(onnx.ValueInfoProto(name=name))
     return tapped
-
-
-def memory_session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session of an in-memory model, through a temporary file with external
-    data when the model is beyond protobuf's 2 GB limit (ONNX Runtime reads it all at creation)."""
-    options = ort.SessionOptions()
-    if not optimize:   # keep node and tensor names exactly as in the file
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    if model.ByteSize() < _PROTOBUF_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def observe_shapes(
@@ -56,7 +36,7 @@ def observe_shapes(
     dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
     data = np.random.default_rng(0).standard_normal(input_shape).astype(dtype)
     try:
-        session = memory_session(probe, optimize=False)
+        session = ort_session(probe, optimize=False)
         results = session.run(list(tensor_names), {model.graph.input[0].name: data})
     except Exception as exc:  # ORT raises many exception types for a graph it cannot run
         raise NotAViTError(

@@ -23,6 +23,7 @@ def tune_asvit_thresholds(model_path: str | os.PathLike, out_path: str | os.Path
                           progress: Callable[[str], None] = lambda message: None) -> dict:
     from ..models.asvit_reference import calibrate_thresholds
     from ..models.asvit_tuning import tune_thresholds
+    from ..models.reference import read_record
     from ..passes.asvit import check_settings, default_stages
 
     out_path = Path(out_path)
@@ -35,7 +36,7 @@ def tune_asvit_thresholds(model_path: str | os.PathLike, out_path: str | os.Path
     vit = read_vit(model_path)
     stages = stages or default_stages(vit.depth)
     check_settings(vit, stages, [0.0] * len(stages), "packed")
-    model, images, described = asvit_inputs(vit, model_path, calib, calib_limit, seed)
+    model, images, described = asvit_inputs(vit, read_record(model_path), calib, calib_limit, seed)
     block_flops, fixed = asvit_flops_model(vit)
     progress(f"calibrating starting thresholds on {described}")
     start, fraction = calibrate_thresholds(model, images, stages, block_flops, fixed, target_flops)

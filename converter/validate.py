@@ -20,7 +20,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .report import render_report, update_report
+from .artifact import ENGINE_FILE, Artifact
+from .report import render_report
+from .runtime import ort_session, run_batched, session_runner
 from ..errors import Vit2TrtError
 
 SINGLE_RUNS = 16   # images re-run one at a time for the batch-dependence check
@@ -126,12 +128,10 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     the images of an ImageFolder (convert's check on its --calib, whose folders need not be in the head's
     order)."""
     from .calibration import image_files, load_calibration, preprocess_image, DEFAULT_PREPROCESSING
-    from .references import check_reference_fits, cpu_session, resolve_reference
+    from .references import check_reference_fits, resolve_reference
 
     out_dir = Path(out_dir)
-    onnx_path = out_dir / "model.onnx"
-    if not onnx_path.is_file():
-        raise Vit2TrtError(f"{out_dir} holds no model.onnx; give the folder `vit2trt convert --out` wrote.")
+    artifact = Artifact.open(out_dir)
     if batch < 1:
         raise Vit2TrtError(f"--batch must be at least 1, got {batch}.")
     reference_of = resolve_reference(out_dir, str(reference) if reference else None,
@@ -141,7 +141,7 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     images = Path(images)
     if not images.exists():
         raise Vit2TrtError(f"--images {images}: no such file or folder.")
-    session = cpu_session(onnx_path)
+    session = artifact.session()
     progress("checking that the reference fits the graph")
     check_reference_fits(reference_of, session)
     files = image_files(images, limit, "--images") if images.is_dir() else None
@@ -165,14 +165,14 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
         check_label_range(truth, want.shape[-1], "--labels" if labels else f"--images {images}")
     progress("running the compressed graph in ONNX Runtime")
     name = session.get_inputs()[0].name
-    got = np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
-    singles = np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(min(len(x), SINGLE_RUNS))])
+    got = run_batched(session_runner(session), x, batch)
+    singles = run_batched(session_runner(session), x[:SINGLE_RUNS], 1)
     if got.shape != want.shape:
         raise Vit2TrtError(f"the compressed graph returns {list(got.shape)}, the reference {list(want.shape)}.")
     surgery = {"error": None, "near_ties": None}
-    if (out_dir / "decisions.json").is_file() and reference_of.record is not None:
+    if artifact.decisions and reference_of.record is not None:
         progress("running the PyTorch reference of the compressed model")
-        surgery = surgery_check(out_dir, reference_of.record, x, batch)
+        surgery = surgery_check(artifact, reference_of.record, x, batch)
 
     flat_want, flat_got = want.reshape(len(x), -1).astype(np.float64), got.reshape(len(x), -1).astype(np.float64)
     cosine = (flat_want * flat_got).sum(1) / np.maximum(
@@ -206,29 +206,25 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
         if result["accuracy"]["top1_drop"] > t.max_accuracy_drop:
             failures.append(f"top-1 accuracy drop {result['accuracy']['top1_drop']:.3f} > {t.max_accuracy_drop}")
     result["failures"] = failures
-    update_report(out_dir, "validation", result)
+    artifact.update_report("validation", result)
     render_report(out_dir)
     return result
 
 
-def surgery_check(out_dir: Path, record, x: np.ndarray, batch: int) -> dict:
+def surgery_check(artifact: Artifact, record, x: np.ndarray, batch: int) -> dict:
     """The graph in ONNX Runtime against PyTorch running the same compression (decisions.json) on x:
     the largest difference relative to the largest logit. Where a ToMe graph's merge differs from the
     reference's only by a choice within NEAR_TIE (rounding decides it), the reference takes the graph's
     choice, so that what is checked is the surgery; `near_ties` counts the (image, block) merges that did."""
     import torch
 
-    from .references import cpu_session
-    from ..models.compressed_reference import compressed_reference
-    from ..models.reference import build_model
     from ..models.tome_reference import ToMeViT
 
-    compressed = compressed_reference(build_model(record), json.loads((out_dir / "decisions.json").read_text()),
-                                      out_dir)
+    compressed = artifact.torch_model(record)
     follower = next((m for m in compressed.modules() if isinstance(m, ToMeViT)), None)
-    with _graph_with_decisions(out_dir / "model.onnx") if follower is not None else nullcontext() as exposed:
+    with _graph_with_decisions(artifact.model_path) if follower is not None else nullcontext() as exposed:
         blocks = exposed[1] if exposed and exposed[1] == sum(1 for r in follower.r if r) else 0
-        session = cpu_session(exposed[0] if blocks else out_dir / "model.onnx")
+        session = ort_session(exposed[0]) if blocks else artifact.session()
         outputs = len(session.get_outputs()) - 2 * blocks
         name = session.get_inputs()[0].name
         got, same = [], []
@@ -264,9 +260,9 @@ def _graph_with_decisions(path: Path):
 
 def _engine_check(out_dir: Path, input_name: str, x: np.ndarray, batch: int, want: np.ndarray):
     """The engine's outputs against the reference where it can run (a GPU), else why not."""
-    engine = out_dir / "model.engine"
+    engine = out_dir / ENGINE_FILE
     if not engine.is_file():
-        return "not run: no model.engine in OUT"
+        return f"not run: no {ENGINE_FILE} in OUT"
     from .engine import engine_runner
 
     try:

@@ -28,13 +28,16 @@ def compensation_weights(decisions: dict, out_dir: Optional[Path]) -> Optional[d
     return load_file(str(path))
 
 
-def compressed_reference(model: nn.Module, decisions: dict, out_dir: Optional[Path] = None) -> nn.Module:
-    """`out_dir` is where decisions.json lies (compensated weights are read from there). The pruned
-    structure of every part (decisions' 'blocks', 'tcs' and compensated weights) is applied first,
-    then each part wraps the model in the order it ran (a composition lists them under 'parts')."""
+def compressed_reference(model: nn.Module, decisions: dict, out_dir: Optional[Path] = None, *,
+                         weights: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+    """`out_dir` is where decisions.json lies (compensated weights are read from there unless `weights`
+    gives them). The pruned structure of every part (decisions' 'blocks', 'tcs' and compensated weights)
+    is applied first, then each part wraps the model in the order it ran (a composition lists them under
+    'parts')."""
     from ..passes.methods import REGISTRY
 
-    weights = compensation_weights(decisions, out_dir)
+    if weights is None:
+        weights = compensation_weights(decisions, out_dir)
     parts = decisions.get("parts") or [decisions]
     unknown = [p.get("method") for p in parts if p.get("method") not in REGISTRY]
     if unknown:

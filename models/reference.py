@@ -51,6 +51,14 @@ class ReferenceRecord:
             raise ExportError(f"{path}: not a readable vit2trt reference record ({exc})") from exc
 
 
+def read_record(onnx_path: str | os.PathLike) -> Optional[dict]:
+    """The reference record `vit2trt export` wrote beside `onnx_path` (JSON), or None where there is none."""
+    try:
+        return json.loads(ReferenceRecord.path_for(onnx_path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def parse_model_spec(spec: str) -> tuple[str, str]:
     """'timm:deit_small_patch16_224' -> ('timm', name); 'hf:ViTForImageClassification' -> ('hf', ...)."""
     family, sep, name = spec.partition(":")

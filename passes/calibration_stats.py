@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 
 from ..converter.graph_utils import open_for_surgery
-from ..converter.shapes import memory_session, with_outputs
+from ..converter.runtime import ort_session
+from ..converter.shapes import with_outputs
 from ..converter.vit_graph import ViTGraph
 from ..errors import Vit2TrtError
 from .structured_prune import AttentionWeights, attention_weights
@@ -103,7 +104,7 @@ def collect_stats(model: onnx.ModelProto, vit: ViTGraph, inputs: np.ndarray,
     surgery = open_for_surgery(model)
     weights = [attention_weights(surgery.tensors, b.attn) for b in vit.blocks]
     taps = _tap_names(surgery, vit)
-    session = memory_session(with_outputs(model, [t[2] for t in taps]))
+    session = ort_session(with_outputs(model, [t[2] for t in taps]))
     blocks = [BlockStats(b.index, b.tokens or vit.num_tokens) for b in vit.blocks]
     for stats, w in zip(blocks, weights):
         stats.keys = [Moments() for _ in range(w.heads)]

@@ -114,7 +114,7 @@ def measure_gains(model: onnx.ModelProto, vit: ViTGraph, parts: list[BlockParts]
     output distribution (or squared error of the outputs, when they are not class scores) per unit
     E‖e‖² per token, with e Gaussian noise shaped like the block's own FFN output (what pruning
     errors look like), measured on `images`."""
-    from ..converter.shapes import memory_session
+    from ..converter.runtime import ort_session
 
     surgery = open_for_surgery(model)
     graph, rng = surgery.graph, np.random.default_rng(seed)
@@ -128,7 +128,7 @@ def measure_gains(model: onnx.ModelProto, vit: ViTGraph, parts: list[BlockParts]
         graph.nodes.append(gs.Node("Add", name=f"vit2trt/noise_{block.index}", inputs=[out, noise], outputs=[noised]))
         graph.inputs.append(noise)
         names.append(noise.name)
-    session = memory_session(export_like(graph, model))
+    session = ort_session(export_like(graph, model))
     image_name = session.get_inputs()[0].name
     zeros = {name: np.zeros((len(images), tokens, vit.embed_dim), np.float32)
              for name, tokens in zip(names, [b.tokens or vit.num_tokens for b in vit.blocks])}

@@ -17,6 +17,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from vit2trt.converter.artifact import Artifact
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
 from vit2trt.models.compressed_reference import compressed_reference
@@ -167,7 +168,7 @@ def test_surgery_check_follows_rounding_ties_and_still_catches_wrong_merges(tied
             plain = rel_error(onnx_decisions(out / "model.onnx", x, result.decisions["tome"]["r"],
                                              ort.GraphOptimizationLevel.ORT_ENABLE_ALL, 0, len(x))[0],
                               reference(torch.from_numpy(x)).numpy())
-        checks[name] = plain, surgery_check(out, record, x, 4)
+        checks[name] = plain, surgery_check(Artifact.open(out), record, x, 4)
     plain, followed = checks["rounding"]
     assert plain > 1e-4 and followed["error"] <= 1e-4 and followed["near_ties"] > 0
     plain, followed = checks["wrong"]
@@ -208,5 +209,5 @@ def test_no_class_token_merging_every_a_token(tmp_path):
     got, _ = onnx_decisions(result.onnx_path, x, result.decisions["tome"]["r"],
                             ort.GraphOptimizationLevel.ORT_ENABLE_ALL, 0, len(x))
     assert rel_error(got, want) <= 1e-4
-    checked = surgery_check(tmp_path / "tome", ReferenceRecord.load(exported.record_path), x, 2)
+    checked = surgery_check(Artifact.open(tmp_path / "tome"), ReferenceRecord.load(exported.record_path), x, 2)
     assert checked["error"] <= 1e-4 and checked["near_ties"] == 0

@@ -225,7 +225,7 @@ def convert(
         out.print(line)
         for note in result.notes:
             out.print(f"note: {note}", style="yellow")
-        if calib is not None and (result.out_dir / "reference.json").is_file():
+        if calib is not None and result.artifact.record:
             from .converter.validate import validate as run_validate
 
             with _progress("validating against the PyTorch reference") as report:

@@ -36,19 +36,19 @@ def asvit_flops_model(vit) -> tuple[list[tuple], int]:
     return block_flops, vit.flops.patch_embed + vit.flops.head + vit.flops.other
 
 
-def asvit_inputs(vit, model_path, calib: Optional[str], calib_limit: Optional[int], seed: int, model=None):
+def asvit_inputs(vit, record: Optional[dict], calib, calib_limit: Optional[int], seed: int, model=None):
     """The PyTorch reference to calibrate on (the original's, unless `model` is given) and the
-    calibration inputs: (model, images [N,C,H,W], description)."""
+    calibration inputs (`calib`: a folder, an .npy file or an array): (model, images [N,C,H,W], description).
+    `record`: the original's reference record (JSON), which `vit2trt export` writes beside the model."""
     import torch
 
-    from ...models.reference import ReferenceRecord, build_model
+    from ...models.reference import RECORD_SUFFIX, ReferenceRecord, build_model
 
-    record_path = ReferenceRecord.path_for(model_path)
-    if not record_path.is_file():
-        raise Vit2TrtError(f"AS-ViT thresholds are calibrated on the PyTorch reference ({record_path.name}, written "
-                           "by vit2trt export), which is missing; pass --thresholds instead.")
-    record = ReferenceRecord.load(record_path)
-    if calib:
+    if record is None:
+        raise Vit2TrtError(f"AS-ViT thresholds are calibrated on the PyTorch reference (MODEL.onnx{RECORD_SUFFIX}, "
+                           "written by vit2trt export), which is missing; pass --thresholds instead.")
+    record = ReferenceRecord(**record)
+    if calib is not None:
         from ...converter.calibration import load_calibration
 
         images = load_calibration(calib, (vit.in_chans, *vit.img_size), record.preprocessing, calib_limit)
@@ -96,7 +96,8 @@ class ASViT(Method):
         if thresholds is None:
             target = DEFAULT_TARGET if o.target_flops is None else o.target_flops
             reference = run.structured_reference() if run.keeps else None
-            model, images, described = asvit_inputs(run.vit, run.model_path, run.calib, run.calib_limit, run.seed,
+            model, images, described = asvit_inputs(run.vit, run.reference_record, run.calib, run.calib_limit,
+                                                    run.seed,
                                                     reference)
             run.progress(f"calibrating AS-ViT thresholds on {len(images)} inputs")
             block_flops, fixed = asvit_flops_model(run.vit)
@@ -122,9 +123,7 @@ class ASViT(Method):
             o.target_flops = target
         run.progress("inserting AS-ViT token pruning")
         result = apply_asvit(run.model, run.vit, o.stages, thresholds, o.form)
-        run.passes.append(result.report)
-        run.model = result.model
-        run.describe("graph with AS-ViT")
+        run.apply(result, "graph with AS-ViT")
         run.notes.append("AS-ViT keeps as many tokens as each image needs: the FLOPs above are for the reader's seeded "
                          "probe image; report.json's calibration gives the mean over the calibration inputs.")
         return {"settings": {"stages": o.stages, "thresholds": thresholds, "form": o.form,

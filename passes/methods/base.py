@@ -7,9 +7,7 @@ reference of its part is rebuilt (`reference`). `convert` composes a list of the
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -17,6 +15,7 @@ import onnx
 
 from ...converter.graph_reader import describe_vit
 from ...converter.vit_graph import ViTGraph
+from ..base import PassResult
 from ..structured_prune import BlockKeep, prune_structure
 
 
@@ -74,7 +73,7 @@ class Run:
     vit: ViTGraph                  # the current graph's description
     original_vit: ViTGraph
     model_path: str
-    calib: Optional[str]
+    calib: Any                     # calibration images: a folder, an .npy file or an array; None: none given
     fit_limit: int
     calib_limit: int
     seed: int
@@ -88,16 +87,24 @@ class Run:
     notes: list[str] = field(default_factory=list)
     stripped: bool = False
     cache: Optional[dict] = None   # the planner shares statistics between candidates
+    reference_record: Optional[dict] = None   # the record `vit2trt export` wrote beside the model
+
+    @property
+    def has_calib(self) -> bool:
+        return self.calib is not None and not (isinstance(self.calib, str) and not self.calib)
 
     def describe(self, label: str) -> None:
         self.vit = describe_vit(self.model, label)
 
+    def apply(self, result: PassResult, label: str) -> dict:
+        """Take a pass's graph and account for it: the new graph, its report, its description."""
+        self.passes.append(result.report)
+        self.model = result.model
+        self.describe(label)
+        return result.report
+
     def record(self) -> Optional[dict]:
-        """The reference record `vit2trt export` writes beside the model, if there is one."""
-        try:
-            return json.loads(Path(str(self.model_path) + ".reference.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return self.reference_record
 
     def recorded_name(self) -> Optional[str]:
         record = self.record() or {}
@@ -112,13 +119,13 @@ class Run:
         self.stripped = True
         self.progress("stripping zeroed structure")
         result, keeps = strip_dead_structure(self.model, self.vit)
-        self.passes.append(result.report)
-        if keeps:
-            if self.compensation:   # nothing fits before the strip today; narrow what would
-                self.compensation = slice_compensation(self.compensation, keeps, self.vit)
-            self.model = result.model
-            self.describe("stripped graph")
-            self.keeps = compose_keeps(self.keeps, keeps)
+        if not keeps:
+            self.passes.append(result.report)
+            return
+        if self.compensation:   # nothing fits before the strip today; narrow what would
+            self.compensation = slice_compensation(self.compensation, keeps, self.vit)
+        self.apply(result, "stripped graph")
+        self.keeps = compose_keeps(self.keeps, keeps)
 
     def calibration_inputs(self, limit: int) -> np.ndarray:
         from ...converter.calibration import load_calibration
@@ -129,13 +136,15 @@ class Run:
 
     def calibration_stats(self):
         """Activation moments of the current graph for compensation and budgets (None without --calib)."""
-        if not self.calib:
+        if not self.has_calib:
             return None
         from ..calibration_stats import collect_stats
 
         key = None
         if self.cache is not None:
-            key = ("stats", hashlib.sha1(self.model.SerializeToString()).hexdigest(), self.calib, self.fit_limit)
+            images = (hashlib.sha1(self.calib.tobytes()).hexdigest() if isinstance(self.calib, np.ndarray)
+                      else str(self.calib))
+            key = ("stats", hashlib.sha1(self.model.SerializeToString()).hexdigest(), images, self.fit_limit)
             if key in self.cache:
                 return self.cache[key]
         stats = collect_stats(self.model, self.vit, self.calibration_inputs(self.fit_limit),
@@ -161,16 +170,12 @@ class Run:
 
             self.progress("fitting compensation")
             fitted, fitted_tensors = compensate_keeps(self.model, self.vit, stats, new_keeps)
-            self.passes.append(fitted.report)
-            self.model = fitted.model
-            self.describe("compensated graph")   # the fitted weights are new constants
+            self.apply(fitted, "compensated graph")   # the fitted weights are new constants
         # Weights an earlier part fitted for layers this part narrows without refitting: slice them.
         self.compensation = {**slice_compensation(self.compensation, new_keeps, self.vit), **fitted_tensors}
         result = prune_structure(self.model, self.vit, new_keeps)
         result.report["pass"] = name
-        self.passes.append(result.report)
-        self.model = result.model
-        self.describe(f"graph after {name}")
+        self.apply(result, f"graph after {name}")
         self.keeps = compose_keeps(self.keeps, new_keeps)
 
     def structured_reference(self):
@@ -178,10 +183,9 @@ class Run:
         from ...models.pruned_reference import apply_decisions
         from ...models.reference import ReferenceRecord, build_model
 
-        record_path = ReferenceRecord.path_for(self.model_path)
-        if not record_path.is_file():
+        if self.reference_record is None:
             return None
-        model = build_model(ReferenceRecord.load(record_path))
+        model = build_model(ReferenceRecord(**self.reference_record))
         if not self.keeps and not self.compensation:
             return model
         import torch

@@ -100,9 +100,7 @@ class CAIT(Method):
         if self.merges(run):
             run.progress(f"ATME: merging neighbouring tokens before blocks {o.stages}")
             result = apply_atme(run.model, run.vit, o.stages, restore_grid=o.restore_grid)
-            run.passes.append(result.report)
-            run.model = result.model
-            run.describe("graph with ATME")
+            run.apply(result, "graph with ATME")
             atme = result.report
         else:
             run.notes.append(f"CAIT's ATME gives way to {run.token_part}, which reduces the tokens in this "

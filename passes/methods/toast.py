@@ -50,7 +50,7 @@ def check_budget(name: str, target_flops: Optional[float], run: Run) -> None:
         return
     if not 0.0 < target_flops <= 1.0:
         raise Vit2TrtError(f"--target-flops is a fraction of the original model's FLOPs in (0, 1], got {target_flops}.")
-    if not run.calib:
+    if not run.has_calib:
         raise Vit2TrtError(f"--target-flops for --method {name} measures each block's sensitivity on calibration "
                            "images: give --calib DIR.")
 
@@ -140,9 +140,7 @@ class Toast(Method):
             blocks = tcs_blocks(run.vit, plan.fc1_ratios, plan.fc2_ratios)
             if blocks:
                 result = apply_tcs(run.model, run.vit, blocks, shared=o.tcs_shared)
-                run.passes.append(result.report)
-                run.model = result.model
-                run.describe("graph with TCS")
+                run.apply(result, "graph with TCS")
                 tcs_record = {"blocks": result.report["blocks"], "settings": result.report["settings"],
                               "fc1_ratios": plan.fc1_ratios, "fc2_ratios": plan.fc2_ratios}
         if not run.keeps and tcs_record is None and not pruned_before:

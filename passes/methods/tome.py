@@ -28,9 +28,7 @@ class ToMe(Method):
         run.progress(f"merging {o.r} tokens per block (ToMe)")
         vit = run.vit
         result = apply_tome(run.model, vit, o.r)
-        run.passes.append(result.report)
-        run.model = result.model
-        run.describe("graph with ToMe")
+        run.apply(result, "graph with ToMe")
         run.notes.append(f"ToMe merges {sum(result.report['r'])} of {vit.num_tokens} tokens over {vit.depth} blocks "
                          f"({result.report['tokens'][-1]} leave the last block); training-free, as the paper.")
         return {"settings": {"r": o.r}, "tome": result.report}
