@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
+from vit2trt.converter.artifact import Artifact
 from vit2trt.converter.plan import (Candidate, Family, PlanOptions, _choose, _midpoint, _split, _walk, credible_speedup,
                                    figure, plan)
 from vit2trt.converter.speedup import PairedTiming, format_speedup, speedup_of
@@ -45,7 +46,12 @@ def test_choice_honours_max_drop_on_the_held_out_images(tmp_path, data, fast_can
     exported, calib, labels_file, x, labels = data
     options = PlanOptions(calib=str(calib), out_dir=str(tmp_path / "plan"), labels=str(labels_file), max_drop=0.1,
                           methods=["tome", "cait", "toast+tome"], build=False, rounds=3, time_limit=600)
-    result = plan(exported.onnx_path, options)
+    saved = []
+    save = Artifact.save
+    with pytest.MonkeyPatch.context() as patch:   # the search writes nothing per candidate: one save, the winner's
+        patch.setattr(Artifact, "save", lambda self, folder, **kw: saved.append(folder) or save(self, folder, **kw))
+        result = plan(exported.onnx_path, options)
+    assert saved == [tmp_path / "plan"] and sorted(p.name for p in tmp_path.iterdir()) == ["plan"]
     assert result.chosen is not None and result.chosen.drop <= 0.1
     # Recompute the chosen model's drop on the held-out split, independently of the planner's judge.
     _, held = _split(len(x), options.holdout, options.seed)
