@@ -114,24 +114,37 @@ def greedy_removal(layers: list[tuple[np.ndarray, np.ndarray]], min_keep: int = 
     ones (CAIT's consistent heads); their errors add."""
     n = len(layers[0][0])
     state = [[np.linalg.inv(c + ridge(c) * np.eye(n)), g.astype(np.float64).copy()] for c, g in layers]
-    alive = np.ones(n, dtype=bool)
-    order, errors, total = [], [0.0], 0.0
-    while alive.sum() > min_keep:
-        cost = np.full(n, np.inf)
-        cost[alive] = sum(np.diag(g)[alive] / np.diag(p)[alive] for p, g in state)
-        take = int(min(chunk, alive.sum() - min_keep))
+    index = np.arange(n)               # the input each row of the matrices holds
+    dead = np.zeros(n, dtype=bool)     # removed since the matrices were last compacted (their rows are zero)
+    order, errors, total, left = [], [0.0], 0.0, n
+    while left > min_keep:
+        cost = np.full(len(index), np.inf)
+        cost[~dead] = sum(np.diag(g)[~dead] / np.diag(p)[~dead] for p, g in state)
+        take = int(min(chunk, left - min_keep))
+        size = len(index)
+        outer, scratch = np.empty((size, size)), np.empty((size, size))   # reused: the updates dominate
         for j in np.argsort(cost, kind="stable")[:take].tolist():
-            for item in state:
-                p, g = item
+            for p, g in state:
                 pj, gj, pjj, gjj = p[:, j].copy(), g[:, j].copy(), p[j, j], g[j, j]
                 total += gjj / pjj
                 a = pj / pjj
-                g -= np.outer(a, gj) + np.outer(gj, a) - np.outer(a, a) * gjj
-                p -= np.outer(pj, a)
-            alive[j] = False
-            order.append(j)
+                # g -= a gjᵀ + gj aᵀ - a aᵀ gjj, in this order of operations (the same bits as written out)
+                np.multiply.outer(a, gj, out=outer)
+                outer += np.multiply.outer(gj, a, out=scratch)
+                np.multiply.outer(a, a, out=scratch)
+                scratch *= gjj
+                outer -= scratch
+                g -= outer
+                p -= np.multiply.outer(pj, a, out=outer)
+            dead[j] = True
+            left -= 1
+            order.append(int(index[j]))
             errors.append(total)
-    rest = np.flatnonzero(alive).tolist()
+        if dead.sum() >= max(16, size // 8):   # drop the zeroed rows once they are a fair share of the work
+            kept = np.flatnonzero(~dead)
+            state = [[p[np.ix_(kept, kept)], g[np.ix_(kept, kept)]] for p, g in state]
+            index, dead = index[kept], np.zeros(len(kept), dtype=bool)
+    rest = index[~dead].tolist()
     return Removal(order + rest, np.array(errors + [np.inf] * len(rest)))
 
 
