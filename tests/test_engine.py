@@ -87,7 +87,7 @@ def test_bf16_on_tensorrt_rtx_is_refused_before_work(tmp_path, deit_tiny_ts, mon
 
 def test_a_failed_build_keeps_the_onnx_and_says_what_failed(tmp_path, deit_tiny_ts, monkeypatch):
     failed = BuildReport("tensorrt_rtx", "failed", 0.1, "ONNX parser: unsupported (operator NoSuchOp, name n1)")
-    monkeypatch.setattr(convert_module, "build_engine", lambda *a, **k: failed)
+    monkeypatch.setattr(engine, "build_engine", lambda *a, **k: failed)   # where saving the output builds
     monkeypatch.setattr(convert_module, "check_build", lambda options: "tensorrt_rtx")
     result = _convert(tmp_path, deit_tiny_ts.onnx_path)
     assert result.exit_code == 1 and "NoSuchOp" in result.output
