@@ -41,7 +41,7 @@ from torch import nn
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.passes.methods.asvit import asvit_flops_model
 from vit2trt.converter.export import export_model
-from vit2trt.converter.graph_reader import read_vit
+from vit2trt.converter.graph import read_vit
 from vit2trt.models.asvit_tuning import BUDGET_WEIGHT, SoftASViT, _meet_budget
 from vit2trt.models.cait_reference import CAITViT
 from vit2trt.models.digits import CHECKPOINT, MODEL_ARGS, MODEL_NAME, compose, load_split, test_set

@@ -26,7 +26,7 @@ from vit2trt.converter.speedup import Speedup, format_speedup, measure_speedup
 from vit2trt.converter.calibration import load_calibration
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
-from vit2trt.converter.graph_reader import read_vit
+from vit2trt.converter.graph import read_vit
 from vit2trt.converter.plan import PlanOptions, _choose, families, plan
 
 from real_accuracy import SHARED_REAL, labelled_photos, top1

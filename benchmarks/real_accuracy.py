@@ -27,7 +27,7 @@ from vit2trt.converter.speedup import Speedup, format_speedup, measure_speedup
 from vit2trt.converter.calibration import image_files, load_calibration
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
-from vit2trt.converter.graph_reader import read_vit
+from vit2trt.converter.graph import read_vit
 
 SHARED_REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 CALIB = 512

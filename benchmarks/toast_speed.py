@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
-from vit2trt.converter.graph_reader import read_vit
+from vit2trt.converter.graph import read_vit
 from vit2trt.passes.toast_schedules import SCHEDULES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from vit2trt.converter.calibration import load_calibration
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
-from vit2trt.converter.graph_reader import read_vit
+from vit2trt.converter.graph import read_vit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import node_times, paired_speedups, print_speed_table  # noqa: E402

@@ -25,7 +25,7 @@ from torch import nn
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.engine import build_engine
 from vit2trt.converter.export import export_model
-from vit2trt.converter.graph_reader import read_vit
+from vit2trt.converter.graph import read_vit
 from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.models.tome_reference import ToMeViT
 from vit2trt.models.vit_parts import attention_parts, vit_parts

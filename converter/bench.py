@@ -63,7 +63,7 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
     if any(b < 1 for b in batches):
         raise Vit2TrtError(f"batch sizes must be at least 1, got {batches}.")
     from .loading import load_onnx
-    from .graph_reader import describe_vit
+    from .graph import describe_vit
 
     vit = describe_vit(load_onnx(original), str(original))
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import onnx
 
 from .artifact import COMPENSATION_FILE, MODEL_FILE, Artifact
 from .engine import BuildOptions, check_build
-from .graph_reader import describe_vit
+from .graph import describe_vit
 from .loading import load_onnx
 from .report import block_table, flops_breakdown
 from .runtime import ort_runner, run_batched

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .files import write_atomically
-from .graph_reader import read_vit
+from .graph import read_vit
 from ..errors import Vit2TrtError
 from ..passes.methods.asvit import asvit_flops_model, asvit_inputs
 

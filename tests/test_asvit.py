@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from vit2trt.cli import app
 from vit2trt.converter.engine import build_engine, tensorrt_backend
-from vit2trt.converter.graph_reader import describe_vit, read_vit
+from vit2trt.converter.graph import describe_vit, read_vit
 from vit2trt.converter.loading import load_onnx
 from vit2trt.errors import Vit2TrtError
 from vit2trt.models.asvit_reference import ASViT

@@ -17,7 +17,7 @@ import pytest
 
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.engine import BuildOptions, build_engine, tensorrt_backend
-from vit2trt.converter.graph_reader import read_vit
+from vit2trt.converter.graph import read_vit
 
 from conftest import compressed_reference_outputs, rel_error, run_onnx
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vit2trt.converter.graph_reader import read_vit
+from vit2trt.converter.graph import read_vit
 from vit2trt.models.flops import analytical_flops, config_from_hf, config_from_timm
 from vit2trt.models.reference import HFLogits, ReferenceRecord, build_model
 

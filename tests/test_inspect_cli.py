@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from vit2trt.cli import app
 from vit2trt.converter.engine import build_engine, tensorrt_backend
-from vit2trt.converter.graph_reader import read_vit
+from vit2trt.converter.graph import read_vit
 
 runner = CliRunner()
 needs_tensorrt = pytest.mark.skipif(tensorrt_backend()[1] is None, reason="no tensorrt or tensorrt_rtx module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vit2trt.converter.engine import build_engine, tensorrt_backend
-from vit2trt.converter.graph_reader import describe_vit, read_vit
+from vit2trt.converter.graph import describe_vit, read_vit
 from vit2trt.converter.loading import load_onnx
 from vit2trt.errors import Vit2TrtError
 from vit2trt.models.reference import ReferenceRecord, build_model

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
-from vit2trt.converter.graph_reader import read_vit
+from vit2trt.converter.graph import read_vit
 from vit2trt.passes.methods.asvit import asvit_flops_model
 from vit2trt.converter.export import export_model
 from vit2trt.models.asvit_reference import ASViT

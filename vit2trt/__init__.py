@@ -10,7 +10,7 @@ __all__ = ["read_vit", "export_model", "__version__"]
 
 def __getattr__(name):  # lazy, so `vit2trt --help` does not import onnx and torch
     if name == "read_vit":
-        from .converter.graph_reader import read_vit
+        from .converter.graph import read_vit
 
         return read_vit
     if name == "export_model":

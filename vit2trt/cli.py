@@ -112,7 +112,7 @@ def inspect(
     """Describe the ViT inside an ONNX graph: tokens, every block's attention and FFN, the head, FLOPs."""
     with _user_errors():
         from .converter.engine import build_engine
-        from .converter.graph_reader import read_vit
+        from .converter.graph import read_vit
 
         with err.status(f"reading {model} ..."):
             graph = read_vit(model, img_size=img_size)

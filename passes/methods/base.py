@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import onnx
 
-from ...converter.graph_reader import describe_vit
+from ...converter.graph import describe_vit
 from ...converter.vit_graph import ViTGraph
 from ..base import PassResult
 from ..structured_prune import BlockKeep, prune_structure
