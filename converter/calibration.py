@@ -41,7 +41,7 @@ def load_calibration(path: str | os.PathLike, input_size: tuple[int, int, int],
     config = dict(DEFAULT_PREPROCESSING, **(preprocessing or {}))
     batch = []
     for i, file in enumerate(files):
-        batch.append(preprocess_image(file, input_size, config))
+        batch.append(preprocess_image(file, input_size, config, flag))
         progress(i + 1, len(files))
     return np.stack(batch)
 
@@ -66,7 +66,9 @@ def image_files(folder: Path, limit: Optional[int] = None, flag: str = "--calib"
     return files
 
 
-def preprocess_image(file: Path, input_size: tuple[int, int, int], config: dict) -> np.ndarray:
+def preprocess_image(file: Path, input_size: tuple[int, int, int], config: dict, flag: str = "--calib") -> np.ndarray:
+    """One image as float32 [C, H, W], preprocessed as `config` says; `flag` names the option that gave the
+    image, in messages (validate reads --images, convert and plan --calib)."""
     from PIL import Image, UnidentifiedImageError
 
     channels, height, width = input_size
@@ -87,7 +89,7 @@ def preprocess_image(file: Path, input_size: tuple[int, int, int], config: dict)
             image = image.crop((left, top, left + width, top + height))
             array = np.asarray(image, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise Vit2TrtError(f"--calib: could not read image {file}: {str(exc)[:200]}") from exc
+        raise Vit2TrtError(f"{flag}: could not read image {file}: {str(exc)[:200]}") from exc
     if array.ndim == 2:
         array = array[:, :, None]
     mean = np.asarray(config["mean"], dtype=np.float32)[:channels]

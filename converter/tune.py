@@ -23,7 +23,7 @@ def tune_asvit_thresholds(model_path: str | os.PathLike, out_path: str | os.Path
                           progress: Callable[[str], None] = lambda message: None) -> dict:
     from ..models.asvit_reference import calibrate_thresholds
     from ..models.asvit_tuning import tune_thresholds
-    from ..models.reference import read_record
+    from ..models.reference import ReferenceRecord, read_record
     from ..passes.asvit import check_settings, default_stages
 
     out_path = Path(out_path)
@@ -35,8 +35,15 @@ def tune_asvit_thresholds(model_path: str | os.PathLike, out_path: str | os.Path
         raise Vit2TrtError(f"--epochs must be at least 1, got {epochs}.")
     vit = read_vit(model_path)
     stages = stages or default_stages(vit.depth)
-    check_settings(vit, stages, [0.0] * len(stages), "packed")
-    model, images, described = asvit_inputs(vit, read_record(model_path), calib, calib_limit, seed)
+    # Checked as the bounded form, which every graph allows: the thresholds serve every form, and convert checks
+    # the form it writes (a masked graph's message there names convert's --asvit-form, which this command has not).
+    check_settings(vit, stages, [0.0] * len(stages), "bounded")
+    record = read_record(model_path)
+    if record is None:   # asvit_inputs' message suggests convert's --thresholds instead, which this command has not
+        raise Vit2TrtError(f"tune-thresholds learns from the PyTorch reference of {model_path}, the record "
+                           f"{ReferenceRecord.path_for(model_path).name} that `vit2trt export` writes beside the "
+                           "model; it is missing: export the model with `vit2trt export`.")
+    model, images, described = asvit_inputs(vit, record, calib, calib_limit, seed)
     block_flops, fixed = asvit_flops_model(vit)
     progress(f"calibrating starting thresholds on {described}")
     start, fraction = calibrate_thresholds(model, images, stages, block_flops, fixed, target_flops)

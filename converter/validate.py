@@ -122,11 +122,12 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
              thresholds: Thresholds = Thresholds(),
              progress: Callable[[str], None] = lambda msg: None, class_map: Optional[str | os.PathLike] = None,
              use_folder_labels: bool = True, weights: Optional[str | os.PathLike] = None,
-             model_args: Optional[dict] = None, reference_onnx: Optional[str | os.PathLike] = None) -> dict:
+             model_args: Optional[dict] = None, reference_onnx: Optional[str | os.PathLike] = None,
+             flag: str = "--images") -> dict:
     """`reference`: a reference record file or a model (timm:NAME, hf:...; with `weights`, `model_args`);
     `reference_onnx`: the original graph instead (converter.references). use_folder_labels=False reads only
     the images of an ImageFolder (convert's check on its --calib, whose folders need not be in the head's
-    order)."""
+    order). `flag` names the option that gave `images`, in messages (convert's check passes --calib)."""
     from .calibration import image_files, load_calibration, preprocess_image, DEFAULT_PREPROCESSING
     from .references import check_reference_fits, resolve_reference
 
@@ -140,29 +141,29 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
     input_size = tuple(reference_of.input_size)
     images = Path(images)
     if not images.exists():
-        raise Vit2TrtError(f"--images {images}: no such file or folder.")
+        raise Vit2TrtError(f"{flag} {images}: no such file or folder.")
     session = artifact.session()
     progress("checking that the reference fits the graph")
     check_reference_fits(reference_of, session)
-    files = image_files(images, limit, "--images") if images.is_dir() else None
+    files = image_files(images, limit, flag) if images.is_dir() else None
     x = None if files is not None else load_calibration(images, input_size, reference_of.preprocessing, limit,
-                                                        flag="--images")
+                                                        flag=flag)
     truth = None
     if use_folder_labels or labels is not None:   # labels are checked before the images are decoded
         truth = image_labels(images, files, len(files) if files is not None else len(x),
                              Path(labels) if labels else None, Path(class_map) if class_map else None,
-                             _head_width(session), "--images")
+                             _head_width(session), flag)
     if thresholds.max_accuracy_drop is not None and truth is None:   # before the long runs, not after
         raise Vit2TrtError("--max-accuracy-drop needs --labels, or an ImageFolder (one subfolder per class) "
-                           "as --images.")
+                           f"as {flag}.")
     if files is not None:
         config = dict(DEFAULT_PREPROCESSING, **reference_of.preprocessing)
-        x = np.stack([preprocess_image(f, input_size, config) for f in files]).astype(np.float32)
+        x = np.stack([preprocess_image(f, input_size, config, flag) for f in files]).astype(np.float32)
 
     progress(f"running the reference on {len(x)} images")
     want = reference_of.run(x, batch)
     if truth is not None and _head_width(session) is None:   # a graph that left its width dynamic
-        check_label_range(truth, want.shape[-1], "--labels" if labels else f"--images {images}")
+        check_label_range(truth, want.shape[-1], "--labels" if labels else f"{flag} {images}")
     progress("running the compressed graph in ONNX Runtime")
     name = session.get_inputs()[0].name
     got = run_batched(session_runner(session), x, batch)

@@ -210,6 +210,17 @@ def test_validate_refuses_bad_labelled_folders(folder, out_dir, tmp_path, case, 
     assert not (out_dir / "report.json").exists()
 
 
+def test_an_unreadable_image_is_named_under_the_flag_the_user_typed(folder, out_dir):
+    """validate takes its images with --images: a corrupt file in the tree is reported under --images, never
+    under convert's and plan's --calib."""
+    broken = folder / "cat" / "a" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated, not a JPEG")
+    result = runner.invoke(app, ["validate", str(out_dir), "--images", str(folder)])
+    _assert_exit_2(result, f"--images: could not read image {broken}")
+    assert "--calib" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (out_dir / "report.json").exists()
+
+
 def test_plan_refuses_labels_with_an_image_folder_and_writes_nothing(folder, deit_tiny_ts, tmp_path):
     labels = _json(tmp_path / "labels.json", {"1.png": 0})
     for extra, needle in (["--labels", str(labels)], "conflicts with --calib"), \

@@ -97,3 +97,16 @@ def test_bad_settings_exit_2_and_write_nothing(digits, tmp_path, extra, message)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not out.exists()
+
+
+def test_a_model_without_its_reference_record_is_refused_with_this_commands_remedy(digits, tmp_path):
+    """tune-thresholds has no --thresholds (convert's way around a missing record): its message says to export."""
+    exported, folder, _, _ = digits
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes(exported.onnx_path.read_bytes())   # the graph without the record beside it
+    out = tmp_path / "th.json"
+    result = runner.invoke(app, ["tune-thresholds", str(bare), "--calib", str(folder / "calib.npy"),
+                                 "--out", str(out), "--epochs", "1"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and text.startswith("error:"), result.output
+    assert "`vit2trt export`" in text and "--thresholds" not in text and not out.exists(), text

@@ -13,6 +13,8 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.segment import Segments
 from rich.table import Table
 
 from . import __version__
@@ -24,6 +26,7 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+UNWRAPPED_WIDTH = 10_000   # columns a table may take in a log: no cell of ours comes near it
 _state = {"debug": False}
 
 
@@ -54,6 +57,18 @@ def _user_errors():
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130)
+
+
+def print_table(console: Console, table: Table) -> None:
+    """A terminal gets the table at its width (every table here is laid out to fit 80 columns). A log, a pipe
+    or CI gets it at its natural width, unwrapped: rich would guess 80 columns there and fold cells apart,
+    and a log is read in windows of any width."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update_width(UNWRAPPED_WIDTH), table).maximum
+    whole = console.options.update_width(max(natural, console.width))
+    console.print(Segments(console.render(table, whole)), crop=False)
 
 
 def _parse_model_args(pairs: List[str]) -> dict:
@@ -229,7 +244,8 @@ def convert(
             from .converter.validate import validate as run_validate
 
             with _progress("validating against the PyTorch reference") as report:
-                v = run_validate(result.out_dir, calib, limit=64, progress=report, use_folder_labels=False)
+                v = run_validate(result.out_dir, calib, limit=64, progress=report, use_folder_labels=False,
+                                 flag="--calib")
             out.print(f"validation against the PyTorch reference on {v['images']} calibration inputs: top-1 "
                       f"agreement {v['top1_agreement'] * 100:.0f}%, logits cosine min {v['cosine_min']:.4f}, "
                       f"batch dependence {v['batch_dependence']:.2g} (report.json; `vit2trt validate` for more)")
@@ -280,8 +296,8 @@ def plan(
     measuring every candidate's latency against the original and its accuracy on held-out images.
     Ctrl-C or --time-limit keeps the best model found so far."""
     with _user_errors():
-        from .converter.plan import PlanOptions, credible_speedup, figure, plan as run_plan
-        from .converter.speedup import format_speedup, terminal_legend
+        from .converter.plan import PlanOptions, credible_speedup, plan as run_plan
+        from .converter.speedup import terminal_legend
 
         options = PlanOptions(calib=str(calib), out_dir=str(out_dir), labels=str(labels) if labels else None,
                               class_map=str(class_map) if class_map else None,
@@ -291,29 +307,47 @@ def plan(
                               engine=engine, seed=seed, overwrite=overwrite)
         with _progress("planning") as report:
             result = run_plan(model, options, progress=report)
-        table = Table(box=box.SIMPLE_HEAD, title=f"candidates (runtime {runtime}, batch {batch})")
-        for column in ("", "candidate", "FLOPs x", "speedup [95% interval]", "agreement", "KL", "top-1", "drop pt"):
-            table.add_column(column, justify="left" if column in ("", "candidate") else "right",
-                             overflow="fold" if column.startswith("speedup") else "ellipsis")   # never cut short
-        for c in result.candidates:
-            if c.error:
-                continue
-            mark = "chosen" if c is result.chosen else ("pareto" if c.pareto else "")
-            table.add_row(mark, escape(c.label), f"{c.flops_ratio:.2f}",
-                          format_speedup(figure(c), ascii=True),
-                          f"{c.agreement * 100:.1f}%", f"{c.kl:.4f}",
-                          f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "-", f"{c.drop * 100:+.2f}")
-        out.print(table)
+        for table in plan_tables(result, runtime, batch):
+            print_table(out, table)
         out.print(terminal_legend())
         for note in result.notes:
             out.print(f"note: {note}", style="yellow")
         if result.chosen is None:
             err.print(f"error: no candidate met the budget; {result.out_dir}/plan.md lists what was tried.", style="red")
             raise typer.Exit(1)
-        out.print(f"chose {escape(result.chosen.label)}: {credible_speedup(result.chosen):.2f}x faster (measured, at most "
-                  f"the FLOPs ratio), top-1 drop "
+        chosen = next(name for name, c in short_names(result) if c is result.chosen)
+        out.print(f"chose {chosen}, {escape(result.chosen.label)}: {credible_speedup(result.chosen):.2f}x faster "
+                  f"(measured, at most the FLOPs ratio), top-1 drop "
                   f"{result.chosen.drop * 100:+.2f} pt on held-out images; wrote {result.out_dir}/ (plan.md, "
                   "plan.json, plan.png, model.onnx, decisions.json, report)")
+
+
+def short_names(result) -> list[tuple[str, object]]:
+    """The candidates the terminal shows (refused ones are in plan.md), named c1, c2, ... in search order."""
+    return [(f"c{i}", c) for i, c in enumerate((c for c in result.candidates if not c.error), start=1)]
+
+
+def plan_tables(result, runtime: str, batch: int) -> list[Table]:
+    """The candidates under their short names, and under them the legend with each one's settings in full:
+    a label such as "toast+tome r=4, structure to 0.95 of ToMe's FLOPs" in a column of its own would leave
+    an 80-column table no room but to fold every cell into fragments."""
+    from .converter.plan import figure
+    from .converter.speedup import format_speedup
+
+    table = Table(box=box.SIMPLE_HEAD, title=f"candidates (runtime {runtime}, batch {batch})", title_justify="left",
+                  pad_edge=False, collapse_padding=True, show_edge=False)
+    for column in ("", "", "FLOPs x", "speedup [95%]", "agreement", "KL", "top-1", "drop pt"):
+        table.add_column(column, justify="right" if column else "left", no_wrap=True)
+    legend = Table.grid(padding=(0, 2))
+    legend.add_column(no_wrap=True)
+    legend.add_column()   # a label longer than the terminal wraps between words, under itself
+    for name, c in short_names(result):
+        mark = "chosen" if c is result.chosen else ("pareto" if c.pareto else "")
+        table.add_row(name, mark, f"{c.flops_ratio:.2f}", format_speedup(figure(c), ascii=True),
+                      f"{c.agreement * 100:.1f}%", f"{c.kl:.4f}",
+                      f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "-", f"{c.drop * 100:+.2f}")
+        legend.add_row(name, escape(c.label))
+    return [table, legend]
 
 
 @app.command("tune-thresholds")
@@ -339,22 +373,26 @@ def tune_thresholds(
         with _progress("tuning AS-ViT thresholds") as report:
             result = tune_asvit_thresholds(model, out_file, str(calib) if calib else None, target_flops, parsed,
                                            epochs, seed, limit, overwrite, progress=report)
-        table = Table(title=f"AS-ViT thresholds for {target_flops:g} of the FLOPs, {result['inputs']}",
-                      box=box.SIMPLE_HEAD)
-        table.add_column("")
-        for column in (f"θ at stages {','.join(map(str, result['stages']))}", "FLOPs fraction",
-                       "top-1 agreement with the full model"):
-            table.add_column(column, justify="right")
-        start = result["start"]
-        table.add_row("calibrated (start)", ",".join(f"{t:.3g}" for t in start["thresholds"]),
-                      f"{start['flops_fraction']:.3f}", f"{start['top1_agreement'] * 100:.1f}%")
-        table.add_row("tuned", ",".join(f"{t:.3g}" for t in result["thresholds"]),
-                      f"{result['flops_fraction']:.3f}", f"{result['top1_agreement'] * 100:.1f}%")
-        out.print(table)
+        print_table(out, thresholds_table(result, target_flops))
         if result["kept_start"]:
             out.print("note: the tuned thresholds agreed less with the full model than the calibrated ones; "
                       "the calibrated ones were written.", style="yellow")
         out.print(f"wrote {out_file}; use it with: vit2trt convert {model} --method asvit --thresholds {out_file}")
+
+
+def thresholds_table(result: dict, target_flops: float) -> Table:
+    table = Table(title=f"AS-ViT thresholds for {target_flops:g} of the FLOPs, {result['inputs']}",
+                  box=box.SIMPLE_HEAD)
+    table.add_column("")
+    for column in (f"θ at stages {','.join(map(str, result['stages']))}", "FLOPs fraction",
+                   "top-1 agreement with the full model"):
+        table.add_column(column, justify="right")
+    start = result["start"]
+    table.add_row("calibrated (start)", ",".join(f"{t:.3g}" for t in start["thresholds"]),
+                  f"{start['flops_fraction']:.3f}", f"{start['top1_agreement'] * 100:.1f}%")
+    table.add_row("tuned", ",".join(f"{t:.3g}" for t in result["thresholds"]),
+                  f"{result['flops_fraction']:.3f}", f"{result['top1_agreement'] * 100:.1f}%")
+    return table
 
 
 @app.command()
@@ -388,25 +426,7 @@ def validate(
         out.print(f"reference: {escape(result['reference'])}")
         if result.get("reference_note"):
             err.print(f"[yellow]note:[/] {escape(result['reference_note'])}")
-        table = Table(title=f"{out_dir}/model.onnx vs the reference, {result['images']} images",
-                      box=box.SIMPLE_HEAD)
-        table.add_column("check")
-        table.add_column("value", justify="right")
-        table.add_row("top-1 agreement", f"{result['top1_agreement'] * 100:.1f}%")
-        table.add_row("logits cosine (mean / min)", f"{result['cosine_mean']:.5f} / {result['cosine_min']:.5f}")
-        table.add_row("max abs error (relative)", f"{result['max_abs_error']:.3g} ({result['relative_error']:.2g})")
-        table.add_row("batch vs single runs, max diff", f"{result['batch_dependence']:.2g}")
-        if result["surgery_error"] is not None:
-            table.add_row("graph vs PyTorch compressed the same way", f"{result['surgery_error']:.2g} (relative)")
-        if result.get("surgery_near_ties"):
-            table.add_row("ToMe near-ties rounding decided (followed)", str(result["surgery_near_ties"]))
-        if "accuracy" in result:
-            a = result["accuracy"]
-            table.add_row("top-1 accuracy reference / compressed",
-                          f"{a['reference_top1'] * 100:.1f}% / {a['compressed_top1'] * 100:.1f}%")
-            table.add_row("top-5 accuracy reference / compressed",
-                          f"{a['reference_top5'] * 100:.1f}% / {a['compressed_top5'] * 100:.1f}%")
-        out.print(table)
+        print_table(out, validate_table(result, out_dir))
         engine = result["engine"]
         if isinstance(engine, dict):
             out.print(f"engine: top-1 agreement {engine['top1_agreement'] * 100:.1f}%, "
@@ -417,6 +437,28 @@ def validate(
             err.print(f"[bold red]failed:[/] {escape(failure)}")
         if result["failures"]:
             raise typer.Exit(1)
+
+
+def validate_table(result: dict, out_dir: Path) -> Table:
+    table = Table(title=f"{out_dir}/model.onnx vs the reference, {result['images']} images",
+                  box=box.SIMPLE_HEAD)
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    table.add_row("top-1 agreement", f"{result['top1_agreement'] * 100:.1f}%")
+    table.add_row("logits cosine (mean / min)", f"{result['cosine_mean']:.5f} / {result['cosine_min']:.5f}")
+    table.add_row("max abs error (relative)", f"{result['max_abs_error']:.3g} ({result['relative_error']:.2g})")
+    table.add_row("batch vs single runs, max diff", f"{result['batch_dependence']:.2g}")
+    if result["surgery_error"] is not None:
+        table.add_row("graph vs PyTorch compressed the same way", f"{result['surgery_error']:.2g} (relative)")
+    if result.get("surgery_near_ties"):
+        table.add_row("ToMe near-ties rounding decided (followed)", str(result["surgery_near_ties"]))
+    if "accuracy" in result:
+        a = result["accuracy"]
+        table.add_row("top-1 accuracy reference / compressed",
+                      f"{a['reference_top1'] * 100:.1f}% / {a['compressed_top1'] * 100:.1f}%")
+        table.add_row("top-5 accuracy reference / compressed",
+                      f"{a['reference_top5'] * 100:.1f}% / {a['compressed_top5'] * 100:.1f}%")
+    return table
 
 
 @app.command()
@@ -434,23 +476,31 @@ def bench(
     beyond the FLOPs ratio where it is). Results go into OUT/report.json."""
     with _user_errors():
         from .converter.bench import bench as run_bench
-        from .converter.report import speedup_cell
         from .converter.speedup import terminal_legend
 
         batches = None if batch is None else _int_list(batch, "--batch takes comma-separated sizes such as 1,8")
         with _progress("timing") as report:
             result = run_bench(out_dir, original, batches, repeats, threads, tuple(backend), progress=report,
                                time_cap=time_cap)
-        for name, rows in result["backends"].items():
-            table = Table(title=f"{name}: {threads} threads; speedup = median of paired ratios [95% interval]",
-                          box=box.SIMPLE_HEAD)
-            for column in ("variant", "batch", "median ms", "p90 ms", "speedup"):
-                table.add_column(column, justify="left" if column == "variant" else "right")
-            for row in rows:
-                table.add_row(row["variant"], str(row["batch"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}",
-                              speedup_cell(row, result.get("flops_ratio"), ascii=True))
-            out.print(table)
+        for table in bench_tables(result, threads):
+            print_table(out, table)
         out.print(terminal_legend())
+
+
+def bench_tables(result: dict, threads: int) -> list[Table]:
+    from .converter.report import speedup_cell
+
+    tables = []
+    for name, rows in result["backends"].items():
+        table = Table(title=f"{name}: {threads} threads; speedup = median of paired ratios [95% interval]",
+                      box=box.SIMPLE_HEAD)
+        for column in ("variant", "batch", "median ms", "p90 ms", "speedup"):
+            table.add_column(column, justify="left" if column == "variant" else "right")
+        for row in rows:
+            table.add_row(row["variant"], str(row["batch"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}",
+                          speedup_cell(row, result.get("flops_ratio"), ascii=True))
+        tables.append(table)
+    return tables
 
 
 @app.command()
@@ -471,23 +521,30 @@ def demo(
 
         with _progress("demo") as report:
             summary = run_demo(out_dir, repeats, threads, build, overwrite, progress=report, time_cap=time_cap)
-        table = Table(title=f"bundled digits ViT: accuracy on {summary['test_images']} test images; speedup (b1, b8) "
-                            f"in ONNX Runtime CPU, {threads} threads, median of paired ratios [95% interval]",
-                      box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        # Six columns fit an 80-column terminal with both intervals whole; GFLOPs are in demo.md.
-        for column in ("method", "FLOPs×", "speedup b1", "speedup b8", "acc.", "Δ acc."):
-            table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
-        for name, row in summary["rows"].items():
-            table.add_row(name, f"{row.get('flops_ratio', 1.0):.2f}",
-                          format_speedup(figure(row, 1), ascii=True), format_speedup(figure(row, 8), ascii=True),
-                          f"{row['accuracy'] * 100:.1f}%", f"{row['accuracy_delta'] * 100:+.1f}")
-        out.print(table)
+        print_table(out, demo_table(summary, threads))
         out.print(terminal_legend())
         engines = sorted({row.get("engine") or "not built" for name, row in summary["rows"].items()
                           if name != "uncompressed"})
         out.print(f"TensorRT engines: {', '.join(engines)}")
         out.print(f"wrote {out_dir}/demo.md, demo.json, demo.png and {', '.join(r for r in summary['rows'] if r != 'uncompressed')}/ "
                   "(each with report.html)")
+
+
+def demo_table(summary: dict, threads: int) -> Table:
+    from .converter.demo import figure
+    from .converter.speedup import format_speedup
+
+    table = Table(title=f"bundled digits ViT: accuracy on {summary['test_images']} test images; speedup (b1, b8) "
+                        f"in ONNX Runtime CPU, {threads} threads, median of paired ratios [95% interval]",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    # Six columns fit an 80-column terminal with both intervals whole; GFLOPs are in demo.md.
+    for column in ("method", "FLOPs×", "speedup b1", "speedup b8", "acc.", "Δ acc."):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+    for name, row in summary["rows"].items():
+        table.add_row(name, f"{row.get('flops_ratio', 1.0):.2f}",
+                      format_speedup(figure(row, 1), ascii=True), format_speedup(figure(row, 8), ascii=True),
+                      f"{row['accuracy'] * 100:.1f}%", f"{row['accuracy_delta'] * 100:+.1f}")
+    return table
 
 
 @contextmanager
@@ -527,13 +584,30 @@ def _batch_profile(text: str) -> tuple[int, int, int]:
 
 
 def _print_description(g) -> None:
+    out.print("columns: tokens = tokens the attention sees, qkv = fused/split projections, FFN = hidden units "
+              "(* = Token Channel Selection), LS = layer scale, proj/attn/FFN = projection, attention-matmul and "
+              "FFN GFLOPs", style="dim")
+    for table in description_tables(g):
+        print_table(out, table)
+    f = g.flops
+    out.print(f"GFLOPs (multiply-accumulates, batch 1): total {f.total / 1e9:.3f} = patch embed "
+              f"{f.patch_embed / 1e9:.3f} + blocks {f.blocks / 1e9:.3f} + head {f.head / 1e9:.4f}"
+              + (f" + other {f.other / 1e9:.3f}" if f.other else ""))
+    if g.build is not None:
+        b = g.build
+        if b.status == "built":
+            out.print(f"TensorRT ({b.backend}): parsed and built in {b.seconds:.1f} s, {b.message}")
+        elif b.status == "unavailable":
+            out.print(f"TensorRT: not checked, {b.message}")
+        else:
+            out.print(f"[bold red]TensorRT ({b.backend}): {b.status}[/]: {b.message}", highlight=False)
+
+
+def description_tables(g) -> list[Table]:
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("model", f"{g.path}  (opset {g.opset})")
-    out.print("columns: tokens = tokens the attention sees, qkv = fused/split projections, FFN = hidden units "
-              "(* = Token Channel Selection), LS = layer scale, proj/attn/FFN = projection, attention-matmul and "
-              "FFN GFLOPs", style="dim")
     summary.add_row("input", f"{g.input_name} [N, {g.in_chans}, {g.img_size[0]}, {g.img_size[1]}]")
     summary.add_row("patches", f"{g.patch_size[0]}x{g.patch_size[1]} -> {g.patch_embed.grid[0]}x{g.patch_embed.grid[1]} = "
                     f"{g.num_patches} tokens, embed dim {g.embed_dim}")
@@ -551,7 +625,6 @@ def _print_description(g) -> None:
                                            for f in used))
     heads = " + ".join(l.node for l in g.head.linears) or "none"
     summary.add_row("head", f"{g.head.num_classes} classes ({heads})")
-    out.print(summary)
 
     table = Table(title=f"{g.depth} blocks (GFLOPs at batch 1)", title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False, padding=(0, 1), collapse_padding=True, show_edge=False)
@@ -566,19 +639,7 @@ def _print_description(g) -> None:
             ffn + ("*" if selected else ""), b.ffn.activation,
             "yes" if b.layer_scale_attn else "no", f"{b.flops.attn_proj / 1e9:.3f}",
             f"{b.flops.attn_matmul / 1e9:.3f}", f"{b.flops.ffn / 1e9:.3f}", f"{b.flops.total / 1e9:.3f}")
-    out.print(table)
-    f = g.flops
-    out.print(f"GFLOPs (multiply-accumulates, batch 1): total {f.total / 1e9:.3f} = patch embed "
-              f"{f.patch_embed / 1e9:.3f} + blocks {f.blocks / 1e9:.3f} + head {f.head / 1e9:.4f}"
-              + (f" + other {f.other / 1e9:.3f}" if f.other else ""))
-    if g.build is not None:
-        b = g.build
-        if b.status == "built":
-            out.print(f"TensorRT ({b.backend}): parsed and built in {b.seconds:.1f} s, {b.message}")
-        elif b.status == "unavailable":
-            out.print(f"TensorRT: not checked, {b.message}")
-        else:
-            out.print(f"[bold red]TensorRT ({b.backend}): {b.status}[/]: {b.message}", highlight=False)
+    return [summary, table]
 
 
 def main() -> None:

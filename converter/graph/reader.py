@@ -118,8 +118,8 @@ def _image_input(g: GraphIndex, img_size: Optional[int]) -> ImageInput:
         if not isinstance(shape[axis], int) or shape[axis] <= 0:
             if img_size is None:
                 raise NotAViTError(
-                    f"{g.path}: input '{var.name}' has a dynamic image size {shape}; "
-                    "pass --img-size to read it at a fixed size.")
+                    f"{g.path}: input '{var.name}' has a dynamic image size {shape}; export it at a fixed size "
+                    "(`vit2trt export --img-size N`), or read it at one with `vit2trt inspect --img-size N`.")
             shape[axis] = img_size
     if not isinstance(shape[1], int) or shape[1] <= 0:
         raise NotAViTError(g.not_vit(f"input '{var.name}' has no fixed channel count: {shape}"))
