@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vit2trt.converter.calibration import load_calibration
+from vit2trt.converter.plot_labels import label_points
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
 
@@ -131,13 +132,13 @@ def _plot(speed, agreement, batch, front, path: Path, model: str) -> None:
         family = name.split()[0]
         ax.scatter(speed[name][batch], agreement[name], color=colours.get(family, "grey"),
                    marker="*" if name in front else "o", s=90 if name in front else 40)
-        ax.annotate(name, (speed[name][batch], agreement[name]), textcoords="offset points", xytext=(5, 3),
-                    fontsize=7)
     ax.set_xlabel(f"speedup over the uncompressed model, ONNX Runtime CPU, batch {batch} (at most the FLOPs ratio)")
     ax.set_ylabel("top-1 agreement with the uncompressed model")
     ax.set_title(f"{model}: every method and budget (stars: Pareto front)", fontsize=10)
+    ax.margins(x=0.12, y=0.12)   # room for the labels of the outermost points inside the axes
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    label_points(ax, [(speed[name][batch], agreement[name]) for name in speed], list(speed), fontsize=7)
     fig.savefig(path, format="png")
     plt.close(fig)
 

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from vit2trt.converter.runtime import ort_runner
 from vit2trt.converter.speedup import Speedup, format_speedup, measure_speedup
 from vit2trt.converter.calibration import image_files, load_calibration
+from vit2trt.converter.plot_labels import label_points
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.export import export_model
 from vit2trt.converter.graph import read_vit
@@ -158,12 +159,12 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         comp = "+ compensation" in r["variant"]
         ax.scatter(r["flops_x"], r["top1"] * 100, marker="o" if comp else "x", color="C0" if comp else "C3")
-        ax.annotate(r["variant"], (r["flops_x"], r["top1"] * 100), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
     ax.set_xlabel("FLOPs reduction (×)")
     ax.set_ylabel("top-1 on held-out photos (%)")
     ax.set_title("Real ViT-Ti: structured pruning without training (o: compensated, x: not)")
+    ax.margins(x=0.12, y=0.12)   # room for the labels of the outermost points inside the axes
     fig.tight_layout()
+    label_points(ax, [(r["flops_x"], r["top1"] * 100) for r in rows], [r["variant"] for r in rows], fontsize=6)
     fig.savefig(path, dpi=130)
 
 

@@ -171,24 +171,37 @@ def _settings_text(method: str, settings: dict) -> str:
 
 
 def _plot(rows: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = demo_figure(rows)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def demo_figure(rows: dict):
+    """Accuracy against the batch-8 speedup, one labelled point per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plot_labels import label_points
+
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    points, labels, bars = [], [], []
     for name, row in rows.items():
         s = figure(row, 8)
         # The bar is the interval; an unstable figure is drawn hollow and says so.
         ax.errorbar([s.speedup], [row["accuracy"] * 100], xerr=[[s.speedup - s.low], [s.high - s.speedup]],
                     fmt="o", markersize=7, capsize=3, mfc="none" if not s.stable else None)
-        label = name + ("" if s.stable else " (unstable)") + (" (> FLOPs ratio)" if s.exceeds_flops else "")
-        ax.annotate(label, (s.speedup, row["accuracy"] * 100), textcoords="offset points", xytext=(5, 3),
-                    fontsize=8)
+        points.append((s.speedup, row["accuracy"] * 100))
+        bars.append((s.low, row["accuracy"] * 100, s.high, row["accuracy"] * 100))
+        labels.append(name + ("" if s.stable else " (unstable)") + (" (> FLOPs ratio)" if s.exceeds_flops else ""))
     ax.set_xlabel("speedup over the uncompressed model, ONNX Runtime CPU, batch 8 (95% interval)")
     ax.set_ylabel("test accuracy, %")
     ax.set_title("bundled digits ViT: accuracy against speed, training-free compression", fontsize=10)
+    ax.margins(x=0.15, y=0.15)   # room for the labels of the outermost points inside the axes
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    label_points(ax, points, labels, avoid=bars)   # after the layout: labels are placed in display pixels
+    return fig

@@ -38,14 +38,28 @@ def flops_breakdown(original, compressed) -> dict:
 
 def _plot(report: dict, path: Path) -> bool:
     """Agreement (or accuracy) against latency, original and compressed; False when not measured."""
+    fig = report_figure(report)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return True
+
+
+def report_figure(report: dict):
+    """The plot of `_plot`, or None when latency or validation was not measured."""
     latency = report.get("latency", {}).get("backends", {})
     validation = report.get("validation")
     if not latency or not validation:
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .plot_labels import label_points
 
     accuracy = validation.get("accuracy")
     if accuracy:
@@ -56,28 +70,26 @@ def _plot(report: dict, path: Path) -> bool:
         label = "top-1 agreement with the original"
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     markers = iter("osD^v<>")
-    annotated = False
+    points, texts, drawn = [], [], []
     for backend, rows in latency.items():
         for batch in sorted({r["batch"] for r in rows}):
             compressed = next(r for r in rows if r["batch"] == batch and r["variant"] == "compressed")
             xs = [1.0, 1.0 / compressed["speedup"]]   # the paired figure, not a ratio of separate medians
             ax.plot(xs, [quality["original"], quality["compressed"]], marker=next(markers, "o"), linestyle=":",
                     label=f"{backend}, batch {batch}")
-            if not annotated:
-                ax.annotate("original", (xs[0], quality["original"]), textcoords="offset points",
-                            xytext=(-40, -12), fontsize=8)
-                annotated = True
-            ax.annotate("compressed", (xs[1], quality["compressed"]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=8)
+            if not points:   # one label each: every line runs from the original to the compressed model,
+                points += [(xs[0], quality["original"]), (xs[1], quality["compressed"])]   # the legend names them
+                texts += ["original", "compressed"]
+            drawn += [(x, y, x, y) for x, y in zip(xs, (quality["original"], quality["compressed"]))]
     ax.set_xlabel("latency relative to the original, 1 / median paired speedup (lower is better)")
     ax.set_ylabel(label)
     ax.set_title(f"{report.get('method', 'compressed')}: {label} against latency", fontsize=10)
+    ax.margins(x=0.15, y=0.15)   # room for the labels of the outermost points inside the axes
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return True
+    label_points(ax, points, texts, avoid=drawn)   # after the layout: labels are placed in display pixels
+    return fig
 
 
 def _markdown(report: dict, has_plot: bool) -> str:

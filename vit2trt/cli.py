@@ -381,17 +381,18 @@ def tune_thresholds(
 
 
 def thresholds_table(result: dict, target_flops: float) -> Table:
+    """The calibrated and the tuned thresholds side by side, one row per stage: any number of stages fits."""
     table = Table(title=f"AS-ViT thresholds for {target_flops:g} of the FLOPs, {result['inputs']}",
                   box=box.SIMPLE_HEAD)
     table.add_column("")
-    for column in (f"θ at stages {','.join(map(str, result['stages']))}", "FLOPs fraction",
-                   "top-1 agreement with the full model"):
-        table.add_column(column, justify="right")
+    for column in ("calibrated (start)", "tuned"):
+        table.add_column(column, justify="right", no_wrap=True)
     start = result["start"]
-    table.add_row("calibrated (start)", ",".join(f"{t:.3g}" for t in start["thresholds"]),
-                  f"{start['flops_fraction']:.3f}", f"{start['top1_agreement'] * 100:.1f}%")
-    table.add_row("tuned", ",".join(f"{t:.3g}" for t in result["thresholds"]),
-                  f"{result['flops_fraction']:.3f}", f"{result['top1_agreement'] * 100:.1f}%")
+    for stage, calibrated, tuned in zip(result["stages"], start["thresholds"], result["thresholds"]):
+        table.add_row(f"θ at stage {stage}", f"{calibrated:.3g}", f"{tuned:.3g}")
+    table.add_row("FLOPs fraction", f"{start['flops_fraction']:.3f}", f"{result['flops_fraction']:.3f}")
+    table.add_row("top-1 agreement with the full model", f"{start['top1_agreement'] * 100:.1f}%",
+                  f"{result['top1_agreement'] * 100:.1f}%")
     return table
 
 
@@ -443,7 +444,7 @@ def validate_table(result: dict, out_dir: Path) -> Table:
     table = Table(title=f"{out_dir}/model.onnx vs the reference, {result['images']} images",
                   box=box.SIMPLE_HEAD)
     table.add_column("check")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", no_wrap=True)
     table.add_row("top-1 agreement", f"{result['top1_agreement'] * 100:.1f}%")
     table.add_row("logits cosine (mean / min)", f"{result['cosine_mean']:.5f} / {result['cosine_min']:.5f}")
     table.add_row("max abs error (relative)", f"{result['max_abs_error']:.3g} ({result['relative_error']:.2g})")
@@ -484,18 +485,19 @@ def bench(
                                time_cap=time_cap)
         for table in bench_tables(result, threads):
             print_table(out, table)
-        out.print(terminal_legend())
+        out.print("speedup = median of the paired ratios original / compressed [95% interval]; "
+                  + terminal_legend())
 
 
 def bench_tables(result: dict, threads: int) -> list[Table]:
+    """One table per backend; what the speedup is goes in the legend under them (as a title it would wrap)."""
     from .converter.report import speedup_cell
 
     tables = []
     for name, rows in result["backends"].items():
-        table = Table(title=f"{name}: {threads} threads; speedup = median of paired ratios [95% interval]",
-                      box=box.SIMPLE_HEAD)
+        table = Table(title=f"{name}, {threads} threads", title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("variant", "batch", "median ms", "p90 ms", "speedup"):
-            table.add_column(column, justify="left" if column == "variant" else "right")
+            table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
         for row in rows:
             table.add_row(row["variant"], str(row["batch"]), f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}",
                           speedup_cell(row, result.get("flops_ratio"), ascii=True))
@@ -516,8 +518,8 @@ def demo(
     tome, validate each on the fixed test split (accuracy), time all of them side by side, and print
     one table (also demo.md with a plot)."""
     with _user_errors():
-        from .converter.demo import figure, run_demo
-        from .converter.speedup import format_speedup, terminal_legend
+        from .converter.demo import run_demo
+        from .converter.speedup import terminal_legend
 
         with _progress("demo") as report:
             summary = run_demo(out_dir, repeats, threads, build, overwrite, progress=report, time_cap=time_cap)
@@ -531,13 +533,15 @@ def demo(
 
 
 def demo_table(summary: dict, threads: int) -> Table:
+    """One row per method; the settings of each are in demo.md."""
     from .converter.demo import figure
     from .converter.speedup import format_speedup
 
     table = Table(title=f"bundled digits ViT: accuracy on {summary['test_images']} test images; speedup (b1, b8) "
                         f"in ONNX Runtime CPU, {threads} threads, median of paired ratios [95% interval]",
-                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    # Six columns fit an 80-column terminal with both intervals whole; GFLOPs are in demo.md.
+                  box=box.SIMPLE_HEAD, padding=0, show_edge=False)
+    # Six columns, one space apart, fit an 80-column terminal with both intervals whole even at 10x and more
+    # (GFLOPs are in demo.md).
     for column in ("method", "FLOPs×", "speedup b1", "speedup b8", "acc.", "Δ acc."):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for name, row in summary["rows"].items():
@@ -584,11 +588,11 @@ def _batch_profile(text: str) -> tuple[int, int, int]:
 
 
 def _print_description(g) -> None:
+    for table in description_tables(g):
+        print_table(out, table)
     out.print("columns: tokens = tokens the attention sees, qkv = fused/split projections, FFN = hidden units "
               "(* = Token Channel Selection), LS = layer scale, proj/attn/FFN = projection, attention-matmul and "
               "FFN GFLOPs", style="dim")
-    for table in description_tables(g):
-        print_table(out, table)
     f = g.flops
     out.print(f"GFLOPs (multiply-accumulates, batch 1): total {f.total / 1e9:.3f} = patch embed "
               f"{f.patch_embed / 1e9:.3f} + blocks {f.blocks / 1e9:.3f} + head {f.head / 1e9:.4f}"
@@ -604,6 +608,7 @@ def _print_description(g) -> None:
 
 
 def description_tables(g) -> list[Table]:
+    """The model's summary, and its blocks under short column names (explained under them)."""
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
