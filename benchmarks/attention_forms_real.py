@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from vit2trt.converter.calibration import DEFAULT_PREPROCESSING, preprocess_image
+from vit2trt.converter.measure.calibration import DEFAULT_PREPROCESSING, preprocess_image
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.export import export_model
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 SETTINGS = {"tome r=8": dict(method="tome", r=8),

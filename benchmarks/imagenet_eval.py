@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from vit2trt.converter.calibration import image_files, load_calibration
+from vit2trt.converter.measure.calibration import image_files, load_calibration
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.export import export_model
 from vit2trt.errors import Vit2TrtError
 
 SHARED_IMAGENET = Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-sample"

@@ -17,7 +17,7 @@ trained ourselves: timm vit_tiny_patch16_224 shape, dim 64, depth 5, 65 tokens, 
      the calibration images, and converted with the learned thresholds.
    ToMe is training-free in its paper, so it is only swept.
 3. All kept variants timed against the uncompressed model in ONNX Runtime in back-to-back pairs
-   (converter/speedup.py: median ratio with its 95% interval, unstable or beyond the FLOPs ratio
+   (converter/measure/speedup.py: median ratio with its 95% interval, unstable or beyond the FLOPs ratio
    marked), batches 1, 8 and 64. At batch 1 this 19-MFLOP model is overhead-bound.
 
     python benchmarks/matched_accuracy.py [--tolerance 0.005] [--epochs 30] [--repeats 30]
@@ -40,13 +40,13 @@ from torch import nn
 
 from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.passes.methods.asvit import asvit_flops_model
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.export import export_model
 from vit2trt.converter.graph import read_vit
 from vit2trt.models.asvit_tuning import BUDGET_WEIGHT, SoftASViT, _meet_budget
 from vit2trt.models.cait_reference import CAITViT
 from vit2trt.models.digits import CHECKPOINT, MODEL_ARGS, MODEL_NAME, compose, load_split, test_set
 from vit2trt.models.reference import ReferenceRecord, build_model
-from vit2trt.converter.speedup import format_speedup
+from vit2trt.converter.measure.speedup import format_speedup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import paired_speedups  # noqa: E402

@@ -1,7 +1,7 @@
 """Sweep every method over its budgets for one model: FLOPs, latency ratio, agreement; a Pareto table and plot.
 
 One export, one conversion per (method, budget), then every variant timed against the uncompressed
-model in ONNX Runtime on CPU in back-to-back pairs (converter/speedup.py: the median ratio with its
+model in ONNX Runtime on CPU in back-to-back pairs (converter/measure/speedup.py: the median ratio with its
 95% interval, unstable or beyond the FLOPs ratio marked; the front and the plot count a speedup at
 most at its FLOPs ratio, as `vit2trt plan` does). Agreement is top-1 agreement with the
 uncompressed model on the given images (or seeded noise); with seeded random weights it measures
@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from vit2trt.converter.calibration import load_calibration
-from vit2trt.converter.plot_labels import label_points
+from vit2trt.converter.measure.calibration import load_calibration
+from vit2trt.converter.planning.plot_labels import label_points
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.export import export_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import paired_speedups  # noqa: E402
 
-from vit2trt.converter.speedup import format_speedup  # noqa: E402
+from vit2trt.converter.measure.speedup import format_speedup  # noqa: E402
 
 SHARED_CALIB = Path(__file__).resolve().parents[2] / "shared" / "assets" / "calib"
 

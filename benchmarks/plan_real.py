@@ -4,7 +4,7 @@ single method, side by side in one run, on photos the planner never saw.
 The planner gets the first 512 photos of real/val (sorted file order), fits on half of them and
 judges on the other half; the pick and the best single-method candidate the planner found for the
 same goal are then measured on the other 4488 photos: top-1, and ONNX Runtime CPU speedups at batch
-1 and 8 against the original from back-to-back pairs in alternating order (converter/speedup.py:
+1 and 8 against the original from back-to-back pairs in alternating order (converter/measure/speedup.py:
 median of the per-round ratios with its 95% bootstrap interval, marked unstable or beyond the
 FLOPs ratio where it is).
 
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from vit2trt.converter.runtime import ort_runner
-from vit2trt.converter.speedup import Speedup, format_speedup, measure_speedup
-from vit2trt.converter.calibration import load_calibration
+from vit2trt.converter.measure.speedup import Speedup, format_speedup, measure_speedup
+from vit2trt.converter.measure.calibration import load_calibration
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.export import export_model
 from vit2trt.converter.graph import read_vit
-from vit2trt.converter.plan import PlanOptions, _choose, families, plan
+from vit2trt.converter.planning.planner import PlanOptions, _choose, families, plan
 
 from real_accuracy import SHARED_REAL, labelled_photos, top1
 

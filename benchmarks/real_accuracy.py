@@ -4,7 +4,7 @@ pretrained ViT-Ti in ../shared/real (200 Tiny-ImageNet classes).
 Calibrates on the first 512 photos of real/val (sorted file order) and measures top-1 on the other
 4488, which no method sees. For every variant: FLOPs, top-1, the time `convert` took, and ONNX
 Runtime CPU speedups at batch 1 and 8 against the original, from back-to-back pairs in alternating
-order (converter/speedup.py: median of the per-round ratios with its 95% bootstrap interval, marked
+order (converter/measure/speedup.py: median of the per-round ratios with its 95% bootstrap interval, marked
 unstable or beyond the FLOPs ratio where it is).
 
     python benchmarks/real_accuracy.py [--out real-accuracy] [--limit 4488] [--repeats 20] [--variants a,b]
@@ -23,11 +23,11 @@ import numpy as np
 import onnxruntime as ort
 
 from vit2trt.converter.runtime import ort_runner
-from vit2trt.converter.speedup import Speedup, format_speedup, measure_speedup
-from vit2trt.converter.calibration import image_files, load_calibration
-from vit2trt.converter.plot_labels import label_points
+from vit2trt.converter.measure.speedup import Speedup, format_speedup, measure_speedup
+from vit2trt.converter.measure.calibration import image_files, load_calibration
+from vit2trt.converter.planning.plot_labels import label_points
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.export import export_model
 from vit2trt.converter.graph import read_vit
 
 SHARED_REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
@@ -143,7 +143,7 @@ def table(rows: list[dict], held: int) -> str:
 
 
 def cell(row: dict, batch: str) -> str:
-    """A row's speedup as converter/speedup.py prints it; the original's is 1."""
+    """A row's speedup as converter/measure/speedup.py prints it; the original's is 1."""
     if "speed" not in row:
         return format_speedup(Speedup.reference())
     return format_speedup(Speedup.from_json(row["speed"][batch], row["flops_x"]))

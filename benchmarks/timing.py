@@ -1,4 +1,4 @@
-"""Shared timing helpers for the benchmarks: paired speedups (converter/speedup.py) and per-node kernel times."""
+"""Shared timing helpers for the benchmarks: paired speedups (converter/measure/speedup.py) and per-node kernel times."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from vit2trt.converter.runtime import ort_runner, ort_session
-from vit2trt.converter.speedup import (
+from vit2trt.converter.measure.speedup import (
     TIME_CAP_S, PairedTiming, Speedup, format_speedup, measure_speedup, terminal_legend,
 )
 
@@ -22,7 +22,7 @@ def paired_speedups(paths: dict[str, Path], batches: list[int], rounds: int, thr
                     image: tuple[int, int, int] = (3, 224, 224), inputs: np.ndarray | None = None,
                     baseline: str = "uncompressed", flops: dict[str, int] | None = None,
                     time_cap: float = TIME_CAP_S) -> dict[tuple[str, int], PairedTiming]:
-    """Every variant against `baseline` at every batch, in back-to-back pairs (converter/speedup.py:
+    """Every variant against `baseline` at every batch, in back-to-back pairs (converter/measure/speedup.py:
     median ratio, bootstrap interval, unstable or beyond the FLOPs ratio marked). Batch b runs the
     first b of `inputs` when given, else seeded noise. The baseline's own entry is the reference
     (speedup 1) with all its timings."""
@@ -64,7 +64,7 @@ def node_times(path: Path, x: np.ndarray, threads: int, runs: int) -> dict[str, 
 def print_speed_table(title: str, flops: dict[str, int], timings: dict[tuple[str, int], PairedTiming],
                       batches: list[int], baseline: str = "uncompressed") -> None:
     """One row per variant: GFLOPs, FLOPs ratio, and per batch the median ms, the speedup as
-    converter/speedup.py prints it, and its quotient by the FLOPs ratio."""
+    converter/measure/speedup.py prints it, and its quotient by the FLOPs ratio."""
     print(title)
     print("speedup: median of back-to-back ratios against the uncompressed model [95% bootstrap interval]; "
           + terminal_legend())

@@ -1,7 +1,7 @@
 """ToaSt speed on CPU: uncompressed vs compressed DeiT-S-size graphs in ONNX Runtime, one run.
 
 Every variant is timed against the uncompressed graph in back-to-back pairs (benchmarks/timing.py,
-converter/speedup.py): the speedup is the median of the pairs' ratios with its 95% bootstrap
+converter/measure/speedup.py): the speedup is the median of the pairs' ratios with its 95% bootstrap
 interval, marked unstable or beyond the FLOPs ratio where it is. Weights are seeded
 random (speed does not depend on them). Prints FLOPs ratio, measured speedup, their quotient,
 and, from ONNX Runtime's node profiler, the time of TCS's own scoring/top-k/gather nodes against
@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.export import export_model
 from vit2trt.converter.graph import read_vit
 from vit2trt.passes.toast_schedules import SCHEDULES
 

@@ -1,6 +1,6 @@
 """Token reduction speed on CPU: uncompressed vs ToMe, AS-ViT and CAIT (DeiT-S size) in ONNX Runtime.
 
-Each variant is timed against the uncompressed graph in back-to-back pairs (converter/speedup.py:
+Each variant is timed against the uncompressed graph in back-to-back pairs (converter/measure/speedup.py:
 median ratio with its 95% interval, unstable or beyond the FLOPs ratio marked). Inputs are real
 photographs when ../shared/assets/calib is there (AS-ViT keeps as many tokens as each image needs,
 so its speed depends on the images), else seeded noise. AS-ViT thresholds are calibrated on the same folder for --target-flops, and
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from vit2trt.converter.calibration import load_calibration
+from vit2trt.converter.measure.calibration import load_calibration
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.export import export_model
 from vit2trt.converter.graph import read_vit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,7 +104,7 @@ def _asvit_per_image(base: Path, asvit, record_path: Path, inputs: np.ndarray, a
     import torch
 
     from vit2trt.converter.runtime import ort_runner
-    from vit2trt.converter.speedup import format_speedup, measure_speedup
+    from vit2trt.converter.measure.speedup import format_speedup, measure_speedup
     from vit2trt.passes.methods.asvit import asvit_flops_model
     from vit2trt.models.asvit_reference import ASViT
     from vit2trt.models.reference import ReferenceRecord, build_model

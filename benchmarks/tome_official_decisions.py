@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vit2trt.converter.calibration import image_files, preprocess_image
+from vit2trt.converter.measure.calibration import image_files, preprocess_image
 from vit2trt.models.tome_reference import match, merge_matched
 from vit2trt.models.vit_parts import attention_parts, vit_parts
 

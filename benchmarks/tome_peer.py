@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.engine import build_engine
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.engine import build_engine
+from vit2trt.converter.deploy.export import export_model
 from vit2trt.converter.graph import read_vit
 from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.models.tome_reference import ToMeViT

@@ -151,8 +151,8 @@ class Artifact:
         leaves the old folder or none. With `build_options` (not "none"), build a TensorRT engine too:
         a failed build keeps the rest (the report says what failed). `extra(staging)` adds files
         (plan.md, ...) before the move. Returns the build report or None."""
-        from .engine import build_engine, report_dict
-        from .report import render_report
+        from .deploy.engine import build_engine, report_dict
+        from .planning.report import render_report
 
         folder = Path(folder)
         if folder.exists() and any(folder.iterdir()) and not overwrite:

@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 
 from .artifact import COMPENSATION_FILE, MODEL_FILE, Artifact
-from .engine import BuildOptions, check_build
+from .deploy.engine import BuildOptions, check_build
 from .graph import describe_vit
-from .loading import load_onnx
-from .report import block_table, flops_breakdown
+from .graph.loading import load_onnx
+from .planning.report import block_table, flops_breakdown
 from .runtime import ort_runner, run_batched
-from .vit_graph import BuildReport
+from .graph.vit_graph import BuildReport
 from ..errors import Vit2TrtError
 from ..models.reference import read_record, sha256_of
 from ..passes.methods import REGISTRY, Method, Run, composition_name, parse_composition
@@ -158,7 +158,7 @@ def check_inputs(source: Original, options: ConvertOptions, progress: Callable[[
     """The images the agreement check runs: calibration images, else seeded noise."""
     vit = source.vit
     if options.calib is not None and not (isinstance(options.calib, str) and not options.calib):
-        from .calibration import load_calibration
+        from .measure.calibration import load_calibration
 
         inputs = load_calibration(options.calib, (vit.in_chans, *vit.img_size),
                                   (source.record or {}).get("preprocessing"), options.calib_limit,

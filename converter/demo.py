@@ -5,7 +5,7 @@ it with toast, asvit, cait and tome at their defaults and with the settings that
 (toast --target-flops 0.7 --compensate, alone and with ToMe r = 4), validates each against the
 PyTorch reference on the fixed test split (accuracy with labels), times each against the
 uncompressed model in ONNX Runtime
-(paired rounds, converter/speedup.py: a median ratio with its bootstrap interval, marked unstable
+(paired rounds, converter/measure/speedup.py: a median ratio with its bootstrap interval, marked unstable
 or beyond the FLOPs ratio where it is), and writes one table (demo.md, demo.json) and a plot (demo.png).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .artifact import MODEL_FILE, RECORD_FILE
-from .speedup import MAX_ROUNDS, Speedup, describe_method, format_speedup, measure_speedup
+from .measure.speedup import MAX_ROUNDS, Speedup, describe_method, format_speedup, measure_speedup
 from ..errors import Vit2TrtError
 
 BATCHES = (1, 8)
@@ -46,8 +46,8 @@ def run_demo(out_dir: str | os.PathLike, repeats: int = 30, threads: int = 2, bu
              time_cap: float = DEMO_TIME_CAP_S) -> dict:
     """`repeats`: paired timing rounds at least per figure; `time_cap`: seconds of timing at most per figure."""
     from .convert import ConvertOptions, convert
-    from .export import export_model
-    from .validate import validate
+    from .deploy.export import export_model
+    from .measure.validate import validate
     from ..models.digits import CHECKPOINT, MODEL_ARGS, MODEL_NAME, compose, load_split, test_set
 
     out_dir = Path(out_dir)
@@ -185,7 +185,7 @@ def demo_figure(rows: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plot_labels import label_points
+    from .planning.plot_labels import label_points
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     points, labels, bars = [], [], []

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.export import export_model
 
 HF_TINY = {"num_hidden_layers": 2, "hidden_size": 192, "num_attention_heads": 3,
            "intermediate_size": 768, "num_labels": 10}

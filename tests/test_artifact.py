@@ -73,7 +73,7 @@ def test_a_failed_save_leaves_the_old_folder(compressed, tmp_path, monkeypatch):
     def broken(folder):
         raise OSError("disk full")
 
-    monkeypatch.setattr("vit2trt.converter.report.render_report", broken)
+    monkeypatch.setattr("vit2trt.converter.planning.report.render_report", broken)
     with pytest.raises(OSError, match="disk full"):
         result.save(tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]   # no staging left behind

@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
-from vit2trt.converter.engine import build_engine, tensorrt_backend
+from vit2trt.converter.deploy.engine import build_engine, tensorrt_backend
 from vit2trt.converter.graph import describe_vit, read_vit
-from vit2trt.converter.loading import load_onnx
+from vit2trt.converter.graph.loading import load_onnx
 from vit2trt.errors import Vit2TrtError
 from vit2trt.models.asvit_reference import ASViT
 from vit2trt.models.reference import ReferenceRecord, build_model
@@ -171,7 +171,7 @@ def test_packed_form_keeps_its_order_in_fp16_at_large_batches(export_cache, tmp_
     """fp16 counts exactly only to 2048: the packed form's counts and rankings are int64, so
     converting the graph for an fp16 engine leaves them alone, and a batch of 12 × 197 > 2048
     token positions still gives the fp32 graph's answers."""
-    from vit2trt.converter import engine
+    from vit2trt.converter.deploy import engine
 
     exported = export_cache("timm:deit_small_patch16_224", {"depth": 4}, "torchscript")
     model = load_onnx(exported.onnx_path)

@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.engine import BuildOptions, build_engine, tensorrt_backend
+from vit2trt.converter.deploy.engine import BuildOptions, build_engine, tensorrt_backend
 from vit2trt.converter.graph import read_vit
 
 from conftest import compressed_reference_outputs, rel_error, run_onnx

@@ -133,7 +133,7 @@ def test_attention_ops_a_vit_does_not_have_are_refused(tmp_path):
     contrib attention ops (what its graph optimizer writes), are refused with what to do."""
     import onnx
 
-    from vit2trt.converter.export import export_model
+    from vit2trt.converter.deploy.export import export_model
 
     result = export_model("timm:deit_tiny_patch16_224", tmp_path / "m.onnx", exporter="dynamo", opset=23,
                           model_args={"depth": 1, "num_classes": 10})

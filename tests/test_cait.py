@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
-from vit2trt.converter.engine import build_engine, tensorrt_backend
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.engine import build_engine, tensorrt_backend
+from vit2trt.converter.deploy.export import export_model
 from vit2trt.converter.graph import describe_vit, read_vit
-from vit2trt.converter.loading import load_onnx
+from vit2trt.converter.graph.loading import load_onnx
 from vit2trt.errors import Vit2TrtError
 from vit2trt.models.cait_reference import CAITViT, merge_neighbours
 from vit2trt.models.reference import ReferenceRecord, build_model

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
-from vit2trt.converter.calibration import load_calibration
+from vit2trt.converter.measure.calibration import load_calibration
 
 runner = CliRunner()
 SHARED_CALIB = Path(__file__).resolve().parents[2] / "shared" / "assets" / "calib"

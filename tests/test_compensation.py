@@ -218,8 +218,8 @@ SHARED_REAL = __import__("pathlib").Path(__file__).resolve().parents[2] / "share
                     reason="../shared/real (the real pretrained ViT-Ti) is not present (fresh clone)")
 def test_compensation_recovers_accuracy_on_real_photos(tmp_path):
     """Real weights, real photos: SCWP 0.5 calibrated on 128 photos, measured on 200 others."""
-    from vit2trt.converter.calibration import image_files, load_calibration
-    from vit2trt.converter.export import export_model
+    from vit2trt.converter.measure.calibration import image_files, load_calibration
+    from vit2trt.converter.deploy.export import export_model
 
     exported = export_model("timm:vit_tiny_patch16_224", tmp_path / "vit.onnx",
                             weights=str(SHARED_REAL / "vit_tiny_tin200.safetensors"), model_args={"num_classes": 200})
@@ -244,7 +244,7 @@ def test_compensation_recovers_accuracy_on_real_photos(tmp_path):
     assert top1[True] > top1[False] + 0.05
 
 
-@pytest.mark.skipif(__import__("vit2trt.converter.engine", fromlist=["tensorrt_backend"]).tensorrt_backend()[1] is None,
+@pytest.mark.skipif(__import__("vit2trt.converter.deploy.engine", fromlist=["tensorrt_backend"]).tensorrt_backend()[1] is None,
                     reason="no tensorrt or tensorrt_rtx module")
 def test_budgeted_compensated_graph_builds_with_tensorrt(tmp_path, export_cache, calib_npy):
     exported = export_cache(*SMALL_VIT, "torchscript")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from vit2trt.cli import app
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.engine import build_engine, tensorrt_backend
+from vit2trt.converter.deploy.engine import build_engine, tensorrt_backend
 from vit2trt.converter.graph import read_vit
 from vit2trt.models.compressed_reference import compressed_reference
 from vit2trt.models.reference import ReferenceRecord, build_model

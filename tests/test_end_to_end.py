@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
-from vit2trt.converter.engine import tensorrt_backend
+from vit2trt.converter.deploy.engine import tensorrt_backend
 
 METHODS = {
     "toast": ["--head-sparsity", "0.5"],

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from vit2trt.cli import app
 from vit2trt.converter import convert as convert_module
-from vit2trt.converter import engine
-from vit2trt.converter.vit_graph import BuildReport
+from vit2trt.converter.deploy import engine
+from vit2trt.converter.graph.vit_graph import BuildReport
 
 from conftest import rel_error, run_onnx
 

@@ -136,7 +136,7 @@ def test_bad_export_requests(tmp_path, argv, needle):
 
 def test_large_torchscript_graphs_use_one_external_data_file(tmp_path, monkeypatch):
     """Above 2 GB (threshold lowered here) the graph keeps its weights in model.onnx.data."""
-    from vit2trt.converter import export as export_module
+    from vit2trt.converter.deploy import export as export_module
     from vit2trt.converter.graph import read_vit
 
     monkeypatch.setattr(export_module, "_TWO_GB", 1)

@@ -12,8 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
-from vit2trt.converter.calibration import image_files
-from vit2trt.converter.validate import image_labels
+from vit2trt.converter.measure.calibration import image_files
+from vit2trt.converter.measure.validate import image_labels
 from vit2trt.errors import Vit2TrtError
 
 runner = CliRunner()
@@ -283,7 +283,7 @@ def test_real_photos_labels_match_the_label_file(tmp_path):
 def test_validate_the_real_model_on_a_real_image_folder(tmp_path):
     """The head's own class list as the class map: the real ViT-Ti scores well above chance (1/200); the
     folders' sorted order would label nearly every photo wrong."""
-    from vit2trt.converter.export import export_model
+    from vit2trt.converter.deploy.export import export_model
 
     exported = export_model("timm:vit_tiny_patch16_224", tmp_path / "vit.onnx",
                             weights=str(SHARED_REAL / "vit_tiny_tin200.safetensors"), model_args={"num_classes": 200})

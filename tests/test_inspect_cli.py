@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
-from vit2trt.converter.engine import build_engine, tensorrt_backend
+from vit2trt.converter.deploy.engine import build_engine, tensorrt_backend
 from vit2trt.converter.graph import read_vit
 
 runner = CliRunner()

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from vit2trt.cli import app
 from vit2trt.converter.artifact import Artifact
-from vit2trt.converter.plan import (Candidate, Family, PlanOptions, _choose, _midpoint, _split, _walk, credible_speedup,
+from vit2trt.converter.planning.planner import (Candidate, Family, PlanOptions, _choose, _midpoint, _split, _walk, credible_speedup,
                                    figure, plan)
-from vit2trt.converter.speedup import PairedTiming, format_speedup, speedup_of
+from vit2trt.converter.measure.speedup import PairedTiming, format_speedup, speedup_of
 
 from conftest import run_onnx
 
@@ -39,7 +39,7 @@ def fast_candidates(monkeypatch):
     def twice_as_fast(original, candidate, x, rounds, flops_ratio=None, **_):
         return PairedTiming(speedup_of([2.0] * rounds, flops_ratio), [0.002] * rounds, [0.001] * rounds, 1)
 
-    monkeypatch.setattr("vit2trt.converter.plan.measure_speedup", twice_as_fast)
+    monkeypatch.setattr("vit2trt.converter.planning.planner.measure_speedup", twice_as_fast)
 
 
 def test_choice_honours_max_drop_on_the_held_out_images(tmp_path, data, fast_candidates):

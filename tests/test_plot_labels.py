@@ -11,9 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
 from vit2trt.converter.demo import demo_figure  # noqa: E402
-from vit2trt.converter.plot_labels import label_points, text_extent  # noqa: E402
-from vit2trt.converter.report import report_figure  # noqa: E402
-from vit2trt.converter.speedup import Speedup  # noqa: E402
+from vit2trt.converter.planning.plot_labels import label_points, text_extent  # noqa: E402
+from vit2trt.converter.planning.report import report_figure  # noqa: E402
+from vit2trt.converter.measure.speedup import Speedup  # noqa: E402
 
 
 def share_area(a, b) -> bool:

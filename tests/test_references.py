@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from vit2trt.cli import app
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.validate import validate
+from vit2trt.converter.measure.validate import validate
 
 from conftest import HF_TINY
 

@@ -8,7 +8,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
-from vit2trt.converter.report import speedup_cell
+from vit2trt.converter.planning.report import speedup_cell
 
 
 def test_report_follows_convert_validate_and_bench(tmp_path, deit_tiny_ts):

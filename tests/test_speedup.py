@@ -1,4 +1,4 @@
-"""converter/speedup.py: a speedup is a median of paired ratios with a bootstrap interval, marked
+"""converter/measure/speedup.py: a speedup is a median of paired ratios with a bootstrap interval, marked
 unstable when noise keeps the interval wide, flagged beyond the FLOPs ratio. Driven by a fake
 machine whose clock only the models advance, so nothing here depends on this machine's load."""
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vit2trt.converter.bench import latency_rows
+from vit2trt.converter.measure.bench import latency_rows
 from vit2trt.converter.demo import demo_markdown
-from vit2trt.converter.report import _markdown
-from vit2trt.converter.speedup import (MAX_ROUNDS, MIN_ROUNDS, STABLE, Speedup, bootstrap_interval, format_speedup,
+from vit2trt.converter.planning.report import _markdown
+from vit2trt.converter.measure.speedup import (MAX_ROUNDS, MIN_ROUNDS, STABLE, Speedup, bootstrap_interval, format_speedup,
                                        measure_speedup, speedup_of)
 
 

@@ -12,8 +12,8 @@ from rich.text import Text
 from vit2trt.cli import (bench_tables, demo_table, description_tables, plan_tables, print_table, thresholds_table,
                          validate_table)
 from vit2trt.converter.demo import DEMO_METHODS
-from vit2trt.converter.plan import Candidate, PlanResult
-from vit2trt.converter.speedup import Speedup
+from vit2trt.converter.planning.planner import Candidate, PlanResult
+from vit2trt.converter.measure.speedup import Speedup
 
 # Candidate labels as the planner writes them ("family description"); the last is a method's generic label,
 # longer than any terminal line.
@@ -162,7 +162,8 @@ def test_plan_and_demo_commands_print_their_tables_whole_to_a_pipe(monkeypatch, 
     from typer.testing import CliRunner
 
     from vit2trt.cli import app
-    from vit2trt.converter import demo, plan
+    from vit2trt.converter import demo
+    from vit2trt.converter.planning import planner as plan
 
     result = fake_plan()
     monkeypatch.setattr(plan, "plan", lambda model, options, progress: result)

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from vit2trt.cli import app
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.engine import tensorrt_backend
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.engine import tensorrt_backend
+from vit2trt.converter.deploy.export import export_model
 from vit2trt.converter.graph import read_vit
 from vit2trt.models.pruned_reference import apply_decisions
 from vit2trt.models.reference import ReferenceRecord, build_model

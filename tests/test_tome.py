@@ -6,9 +6,9 @@ import onnx
 import pytest
 import torch
 
-from vit2trt.converter.engine import build_engine, tensorrt_backend
+from vit2trt.converter.deploy.engine import build_engine, tensorrt_backend
 from vit2trt.converter.graph import describe_vit, read_vit
-from vit2trt.converter.loading import load_onnx
+from vit2trt.converter.graph.loading import load_onnx
 from vit2trt.errors import Vit2TrtError
 from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.models.tome_reference import ToMeViT

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from vit2trt.converter.artifact import Artifact
 from vit2trt.converter.convert import ConvertOptions, convert
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.export import export_model
 from vit2trt.models.compressed_reference import compressed_reference
 from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.models.tome_reference import graph_decisions
@@ -152,7 +152,7 @@ def test_surgery_check_follows_rounding_ties_and_still_catches_wrong_merges(tied
     surgery check follows those choices and finds the surgery right. A graph that merges the wrong tokens
     (every score counted as tied) is not followed, and the check fails it."""
     import vit2trt.passes.tome as tome_pass
-    from vit2trt.converter.validate import surgery_check
+    from vit2trt.converter.measure.validate import surgery_check
 
     result, _ = tied
     record = ReferenceRecord.load(result.exported.record_path)
@@ -195,7 +195,7 @@ def test_real_photos_merge_as_the_official_tome_except_below_the_tie_tolerance()
 def test_no_class_token_merging_every_a_token(tmp_path):
     """Without a class token, r is clipped to half the tokens: every A token merges (no unmerged token to
     sort) and the graph still equals the reference, through the surgery check too."""
-    from vit2trt.converter.validate import surgery_check
+    from vit2trt.converter.measure.validate import surgery_check
 
     args = dict(ARGS, class_token=False, global_pool="avg")
     exported = export_model("timm:vit_tiny_patch16_224", tmp_path / "model.onnx", model_args=args)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from vit2trt.cli import app
 from vit2trt.converter.graph import read_vit
 from vit2trt.passes.methods.asvit import asvit_flops_model
-from vit2trt.converter.export import export_model
+from vit2trt.converter.deploy.export import export_model
 from vit2trt.models.asvit_reference import ASViT
 from vit2trt.models.asvit_tuning import SoftASViT, hard_evaluation, tune_thresholds
 from vit2trt.models.digits import CHECKPOINT, MODEL_ARGS, MODEL_NAME, compose, load_split

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
-from vit2trt.converter.calibration import load_calibration
+from vit2trt.converter.measure.calibration import load_calibration
 from vit2trt.models.reference import ReferenceRecord, build_model
 
 from conftest import run_onnx

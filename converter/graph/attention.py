@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..vit_graph import Attention, HeadReshape, LayerScale, Linear
+from .vit_graph import Attention, HeadReshape, LayerScale, Linear
 from ...errors import NotAViTError
 from .linear import linear_from_matmul, trace_back_to_linear
 from .lookup import LINEAR_OPS, GraphIndex, Observed, is_onnx_attention, residual_after

@@ -8,7 +8,7 @@ from typing import Optional
 
 import onnx_graphsurgeon as gs
 
-from ..vit_graph import FFN, LayerScale
+from .vit_graph import FFN, LayerScale
 from ...errors import NotAViTError
 from .linear import linear_from_matmul
 from .lookup import GraphIndex, Observed, residual_after

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..vit_graph import FFN, Attention, Block, BlockFlops, GraphFlops, Head, Linear, PatchEmbed
+from .vit_graph import FFN, Attention, Block, BlockFlops, GraphFlops, Head, Linear, PatchEmbed
 from ...errors import NotAViTError
 from .lookup import GraphIndex, Observed
 

@@ -6,7 +6,7 @@ from collections import deque
 
 import numpy as np
 
-from ..vit_graph import Head
+from .vit_graph import Head
 from ...errors import NotAViTError
 from .linear import linear_from_matmul
 from .lookup import GraphIndex, Observed

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..vit_graph import Linear
+from .vit_graph import Linear
 from .lookup import LAYOUT_OPS, LINEAR_OPS, GraphIndex, Observed
 
 

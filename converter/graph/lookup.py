@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph_utils import const_value, name_nodes
-from ..vit_graph import LayerScale
+from .surgery import const_value, name_nodes
+from .vit_graph import LayerScale
 from ...errors import NotAViTError
 
 # Ops that only move data around (or scale it) between a projection and the attention MatMuls.
@@ -143,7 +143,7 @@ class GraphIndex:
 @dataclass(frozen=True)
 class Observed:
     """Shapes of the tensors the readers ask about, and the values of the small integer ones
-    (reshape targets) and the masks, from one run at batch 1 (converter.shapes)."""
+    (reshape targets) and the masks, from one run at batch 1 (shapes.py)."""
     path: str
     shapes: dict[str, tuple[int, ...]]
     values: dict[str, np.ndarray]

@@ -6,7 +6,7 @@ decomposed; the dynamo exporter's SDPA adds an IsNaN -> Where guard after the So
 ONNX `Attention` node (opset 23+, the dynamo exporter's SDPA). From each anchor it walks back
 through layout ops (Reshape, Transpose, Split, Slice, Gather, Squeeze, scale Muls) to the
 projections that feed Q, K and V, forward to the output projection and the residual Add, and from
-there through the FFN. Shapes come from one real run at batch 1 (converter.shapes), so head counts
+there through the FFN. Shapes come from one real run at batch 1 (shapes.py), so head counts
 computed by Shape ops are read as the runtime sees them.
 
 This module ties the readers together: the image input, the shapes to observe, the blocks in order
@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..loading import load_onnx
-from ..shapes import observe_shapes
-from ..vit_graph import Block, ViTGraph
+from .loading import load_onnx
+from .shapes import observe_shapes
+from .vit_graph import Block, ViTGraph
 from ...errors import NotAViTError, Vit2TrtError
 from .attention import read_attention
 from .ffn import read_ffn

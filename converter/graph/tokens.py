@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..vit_graph import ExtraToken, PatchEmbed
+from .vit_graph import ExtraToken, PatchEmbed
 from ...errors import NotAViTError
 from .lookup import GraphIndex, Observed
 

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from .files import write_atomically
-from .vit_graph import BuildReport
-from ..errors import Vit2TrtError
+from ..files import write_atomically
+from ..graph.vit_graph import BuildReport
+from ...errors import Vit2TrtError
 
 ENGINES = ("auto", "tensorrt", "tensorrt-rtx", "none")
 PRECISIONS = ("fp32", "fp16", "bf16")

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import Vit2TrtError
+from ...errors import Vit2TrtError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_PREPROCESSING = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875,

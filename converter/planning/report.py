@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .artifact import REPORT_FILE, read_json
+from ..artifact import REPORT_FILE, read_json
 
 
 def read_report(out_dir: Path) -> dict:
@@ -182,8 +182,8 @@ def _markdown(report: dict, has_plot: bool) -> str:
 
 
 def speedup_cell(row: dict, flops_ratio=None, ascii: bool = False) -> str:
-    """A latency row's speedup as converter/speedup.py writes it (interval, unstable, beyond FLOPs)."""
-    from .speedup import Speedup, format_speedup
+    """A latency row's speedup as converter/measure/speedup.py writes it (interval, unstable, beyond FLOPs)."""
+    from ..measure.speedup import Speedup, format_speedup
 
     figure = Speedup.reference() if row.get("variant") == "original" else Speedup.from_json(row, flops_ratio)
     return format_speedup(figure, ascii)

@@ -24,10 +24,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .files import write_atomically
-from .runtime import ort_runner, run_batched, session_runner
-from .speedup import Speedup, describe_method, format_speedup, measure_speedup
-from ..errors import Vit2TrtError
+from ..files import write_atomically
+from ..runtime import ort_runner, run_batched, session_runner
+from ..measure.speedup import Speedup, describe_method, format_speedup, measure_speedup
+from ...errors import Vit2TrtError
 
 RUNTIMES = ("ort", "tensorrt")
 
@@ -116,7 +116,7 @@ PLAN_ORDER = ("tome", "cait", "toast")   # cheap first, so that a short --time-l
 def families(vit, has_record: bool) -> list[Family]:
     """What the planner searches: every registered method that declares search levels, then the
     compositions of ToMe with a structured method."""
-    from ..passes.methods import REGISTRY, available
+    from ...passes.methods import REGISTRY, available
 
     names = sorted(available(), key=lambda n: PLAN_ORDER.index(n) if n in PLAN_ORDER else len(PLAN_ORDER))
     out, singles = [], []
@@ -163,9 +163,9 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
          clock: Callable[[], float] = time.monotonic) -> PlanResult:
     """Search in memory (every candidate is compressed and judged without touching the disk), then save
     the chosen model as convert saves it, with plan.md, plan.json and plan.png beside it."""
-    from .convert import ConvertOptions, Original, agreement, check_inputs, compress
-    from .engine import BuildOptions, check_build
-    from ..passes.methods import get_method
+    from ..convert import ConvertOptions, Original, agreement, check_inputs, compress
+    from ..deploy.engine import BuildOptions, check_build
+    from ...passes.methods import get_method
 
     check_plan_options(options)
     build_options = BuildOptions(options.engine if options.build else "none")
@@ -322,7 +322,7 @@ def _walk(family: Family, evaluate, options: PlanOptions, elapsed: Callable[[], 
 
 
 def figure(c: Candidate) -> Speedup:
-    """A candidate's speedup as converter/speedup.py measures and prints it."""
+    """A candidate's speedup as converter/measure/speedup.py measures and prints it."""
     return Speedup(c.speedup, c.speedup_low, c.speedup_high, c.rounds, c.stable, c.flops_ratio)
 
 
@@ -361,8 +361,8 @@ def _split(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _load_images(options: PlanOptions, vit, record: Optional[dict]) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    from .calibration import image_files, load_calibration
-    from .validate import image_labels
+    from ..measure.calibration import image_files, load_calibration
+    from ..measure.validate import image_labels
 
     record = record or {}
     calib = Path(options.calib)

@@ -1,6 +1,6 @@
 """`vit2trt validate OUT`: the compressed graph against the reference of the original model.
 
-The reference (converter.references) is the PyTorch model rebuilt from the record `vit2trt export`
+The reference (references.py) is the PyTorch model rebuilt from the record `vit2trt export`
 wrote (copied into OUT by convert), a PyTorch model named with --reference timm:NAME / hf:..., or
 the original graph in ONNX Runtime (--reference-onnx). It is compared with the compressed ONNX
 graph in ONNX Runtime on the same images:
@@ -20,10 +20,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .artifact import ENGINE_FILE, Artifact
-from .report import render_report
-from .runtime import ort_session, run_batched, session_runner
-from ..errors import Vit2TrtError
+from ..artifact import ENGINE_FILE, Artifact
+from ..planning.report import render_report
+from ..runtime import ort_session, run_batched, session_runner
+from ...errors import Vit2TrtError
 
 SINGLE_RUNS = 16   # images re-run one at a time for the batch-dependence check
 
@@ -125,7 +125,7 @@ def validate(out_dir: str | os.PathLike, images: str | os.PathLike, labels: Opti
              model_args: Optional[dict] = None, reference_onnx: Optional[str | os.PathLike] = None,
              flag: str = "--images") -> dict:
     """`reference`: a reference record file or a model (timm:NAME, hf:...; with `weights`, `model_args`);
-    `reference_onnx`: the original graph instead (converter.references). use_folder_labels=False reads only
+    `reference_onnx`: the original graph instead (references.py). use_folder_labels=False reads only
     the images of an ImageFolder (convert's check on its --calib, whose folders need not be in the head's
     order). `flag` names the option that gave `images`, in messages (convert's check passes --calib)."""
     from .calibration import image_files, load_calibration, preprocess_image, DEFAULT_PREPROCESSING
@@ -219,7 +219,7 @@ def surgery_check(artifact: Artifact, record, x: np.ndarray, batch: int) -> dict
     choice, so that what is checked is the surgery; `near_ties` counts the (image, block) merges that did."""
     import torch
 
-    from ..models.tome_reference import ToMeViT
+    from ...models.tome_reference import ToMeViT
 
     compressed = artifact.torch_model(record)
     follower = next((m for m in compressed.modules() if isinstance(m, ToMeViT)), None)
@@ -247,7 +247,7 @@ def _graph_with_decisions(path: Path):
     original (so that external weights resolve, and are not loaded) and removed afterwards."""
     import onnx
 
-    from ..passes.tome import with_decision_outputs
+    from ...passes.tome import with_decision_outputs
 
     exposed, blocks = with_decision_outputs(onnx.load(str(path), load_external_data=False))
     fd, copy = tempfile.mkstemp(prefix=".vit2trt-decisions-", suffix=".onnx", dir=path.parent)
@@ -264,7 +264,7 @@ def _engine_check(out_dir: Path, input_name: str, x: np.ndarray, batch: int, wan
     engine = out_dir / ENGINE_FILE
     if not engine.is_file():
         return f"not run: no {ENGINE_FILE} in OUT"
-    from .engine import engine_runner
+    from ..deploy.engine import engine_runner
 
     try:
         run = engine_runner(engine, input_name)

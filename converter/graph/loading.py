@@ -9,7 +9,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from ..errors import BadModelFileError
+from ...errors import BadModelFileError
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .runtime import ort_session
-from ..errors import NotAViTError
+from ..runtime import ort_session
+from ...errors import NotAViTError
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .artifact import ORIGINAL_FILE, RECORD_FILE, read_json
-from .runtime import fixed_batch, ort_session, run_batched, session_runner
-from ..errors import ExportError, Vit2TrtError
+from ..artifact import ORIGINAL_FILE, RECORD_FILE, read_json
+from ..runtime import fixed_batch, ort_session, run_batched, session_runner
+from ...errors import ExportError, Vit2TrtError
 
 
 
@@ -40,8 +40,8 @@ class Reference:
                 self._onnx = ort_session(self.onnx_path)
             # an original exported at batch 1 runs one image at a time
             return run_batched(session_runner(self._onnx), x, fixed_batch(self._onnx) or batch)
-        from .runtime import torch_batched
-        from ..models.reference import build_model
+        from ..runtime import torch_batched
+        from ...models.reference import build_model
 
         return torch_batched(build_model(self.record).eval(), x, batch)
 
@@ -73,7 +73,7 @@ def _is_model_spec(reference: Optional[str]) -> bool:
 
 
 def _record_reference(path: Path) -> Reference:
-    from ..models.reference import ReferenceRecord
+    from ...models.reference import ReferenceRecord
 
     try:
         record = ReferenceRecord.load(path)
@@ -86,7 +86,7 @@ def _record_reference(path: Path) -> Reference:
 
 
 def _pytorch_reference(spec: str, weights: Optional[str], model_args: Optional[dict]) -> Reference:
-    from .export import reference_model
+    from ..deploy.export import reference_model
 
     try:
         record, _ = reference_model(spec, weights, model_args)
@@ -102,7 +102,7 @@ def _pytorch_reference(spec: str, weights: Optional[str], model_args: Optional[d
 
 def _onnx_reference(out_dir: Path, path: Path) -> Reference:
     from .calibration import DEFAULT_PREPROCESSING
-    from ..models.reference import sha256_of
+    from ...models.reference import sha256_of
 
     if not path.is_file():
         raise Vit2TrtError(f"--reference-onnx {path}: no such file.")

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from .calibration import IMAGE_SUFFIXES
-from ..errors import Vit2TrtError
+from ...errors import Vit2TrtError
 
 
 def _is_image(path: Path) -> bool:

@@ -1,6 +1,6 @@
 """`vit2trt bench OUT`: latency of the original and the compressed model side by side, in one run.
 
-The two models run in back-to-back pairs whose order alternates (converter/speedup.py): latency is
+The two models run in back-to-back pairs whose order alternates (converter/measure/speedup.py): latency is
 the median and 90th percentile per variant and batch, and the speedup is the median of the pairs'
 ratios with its 95% bootstrap interval, rounds added until that interval is within ±5% or a cap is
 reached (then the figure is marked unstable), and flagged where it exceeds the FLOPs ratio. Backends:
@@ -18,11 +18,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .artifact import DECISIONS_FILE, ENGINE_FILE, ENGINE_INFO_FILE, RECORD_FILE, Artifact, read_json
-from .report import render_report
-from .runtime import ort_runner, torch_runner
+from ..artifact import DECISIONS_FILE, ENGINE_FILE, ENGINE_INFO_FILE, RECORD_FILE, Artifact, read_json
+from ..planning.report import render_report
+from ..runtime import ort_runner, torch_runner
 from .speedup import MAX_ROUNDS, TIME_CAP_S, PairedTiming, Speedup, measure_speedup
-from ..errors import Vit2TrtError
+from ...errors import Vit2TrtError
 
 BACKENDS = ("ort", "tensorrt", "torch-cuda", "torch-cpu")
 
@@ -62,8 +62,8 @@ def bench(out_dir: str | os.PathLike, original: Optional[str | os.PathLike] = No
         batches = sorted({1, max(int(opt), 1)} | ({8} if opt == 1 else set()))
     if any(b < 1 for b in batches):
         raise Vit2TrtError(f"batch sizes must be at least 1, got {batches}.")
-    from .loading import load_onnx
-    from .graph import describe_vit
+    from ..graph.loading import load_onnx
+    from ..graph import describe_vit
 
     vit = describe_vit(load_onnx(original), str(original))
     rng = np.random.default_rng(0)
@@ -103,7 +103,7 @@ def _flops_ratio(artifact: Artifact) -> Optional[float]:
 
 
 def _engine_runners(artifact: Artifact, original: Path, input_name: str) -> dict[str, Callable]:
-    from .engine import BuildOptions, build_engine, engine_runner
+    from ..deploy.engine import BuildOptions, build_engine, engine_runner
 
     engine = artifact.path(ENGINE_FILE)
     if not engine.is_file():
@@ -127,7 +127,7 @@ def _engine_runners(artifact: Artifact, original: Path, input_name: str) -> dict
 def _torch_runners(artifact: Artifact, backend: str, threads: int) -> dict[str, Callable]:
     import torch
 
-    from ..models.reference import build_model
+    from ...models.reference import build_model
 
     if backend == "torch-cuda" and not torch.cuda.is_available():
         raise Vit2TrtError("--backend torch-cuda needs a CUDA GPU visible to PyTorch.")

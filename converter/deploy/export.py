@@ -14,9 +14,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .runtime import ort_runner
-from ..errors import ExportError
-from ..models.reference import (
+from ..runtime import ort_runner
+from ...errors import ExportError
+from ...models.reference import (
     ReferenceRecord, build_model, parse_model_spec, preprocessing_of, sha256_of,
 )
 

@@ -1,0 +1,1 @@
+"""The planner (`vit2trt plan`) and the reports every command writes."""
