@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..converter.graph_utils import GraphBuilder, export_like, open_for_surgery
-from ..converter.vit_graph import ViTGraph
+from ..converter.graph.surgery import GraphBuilder, export_like, open_for_surgery
+from ..converter.graph.vit_graph import ViTGraph
 from ..errors import Vit2TrtError
 from .base import PassResult
 from .structured_prune import BlockKeep, rebuild_attention

@@ -14,10 +14,10 @@ from typing import Callable, Optional
 import numpy as np
 import onnx
 
-from ..converter.graph_utils import open_for_surgery
+from ..converter.graph.surgery import open_for_surgery
 from ..converter.runtime import ort_session
-from ..converter.shapes import with_outputs
-from ..converter.vit_graph import ViTGraph
+from ..converter.graph.shapes import with_outputs
+from ..converter.graph.vit_graph import ViTGraph
 from ..errors import Vit2TrtError
 from .structured_prune import AttentionWeights, attention_weights
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..converter.graph_utils import open_for_surgery
-from ..converter.vit_graph import ViTGraph
+from ..converter.graph.surgery import open_for_surgery
+from ..converter.graph.vit_graph import ViTGraph
 from ..errors import Vit2TrtError
 from .base import PassResult
 from .scwp import kept_count, rounded_count

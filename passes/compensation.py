@@ -19,8 +19,8 @@ from typing import Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..converter.graph_utils import const_value
-from ..converter.vit_graph import Attention, Linear
+from ..converter.graph.surgery import const_value
+from ..converter.graph.vit_graph import Attention, Linear
 from ..errors import Vit2TrtError
 
 RIDGE = 1e-3   # λ = RIDGE · mean of the kept inputs' variances

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..converter.graph_utils import const_value, export_like, open_for_surgery
-from ..converter.vit_graph import ViTGraph
+from ..converter.graph.surgery import const_value, export_like, open_for_surgery
+from ..converter.graph.vit_graph import ViTGraph
 from ..errors import Vit2TrtError
 from .base import PassResult
 from .calibration_stats import BlockStats, CalibrationStats

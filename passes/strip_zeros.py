@@ -16,8 +16,8 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from ..converter.graph_utils import open_for_surgery
-from ..converter.vit_graph import ViTGraph
+from ..converter.graph.surgery import open_for_surgery
+from ..converter.graph.vit_graph import ViTGraph
 from .base import PassResult
 from .structured_prune import (
     BlockKeep, attention_weights, linear_bias, linear_weight, prune_structure,

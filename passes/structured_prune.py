@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..converter.graph_utils import const_value, export_like, open_for_surgery
-from ..converter.vit_graph import Attention, Linear, ViTGraph
+from ..converter.graph.surgery import const_value, export_like, open_for_surgery
+from ..converter.graph.vit_graph import Attention, Linear, ViTGraph
 from ..errors import Vit2TrtError
 from .base import PassResult
 

@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..converter.graph_utils import GraphBuilder, const_value, export_like, open_for_surgery
-from ..converter.vit_graph import ViTGraph
+from ..converter.graph.surgery import GraphBuilder, const_value, export_like, open_for_surgery
+from ..converter.graph.vit_graph import ViTGraph
 from ..errors import Vit2TrtError
 from .base import PassResult
 from .structured_prune import BlockKeep, rebuild_attention

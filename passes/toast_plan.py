@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..converter.vit_graph import ViTGraph
+from ..converter.graph.vit_graph import ViTGraph
 from ..errors import Vit2TrtError
 from .scwp import kept_count
 from .tcs import kept_channels

@@ -106,7 +106,7 @@ def export(
 ):
     """Export a timm or Hugging Face ViT to ONNX with a dynamic batch axis. Nothing is downloaded."""
     with _user_errors():
-        from .converter.export import export_model
+        from .converter.deploy.export import export_model
 
         with err.status(f"exporting {model} with the {exporter} exporter ..."):
             result = export_model(model, out_path, weights=str(weights) if weights else None, exporter=exporter,
@@ -126,7 +126,7 @@ def inspect(
 ):
     """Describe the ViT inside an ONNX graph: tokens, every block's attention and FFN, the head, FLOPs."""
     with _user_errors():
-        from .converter.engine import build_engine
+        from .converter.deploy.engine import build_engine
         from .converter.graph import read_vit
 
         with err.status(f"reading {model} ..."):
@@ -241,7 +241,7 @@ def convert(
         for note in result.notes:
             out.print(f"note: {note}", style="yellow")
         if calib is not None and result.artifact.record:
-            from .converter.validate import validate as run_validate
+            from .converter.measure.validate import validate as run_validate
 
             with _progress("validating against the PyTorch reference") as report:
                 v = run_validate(result.out_dir, calib, limit=64, progress=report, use_folder_labels=False,
@@ -296,8 +296,8 @@ def plan(
     measuring every candidate's latency against the original and its accuracy on held-out images.
     Ctrl-C or --time-limit keeps the best model found so far."""
     with _user_errors():
-        from .converter.plan import PlanOptions, credible_speedup, plan as run_plan
-        from .converter.speedup import terminal_legend
+        from .converter.planning.planner import PlanOptions, credible_speedup, plan as run_plan
+        from .converter.measure.speedup import terminal_legend
 
         options = PlanOptions(calib=str(calib), out_dir=str(out_dir), labels=str(labels) if labels else None,
                               class_map=str(class_map) if class_map else None,
@@ -331,8 +331,8 @@ def plan_tables(result, runtime: str, batch: int) -> list[Table]:
     """The candidates under their short names, and under them the legend with each one's settings in full:
     a label such as "toast+tome r=4, structure to 0.95 of ToMe's FLOPs" in a column of its own would leave
     an 80-column table no room but to fold every cell into fragments."""
-    from .converter.plan import figure
-    from .converter.speedup import format_speedup
+    from .converter.planning.planner import figure
+    from .converter.measure.speedup import format_speedup
 
     table = Table(box=box.SIMPLE_HEAD, title=f"candidates (runtime {runtime}, batch {batch})", title_justify="left",
                   pad_edge=False, collapse_padding=True, show_edge=False)
@@ -417,7 +417,7 @@ def validate(
     accuracy with labels (--labels, or the class subfolders of an ImageFolder), batch independence.
     The result is added to OUT/report.json; exit code 1 when a threshold is missed."""
     with _user_errors():
-        from .converter.validate import Thresholds, validate as run_validate
+        from .converter.measure.validate import Thresholds, validate as run_validate
 
         with _progress("validating") as report:
             result = run_validate(out_dir, images, labels, reference, batch, limit,
@@ -476,8 +476,8 @@ def bench(
     latency; speedup as the median of the pairs' ratios with its 95% interval, marked unstable or
     beyond the FLOPs ratio where it is). Results go into OUT/report.json."""
     with _user_errors():
-        from .converter.bench import bench as run_bench
-        from .converter.speedup import terminal_legend
+        from .converter.measure.bench import bench as run_bench
+        from .converter.measure.speedup import terminal_legend
 
         batches = None if batch is None else _int_list(batch, "--batch takes comma-separated sizes such as 1,8")
         with _progress("timing") as report:
@@ -491,7 +491,7 @@ def bench(
 
 def bench_tables(result: dict, threads: int) -> list[Table]:
     """One table per backend; what the speedup is goes in the legend under them (as a title it would wrap)."""
-    from .converter.report import speedup_cell
+    from .converter.planning.report import speedup_cell
 
     tables = []
     for name, rows in result["backends"].items():
@@ -519,7 +519,7 @@ def demo(
     one table (also demo.md with a plot)."""
     with _user_errors():
         from .converter.demo import run_demo
-        from .converter.speedup import terminal_legend
+        from .converter.measure.speedup import terminal_legend
 
         with _progress("demo") as report:
             summary = run_demo(out_dir, repeats, threads, build, overwrite, progress=report, time_cap=time_cap)
@@ -535,7 +535,7 @@ def demo(
 def demo_table(summary: dict, threads: int) -> Table:
     """One row per method; the settings of each are in demo.md."""
     from .converter.demo import figure
-    from .converter.speedup import format_speedup
+    from .converter.measure.speedup import format_speedup
 
     table = Table(title=f"bundled digits ViT: accuracy on {summary['test_images']} test images; speedup (b1, b8) "
                         f"in ONNX Runtime CPU, {threads} threads, median of paired ratios [95% interval]",

@@ -49,7 +49,7 @@ def asvit_inputs(vit, record: Optional[dict], calib, calib_limit: Optional[int],
                            "written by vit2trt export), which is missing; pass --thresholds instead.")
     record = ReferenceRecord(**record)
     if calib is not None:
-        from ...converter.calibration import load_calibration
+        from ...converter.measure.calibration import load_calibration
 
         images = load_calibration(calib, (vit.in_chans, *vit.img_size), record.preprocessing, calib_limit)
         described = f"{len(images)} calibration inputs"

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ...converter.graph import describe_vit
-from ...converter.vit_graph import ViTGraph
+from ...converter.graph.vit_graph import ViTGraph
 from ..base import PassResult
 from ..structured_prune import BlockKeep, prune_structure
 
@@ -128,7 +128,7 @@ class Run:
         self.keeps = compose_keeps(self.keeps, keeps)
 
     def calibration_inputs(self, limit: int) -> np.ndarray:
-        from ...converter.calibration import load_calibration
+        from ...converter.measure.calibration import load_calibration
 
         return load_calibration(self.calib, (self.vit.in_chans, *self.vit.img_size),
                                 (self.record() or {}).get("preprocessing"), limit,
