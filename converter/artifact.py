@@ -162,7 +162,8 @@ class Artifact:
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".vit2trt-out-") as staging:
             tmp = Path(staging) / "out"
             tmp.mkdir()
-            if self.model.ByteSize() >= _TWO_GB:
+            big = self.model.ByteSize() >= _TWO_GB
+            if big:
                 onnx.save(self.model, str(tmp / MODEL_FILE), save_as_external_data=True, location=MODEL_DATA_FILE)
             else:
                 onnx.save(self.model, str(tmp / MODEL_FILE))
@@ -190,8 +191,8 @@ class Artifact:
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
         self.report, self.folder = report, folder
-        if self._model is not None and self._model.ByteSize() >= _TWO_GB:
-            self._model = None   # the saved copy holds external data; read it again from there when needed
+        if big:   # saving moved the weights out of the in-memory graph: read them back from the folder when needed
+            self._model = None
         return build
 
     def update_report(self, key: str, value) -> dict:
