@@ -21,9 +21,10 @@ from vit2trt.converter.graph import read_vit
 
 from conftest import compressed_reference_outputs, rel_error, run_onnx
 
-TIMM = ("timm:vit_tiny_patch16_224", {"depth": 4, "img_size": 64, "num_classes": 10})
+# FFNs of 384 channels (mlp_ratio 2): the budget's cost grows with their width cubed, and the forms are in attention.
+TIMM = ("timm:vit_tiny_patch16_224", {"depth": 4, "img_size": 64, "num_classes": 10, "mlp_ratio": 2})
 HF_SDPA = ("hf:ViTForImageClassification", {"num_hidden_layers": 4, "hidden_size": 192, "num_attention_heads": 3,
-                                            "intermediate_size": 768, "num_labels": 10, "image_size": 64,
+                                            "intermediate_size": 384, "num_labels": 10, "image_size": 64,
                                             "attn_implementation": "sdpa"})
 # (id, model, exporter, the form every block of the export has)
 FORMS = [
