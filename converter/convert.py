@@ -51,6 +51,11 @@ class ConvertOptions:
         self.settings = dict(settings or {})
         self.method_options = {_ALIASES.get(k, k): v for k, v in method_options.items()}
 
+    @property
+    def calib_given(self) -> bool:
+        """Calibration images were given: a folder or file name (not empty), or an array."""
+        return self.calib is not None and not (isinstance(self.calib, str) and not self.calib)
+
     def resolve(self) -> list[tuple[Method, object]]:
         """[(method, its options)] in the order they run; misplaced options are refused by name."""
         parts = parse_composition(self.method)
@@ -118,7 +123,7 @@ def compress(source: str | os.PathLike | Original, options: ConvertOptions,
     parts = options.resolve()
     if options.fit_limit < 1:
         raise Vit2TrtError(f"--fit-images must be at least 1, got {options.fit_limit}.")
-    has_calib = options.calib is not None and not (isinstance(options.calib, str) and not options.calib)
+    has_calib = options.calib_given
     if any(getattr(o, "compensate", None) for _, o in parts) and not has_calib:
         raise Vit2TrtError("compensation fits on calibration images: give --calib DIR (or drop --compensate).")
     if not isinstance(source, Original):
@@ -157,7 +162,7 @@ def compress(source: str | os.PathLike | Original, options: ConvertOptions,
 def check_inputs(source: Original, options: ConvertOptions, progress: Callable[[str], None]) -> tuple[np.ndarray, str]:
     """The images the agreement check runs: calibration images, else seeded noise."""
     vit = source.vit
-    if options.calib is not None and not (isinstance(options.calib, str) and not options.calib):
+    if options.calib_given:
         from .measure.calibration import load_calibration
 
         inputs = load_calibration(options.calib, (vit.in_chans, *vit.img_size),

@@ -91,7 +91,7 @@ class Run:
 
     @property
     def has_calib(self) -> bool:
-        return self.calib is not None and not (isinstance(self.calib, str) and not self.calib)
+        return self.calib is not None   # compress passes None when no images were given
 
     def describe(self, label: str) -> None:
         self.vit = describe_vit(self.model, label)
