@@ -25,6 +25,7 @@ MODEL_FILE = "model.onnx"
 MODEL_DATA_FILE = "model.onnx.data"          # the weights, when the graph is beyond protobuf's 2 GB
 DECISIONS_FILE = "decisions.json"            # what each method decided: rebuilds the PyTorch reference
 COMPENSATION_FILE = "compensation.safetensors"   # weights compensation fitted (decisions name them)
+HEALED_FILE = "healed.safetensors"           # parameters `vit2trt heal` trained (decisions' 'heal' names them)
 RECORD_FILE = "reference.json"               # the original's reference record, from `vit2trt export`
 ORIGINAL_FILE = "original.json"              # what validate knows of the original without a record
 REPORT_FILE = "report.json"                  # the machine-readable report; validate and bench add to it
@@ -56,6 +57,7 @@ class Artifact:
     record: Optional[dict] = None      # the original's reference record (JSON), if it has one
     original: Optional[dict] = None    # the original's description (path, hash, exporter, shape)
     folder: Optional[Path] = None      # where it lies on disk; None while only in memory
+    healed: dict[str, np.ndarray] = field(default_factory=dict)   # trained parameters, by state_dict name
     _model: Optional[onnx.ModelProto] = field(default=None, repr=False)
 
     # -- reading -------------------------------------------------------------------------------
@@ -76,9 +78,18 @@ class Artifact:
             from safetensors.numpy import load_file
 
             compensation = load_file(str(path))
+        healed = {}
+        if decisions.get("heal"):
+            path = folder / decisions["heal"].get("file", HEALED_FILE)
+            if not path.is_file():
+                raise Vit2TrtError(f"{folder / DECISIONS_FILE} says the model was healed, but {path} is missing; "
+                                   "copy the whole output folder.")
+            from safetensors.numpy import load_file
+
+            healed = load_file(str(path))
         record = read_json(folder / RECORD_FILE) or None
         original = read_json(folder / ORIGINAL_FILE) or None
-        return cls(decisions, read_json(folder / REPORT_FILE), compensation, record, original, folder)
+        return cls(decisions, read_json(folder / REPORT_FILE), compensation, record, original, folder, healed)
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -129,8 +140,8 @@ class Artifact:
         return ort_session(self.model, threads)
 
     def torch_model(self, record=None):
-        """The PyTorch model compressed as decisions.json says, compensated weights included: the
-        reference the graph is proven against, and what healing trains. `record`: a ReferenceRecord
+        """The PyTorch model compressed as decisions.json says, compensated and healed weights included:
+        the reference the graph is proven against, and what healing trains. `record`: a ReferenceRecord
         of the original (default: the artifact's own)."""
         import torch
 
@@ -141,7 +152,20 @@ class Artifact:
         if record is None:
             raise Vit2TrtError("no reference record for the original: give one (vit2trt export writes it).")
         weights = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.compensation.items()}
-        return compressed_reference(build_model(record), self.decisions, weights=weights or None)
+        model = compressed_reference(build_model(record), self.decisions, weights=weights or None)
+        if self.healed:
+            own = dict(model.named_parameters())
+            strangers = sorted(set(self.healed) - set(own))
+            if strangers:
+                raise Vit2TrtError(f"{HEALED_FILE} holds '{strangers[0]}', which the compressed model does not have; "
+                                   "it and decisions.json must come from the same heal.")
+            with torch.no_grad():
+                for name, value in self.healed.items():
+                    if tuple(own[name].shape) != tuple(value.shape):
+                        raise Vit2TrtError(f"{HEALED_FILE}: '{name}' is {list(value.shape)}, the compressed model's "
+                                           f"is {list(own[name].shape)}; it and decisions.json must come from the same heal.")
+                    own[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+        return model
 
     # -- writing -------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike, overwrite: bool = False, build_options=None,
@@ -171,6 +195,10 @@ class Artifact:
                 from safetensors.numpy import save_file
 
                 save_file(self.compensation, str(tmp / COMPENSATION_FILE))
+            if self.healed:
+                from safetensors.numpy import save_file
+
+                save_file(self.healed, str(tmp / HEALED_FILE))
             write_json(tmp / DECISIONS_FILE, self.decisions)
             if self.record:   # lets `vit2trt validate OUT` rebuild the PyTorch reference
                 write_json(tmp / RECORD_FILE, self.record)

@@ -506,6 +506,67 @@ def bench_tables(result: dict, threads: int) -> list[Table]:
 
 
 @app.command()
+def heal(
+    out_dir: Path = typer.Argument(..., help="A folder written by `vit2trt convert --out` (or `plan`)."),
+    images: Path = typer.Option(..., "--images", help="Folder of images to heal on (flat, or an ImageFolder: one subfolder per class, which labels them). No labels needed: the original teaches."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image of a flat --images folder (as for validate): adds the label loss."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="With an ImageFolder as --images: JSON list of folder names (position = class index) or {\"folder\": index}, when the head's class order is not the folders' sorted order."),
+    time_limit: float = typer.Option(900.0, "--time-limit", help="Seconds for the whole heal; without --epochs, training takes what fits. The best state so far is written when it runs out (and on Ctrl-C)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training images (default: as many as fit in --time-limit). With --epochs and the same --seed, a CPU run gives the same bytes."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA where PyTorch sees it), cpu or cuda."),
+    batch: int = typer.Option(64, "--batch", help="Images per training step."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (warm-up, then cosine decay)."),
+    holdout: float = typer.Option(0.1, "--holdout", help="Fraction of --images never trained on: the judge that keeps the best state."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, the batches and the augmentation."),
+    recipe: str = typer.Option("features", "--recipe", help="What the compressed model learns to mimic: logits (the class distribution), features (that and the pooled feature; the default, docs/methods/heal.md), blocks (that and every block's output while tokens correspond)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Read only N of --images (an ImageFolder: spread over its classes)."),
+    heal_out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the healed folder here (default: OUT itself, replaced atomically)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Labelled images to validate the healed model on at the end (as validate's --images); never trained on."),
+    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Labels of a flat --val folder (as validate's --labels)."),
+    val_class_map: Optional[Path] = typer.Option(None, "--val-class-map", help="Class map of an ImageFolder --val (as validate's --class-map)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The original as a PyTorch model, timm:NAME or hf:ViTForImageClassification (with --weights and --arg), or a reference record FILE (default: OUT/reference.json)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="With --reference timm:/hf:: the checkpoint, .safetensors or .pth/.pt (read without unpickling code)."),
+    arg: List[str] = typer.Option([], "--arg", help="With --reference timm:/hf:: constructor argument KEY=VALUE, repeatable."),
+):
+    """Win back accuracy: distil the original into the compressed model on your images (no labels needed),
+    judged on a held-out part of them, and write the trained weights back into the same graph (same nodes
+    and shapes, proven equal to the healed PyTorch model). Adds healed.safetensors and a 'heal' section to
+    decisions.json and report.json; rebuilds the engine if OUT had one."""
+    with _user_errors():
+        from .converter.healing.heal import HealOptions, heal as run_heal
+
+        options = HealOptions(images, labels, class_map, time_limit, epochs, device, batch, lr, holdout, seed,
+                              recipe, limit, heal_out, overwrite, reference, str(weights) if weights else None,
+                              _parse_model_args(arg), val, val_labels, val_class_map)
+        with _progress("healing") as report:
+            section = run_heal(out_dir, options, progress=report)
+        print_table(out, heal_table(section, heal_out or out_dir))
+        if section["stopped_by"] != "schedule":
+            err.print(f"[yellow]note:[/] training stopped early ({section['stopped_by']}); the best state was written.")
+
+
+def heal_table(section: dict, folder: Path) -> Table:
+    table = Table(title=f"healed {folder}/model.onnx", box=box.SIMPLE_HEAD)
+    table.add_column("held-out images", no_wrap=True)
+    table.add_column("before", justify="right", no_wrap=True)
+    table.add_column("after", justify="right", no_wrap=True)
+    before, after = section["holdout_before"], section["holdout_after"]
+    table.add_row("KL to the original", f"{before['kl']:.4f}", f"{after['kl']:.4f}")
+    table.add_row("top-1 agreement", f"{before['agreement'] * 100:.1f}%", f"{after['agreement'] * 100:.1f}%")
+    if "top1" in before:
+        table.add_row("top-1 accuracy", f"{before['top1'] * 100:.1f}%", f"{after['top1'] * 100:.1f}%")
+    accuracy = (section.get("validation") or {}).get("accuracy")
+    if accuracy:
+        table.add_row("--val top-1: original / healed", f"{accuracy['reference_top1'] * 100:.1f}%",
+                      f"{accuracy['compressed_top1'] * 100:.1f}%")
+    table.caption = (f"{section['images']} images, {section['epochs']:g} epochs, {section['seconds']:.0f} s on "
+                     f"{section['device']} ({section['images_per_second']:.0f} img/s); graph = PyTorch within "
+                     f"{section['check']['relative_error']:.1g}")
+    return table
+
+
+@app.command()
 def demo(
     out_dir: Path = typer.Option(Path("vit2trt-demo"), "--out", "-o", help="Output folder: demo.md, demo.json, demo.png and one convert folder per method."),
     repeats: int = typer.Option(30, "--repeats", help="Paired timing rounds per speedup at least; up to 8x as many while its 95% interval is wider than ±5% (at most --time-cap), else it is marked unstable."),

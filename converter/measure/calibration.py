@@ -69,6 +69,11 @@ def image_files(folder: Path, limit: Optional[int] = None, flag: str = "--calib"
 def preprocess_image(file: Path, input_size: tuple[int, int, int], config: dict, flag: str = "--calib") -> np.ndarray:
     """One image as float32 [C, H, W], preprocessed as `config` says; `flag` names the option that gave the
     image, in messages (validate reads --images, convert and plan --calib)."""
+    return normalize(read_cropped(file, input_size, config, flag), config)
+
+
+def read_cropped(file: Path, input_size: tuple[int, int, int], config: dict, flag: str = "--calib") -> np.ndarray:
+    """One image resized and centre-cropped as `config` says, before normalization: uint8 [H, W, C]."""
     from PIL import Image, UnidentifiedImageError
 
     channels, height, width = input_size
@@ -86,12 +91,16 @@ def preprocess_image(file: Path, input_size: tuple[int, int, int], config: dict,
                 size = (max(short, int(round(w * short / h))), short)
             image = image.resize(size, resample)
             left, top = (size[0] - width) // 2, (size[1] - height) // 2
-            image = image.crop((left, top, left + width, top + height))
-            array = np.asarray(image, dtype=np.float32) / 255.0
+            array = np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise Vit2TrtError(f"{flag}: could not read image {file}: {str(exc)[:200]}") from exc
-    if array.ndim == 2:
-        array = array[:, :, None]
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def normalize(array: np.ndarray, config: dict) -> np.ndarray:
+    """uint8 [H, W, C] (or [..., H, W, C]) to the model's float32 input [C, H, W]: scaled to 0..1, minus
+    the mean, over the std."""
+    channels = array.shape[-1]
     mean = np.asarray(config["mean"], dtype=np.float32)[:channels]
     std = np.asarray(config["std"], dtype=np.float32)[:channels]
-    return ((array - mean) / std).transpose(2, 0, 1)
+    return ((array.astype(np.float32) / 255.0 - mean) / std).transpose(*range(array.ndim - 3), -1, -3, -2)

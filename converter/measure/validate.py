@@ -223,7 +223,7 @@ def surgery_check(artifact: Artifact, record, x: np.ndarray, batch: int) -> dict
 
     compressed = artifact.torch_model(record)
     follower = next((m for m in compressed.modules() if isinstance(m, ToMeViT)), None)
-    with _graph_with_decisions(artifact.model_path) if follower is not None else nullcontext() as exposed:
+    with _graph_with_decisions(artifact) if follower is not None else nullcontext() as exposed:
         blocks = exposed[1] if exposed and exposed[1] == sum(1 for r in follower.r if r) else 0
         session = ort_session(exposed[0]) if blocks else artifact.session()
         outputs = len(session.get_outputs()) - 2 * blocks
@@ -242,13 +242,17 @@ def surgery_check(artifact: Artifact, record, x: np.ndarray, batch: int) -> dict
 
 
 @contextmanager
-def _graph_with_decisions(path: Path):
-    """(path, merging blocks): a copy of a ToMe graph that also outputs its decisions, written beside the
-    original (so that external weights resolve, and are not loaded) and removed afterwards."""
+def _graph_with_decisions(artifact: Artifact):
+    """(graph, merging blocks): a copy of a ToMe graph that also outputs its decisions; for a saved artifact,
+    written beside the original (so that external weights resolve, and are not loaded) and removed afterwards."""
     import onnx
 
     from ...passes.tome import with_decision_outputs
 
+    if artifact.folder is None:   # in memory (a heal checks before it writes anything)
+        yield with_decision_outputs(artifact.model)
+        return
+    path = artifact.model_path
     exposed, blocks = with_decision_outputs(onnx.load(str(path), load_external_data=False))
     fd, copy = tempfile.mkstemp(prefix=".vit2trt-decisions-", suffix=".onnx", dir=path.parent)
     os.close(fd)

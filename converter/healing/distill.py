@@ -1,0 +1,231 @@
+"""Distillation of the original (teacher, frozen) into the compressed model (student), judged on held-out
+images: the training loop of `vit2trt heal`.
+
+Recipes (docs/methods/heal.md has the evidence for the default):
+- "logits": KL divergence of the student's class distribution from the teacher's;
+- "features": that, plus the mean squared error of the pooled feature the classifier reads (the
+  class token or the token mean after the final norm), relative to the teacher's feature variance;
+- "blocks": that, plus every block's output while the student still has the teacher's tokens (all
+  blocks for structured pruning, the blocks before the first merge for token reduction).
+With labels, the cross-entropy of the student's logits is added.
+
+The judge is the KL divergence on the held-out images, unaugmented; the best state by it is kept.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Augment, HealImages
+from .weights import base_model, head_module
+
+RECIPES = ("logits", "features", "blocks")
+DEFAULT_RECIPE = "features"
+
+
+@dataclass
+class TrainSettings:
+    recipe: str = DEFAULT_RECIPE
+    epochs: Optional[int] = None     # None: as many steps as fit in the time limit
+    batch: int = 64
+    lr: float = 1e-4
+    seed: int = 0
+    deadline: float = math.inf       # time.monotonic() by which training must have stopped
+    block_outputs: bool = True       # False: the student's tokens never correspond (per-image dropping)
+
+
+@dataclass
+class Judgement:
+    step: int
+    kl: float                        # held-out KL(teacher || student), nats per image
+    agreement: float                 # held-out top-1 agreement with the teacher
+    top1: Optional[float] = None     # held-out top-1 accuracy, with labels
+    train_loss: Optional[float] = None
+
+
+@dataclass
+class DistillResult:
+    best_state: dict[str, torch.Tensor]
+    before: Judgement
+    best: Judgement
+    curve: list[Judgement] = field(default_factory=list)
+    steps: int = 0
+    planned_steps: int = 0
+    images_seen: int = 0
+    seconds: float = 0.0
+    stopped_by: str = "schedule"     # "schedule", "time limit" or "interrupt"
+
+
+class _Taps:
+    """The pooled feature (the classifier's input) and block outputs of one model, by forward hooks."""
+
+    def __init__(self, model: nn.Module, blocks: bool):
+        self.feature: Optional[torch.Tensor] = None
+        self.blocks: list[torch.Tensor] = []
+        base = base_model(model)
+        self.handles = [head_module(model).register_forward_pre_hook(self._head)]
+        if blocks:
+            layers = base.model.vit.layers if hasattr(base, "model") and hasattr(base.model, "vit") else base.blocks
+            self.handles += [layer.register_forward_hook(self._block) for layer in layers]
+
+    def _head(self, module, inputs) -> None:
+        self.feature = inputs[0]
+
+    def _block(self, module, inputs, output) -> None:
+        self.blocks.append(output[0] if isinstance(output, tuple) else output)
+
+    def reset(self) -> None:
+        self.feature, self.blocks = None, []
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def kl_per_image(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
+                    log_target=True, reduction="none").sum(-1)
+
+
+def distill(teacher: nn.Module, student: nn.Module, trainable: dict[str, nn.Parameter], data: HealImages,
+            settings: TrainSettings, device: torch.device,
+            progress: Callable[[str], None] = lambda msg: None) -> DistillResult:
+    """Train `trainable` (named parameters of `student`) to mimic `teacher` on data.train; judge on
+    data.holdout. Ctrl-C and the deadline end training early; the best state is returned either way."""
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    teacher, student = teacher.to(device).eval(), student.to(device).eval()   # eval: no dropout anywhere
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    chosen = {id(p) for p in trainable.values()}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in chosen)
+    augment = Augment(data.config, device, generator)
+    use_blocks = settings.recipe == "blocks" and settings.block_outputs
+    t_taps, s_taps = _Taps(teacher, use_blocks), _Taps(student, use_blocks)
+    labels = None if data.labels is None else torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+    try:
+        return _train(teacher, student, trainable, data, settings, device, augment, generator, t_taps, s_taps,
+                      labels, progress)
+    finally:
+        t_taps.remove()
+        s_taps.remove()
+
+
+def _train(teacher, student, trainable, data, settings, device, augment, generator, t_taps, s_taps, labels,
+           progress) -> DistillResult:
+    start = time.monotonic()
+    held = data.images[data.holdout]
+    held_labels = None if labels is None else labels[data.holdout]
+    with torch.no_grad():   # the teacher's held-out outputs and feature scale, once
+        t_held, t_feat_var = [], []
+        for i in range(0, len(held), settings.batch):
+            t_taps.reset()
+            t_held.append(teacher(augment.plain(held[i:i + settings.batch])))
+            t_feat_var.append(t_taps.feature.float().var(0).mean())
+        t_held = torch.cat(t_held)
+        feature_scale = float(torch.stack(t_feat_var).mean().clamp_min(1e-12))
+
+    def judge(step: int, train_loss: Optional[float]) -> Judgement:
+        with torch.no_grad():
+            out = torch.cat([student(augment.plain(held[i:i + settings.batch])) for i in range(0, len(held), settings.batch)])
+        top1 = None if held_labels is None else float((out.argmax(-1).cpu() == held_labels).float().mean())
+        return Judgement(step, float(kl_per_image(out, t_held).mean()), float((out.argmax(-1) == t_held.argmax(-1)).float().mean()),
+                         top1, train_loss)
+
+    judge_start = time.monotonic()
+    before = judge(0, None)
+    judge_seconds = time.monotonic() - judge_start
+    best, best_state = before, _state(trainable)
+    curve = [before]
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=settings.lr, weight_decay=0.0)
+    train_index = data.train
+    per_epoch = max(1, math.ceil(len(train_index) / settings.batch))
+    planned = per_epoch * settings.epochs if settings.epochs else None
+    probe = 3          # without --epochs: steps timed before the step count is fixed by the time left
+    provisional = planned or 10_000
+    step, seen, stopped_by, running = 0, 0, "schedule", []
+    order = torch.empty(0, dtype=torch.long)
+    train_start = time.monotonic()
+    try:
+        while planned is None or step < planned:
+            if len(order) == 0:
+                order = torch.from_numpy(train_index)[torch.randperm(len(train_index), generator=generator)]
+            batch_idx, order = order[: settings.batch], order[settings.batch:]
+            images = data.images[batch_idx.numpy()]
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * _schedule(step, planned or provisional)
+            x = augment(images)
+            loss = _loss(teacher, student, t_taps, s_taps, x, None if labels is None else labels[batch_idx].to(device),
+                         settings.recipe, feature_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step, seen = step + 1, seen + len(batch_idx)
+            running.append(float(loss.detach()))
+            elapsed = time.monotonic() - train_start
+            per_step = elapsed / step
+            if planned is None and step == probe:
+                left = settings.deadline - time.monotonic() - 2 * judge_seconds
+                planned = max(probe, int(left / per_step * 0.9)) if math.isfinite(left) else per_epoch
+                progress(f"healing: {planned} steps fit the time limit ({planned * settings.batch / max(len(train_index), 1):.1f} epochs)")
+            total = planned or provisional
+            every = max(1, total // 10)
+            if step % every == 0 or step == total:
+                judgement = judge(step, float(np.mean(running[-every:])))
+                curve.append(judgement)
+                if judgement.kl < best.kl:
+                    best, best_state = judgement, _state(trainable)
+            eta = (total - step) * per_step
+            progress(f"healing ({seen / elapsed:.0f} img/s, held-out KL {curve[-1].kl:.4f}, "
+                     f"ETA {int(eta // 60)}:{int(eta % 60):02d}) {step}/{total}")
+            if time.monotonic() + per_step + judge_seconds > settings.deadline and step < total:
+                stopped_by = "time limit"
+                judgement = judge(step, float(np.mean(running[-every:])))
+                curve.append(judgement)
+                if judgement.kl < best.kl:
+                    best, best_state = judgement, _state(trainable)
+                break
+    except KeyboardInterrupt:
+        stopped_by = "interrupt"
+    return DistillResult(best_state, before, best, curve, step, planned or step, seen, time.monotonic() - start,
+                         stopped_by)
+
+
+def _schedule(step: int, total: int) -> float:
+    """Linear warm-up over a tenth of the steps (at most 20), then a cosine decay to zero."""
+    warm = max(1, min(20, total // 10))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+def _loss(teacher, student, t_taps, s_taps, x, labels, recipe: str, feature_scale: float) -> torch.Tensor:
+    t_taps.reset()
+    s_taps.reset()
+    with torch.no_grad():
+        t_logits = teacher(x)
+    s_logits = student(x)
+    loss = kl_per_image(s_logits, t_logits).mean()
+    if recipe in ("features", "blocks"):
+        loss = loss + F.mse_loss(s_taps.feature.float(), t_taps.feature.float()) / feature_scale
+    if recipe == "blocks":
+        for s_out, t_out in zip(s_taps.blocks, t_taps.blocks):
+            if s_out.shape != t_out.shape:   # tokens merged: no longer the teacher's tokens
+                break
+            scale = t_out.float().var(dim=(0, 1)).mean().clamp_min(1e-12)
+            loss = loss + F.mse_loss(s_out.float(), t_out.float()) / scale / max(1, len(t_taps.blocks))
+    if labels is not None:
+        loss = loss + F.cross_entropy(s_logits.float(), labels)
+    return loss
+
+
+def _state(trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu", copy=True) for name, p in trainable.items()}
