@@ -74,8 +74,9 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def run_onnx(path, x: np.ndarray) -> np.ndarray:
-    """First output of the graph at `path` in ONNX Runtime (CPU)."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """First output of the graph at `path` (or an in-memory ModelProto) in ONNX Runtime (CPU)."""
+    source = path.SerializeToString() if hasattr(path, "SerializeToString") else str(path)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 

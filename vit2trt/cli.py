@@ -510,7 +510,7 @@ def heal(
     out_dir: Path = typer.Argument(..., help="A folder written by `vit2trt convert --out` (or `plan`)."),
     images: Path = typer.Option(..., "--images", help="Folder of images to heal on (flat, or an ImageFolder: one subfolder per class, which labels them). No labels needed: the original teaches."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image of a flat --images folder (as for validate): adds the label loss."),
-    class_map: Optional[Path] = typer.Option(None, "--class-map", help="With an ImageFolder as --images: JSON list of folder names (position = class index) or {\"folder\": index}, when the head's class order is not the folders' sorted order."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="With an ImageFolder as --images: heal with its folders as labels, JSON list of folder names (position = class index) or {\"folder\": index}. Without it an ImageFolder heals without labels."),
     time_limit: float = typer.Option(900.0, "--time-limit", help="Seconds for the whole heal; without --epochs, training takes what fits. The best state so far is written when it runs out (and on Ctrl-C)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training images (default: as many as fit in --time-limit). With --epochs and the same --seed, a CPU run gives the same bytes."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA where PyTorch sees it), cpu or cuda."),

@@ -50,7 +50,10 @@ def read_heal_images(folder: Path, input_size: tuple[int, int, int], preprocessi
     if len(files) < 4:
         raise Vit2TrtError(f"--images {folder}: healing needs at least 4 images (some to train on, some to "
                            f"judge on); found {len(files)}.")
-    truth = image_labels(folder, files, len(files), labels, class_map, classes, "--images")
+    # Labels only when asked for: an ImageFolder's sorted folder order need not be the head's, and wrong
+    # labels would teach the model wrong classes (distillation needs none).
+    truth = image_labels(folder, files, len(files), labels, class_map, classes, "--images") \
+        if labels is not None or class_map is not None else None
     config = dict(DEFAULT_PREPROCESSING, **(preprocessing or {}))
     done = [0]
 

@@ -170,7 +170,7 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
             optimizer.step()
             step, seen = step + 1, seen + len(batch_idx)
             running.append(float(loss.detach()))
-            elapsed = time.monotonic() - train_start
+            elapsed = max(time.monotonic() - train_start, 1e-9)
             per_step = elapsed / step
             if planned is None and step == probe:
                 left = settings.deadline - time.monotonic() - 2 * judge_seconds

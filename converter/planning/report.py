@@ -98,6 +98,7 @@ def _markdown(report: dict, has_plot: bool) -> str:
     if flops:
         lines += [f"GFLOPs {flops['before'] / 1e9:.3f} → {flops['after'] / 1e9:.3f} "
                   f"({flops['before'] / max(flops['after'], 1):.2f}× fewer).", ""]
+    lines += _heal_lines(report.get("heal"))
     validation = report.get("validation")
     if validation:
         lines += ["## Validation against the reference", "",
@@ -179,6 +180,26 @@ def _markdown(report: dict, has_plot: bool) -> str:
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
+
+
+def _heal_lines(heal: Optional[dict]) -> list[str]:
+    """The heal section: what was trained on what, and the held-out judge before and after."""
+    if not heal:
+        return []
+    before, after = heal["holdout_before"], heal["holdout_after"]
+    lines = ["## Healing", "",
+             f"Distilled from the original ({heal['recipe']} recipe{', with labels' if heal.get('labels') else ''}) on "
+             f"{heal['images']} images for {heal['epochs']:g} epochs ({heal['steps']} steps) in {heal['seconds']:.0f} s "
+             f"on {heal['device']}; judged on {heal['holdout_images']} held-out images, never trained on. The "
+             f"healed graph equals the healed PyTorch model within {heal['check']['relative_error']:.1g} (relative).",
+             "", "| held-out images | before | after |", "| --- | --- | --- |",
+             f"| KL divergence from the original | {before['kl']:.4f} | {after['kl']:.4f} |",
+             f"| top-1 agreement with the original | {before['agreement'] * 100:.1f}% | {after['agreement'] * 100:.1f}% |"]
+    if "top1" in before:
+        lines.append(f"| top-1 accuracy | {before['top1'] * 100:.1f}% | {after['top1'] * 100:.1f}% |")
+    if heal.get("stopped_by", "schedule") != "schedule":
+        lines += ["", f"Training stopped early ({heal['stopped_by']}); the best state by the held-out judge was written."]
+    return lines + [""]
 
 
 def speedup_cell(row: dict, flops_ratio=None, ascii: bool = False) -> str:
