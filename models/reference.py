@@ -79,6 +79,12 @@ def build_model(record: ReferenceRecord) -> torch.nn.Module:
     """Rebuild the PyTorch model of `record` in eval mode, with its weights or seeded init."""
     if record.seed is not None:
         torch.manual_seed(record.seed)
+    if record.family == "graph":   # assembled from the original ONNX graph (graph_reference.py)
+        from .graph_reference import model_from_graph
+
+        if record.weights_sha256 and Path(record.weights).is_file() and sha256_of(record.weights) != record.weights_sha256:
+            raise ExportError(f"{record.weights} changed since the reference was taken from it (sha256 differs).")
+        return model_from_graph(record.weights)[0]
     if record.family == "timm":
         model = _build_timm(record.name, record.kwargs)
     elif record.family == "hf":

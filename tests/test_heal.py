@@ -76,6 +76,22 @@ def test_heal_improves_the_held_out_judge_and_the_graph_equals_the_healed_model(
     assert rel_error(run_onnx(digits_cait / "out" / "model.onnx", x), want) > 1e-3
 
 
+def test_heal_with_only_the_onnx_graph(digits_cait, tmp_path):
+    """No reference record: teacher and student are the PyTorch ViT assembled from the original graph."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(digits_cait / "out", bare)
+    (bare / "reference.json").unlink()
+    section = heal(bare, HealOptions(digits_cait / "images", epochs=1, batch=32, lr=3e-4, device="cpu"))
+    assert section["check"]["relative_error"] < 1e-5 and section["trained_tensors"] > 0
+    x = digits.test_set()[0][:8]
+    with torch.no_grad():
+        want = Artifact.open(bare).torch_model(Artifact.open(digits_cait / "out").reference_record())(
+            torch.from_numpy(x)).numpy()
+    assert rel_error(run_onnx(bare / "model.onnx", x), want) < 1e-5   # the timm model heals the same
+
+
 def test_same_seed_gives_the_same_bytes(digits_cait, tmp_path):
     outs = [tmp_path / name for name in ("a", "b")]
     for out in outs:
@@ -149,11 +165,13 @@ def test_bad_inputs_exit_2(digits_cait, tmp_path):
     assert result.exit_code == 2 and "at least 4 images" in result.output
     import shutil
 
-    bare = tmp_path / "bare"
+    bare = tmp_path / "bare"   # no record, and the original graph is gone
     shutil.copytree(digits_cait / "out", bare)
     (bare / "reference.json").unlink()
+    original = json.loads((bare / "original.json").read_text())
+    (bare / "original.json").write_text(json.dumps(dict(original, path=str(tmp_path / "gone.onnx"))))
     result = runner.invoke(app, ["heal", str(bare), "--images", str(digits_cait / "images")])
-    assert result.exit_code == 2 and "reference" in result.output
+    assert result.exit_code == 2 and "no reference record" in " ".join(result.output.split())
     if not torch.cuda.is_available():
         result = runner.invoke(app, ["heal", str(digits_cait / "out"), "--images", str(digits_cait / "images"),
                                      "--device", "cuda"])

@@ -42,16 +42,33 @@ def _validate(root, *args):
     return runner.invoke(app, ["validate", str(root / "out"), "--images", str(root / "images.npy"), *args])
 
 
-def test_without_a_reference_the_message_says_what_to_give(own_export):
+def test_without_a_reference_the_original_graph_is_assembled_into_a_pytorch_model(own_export):
+    """Only model.onnx: the PyTorch ViT assembled from the original graph is the reference, and the surgery
+    check runs against it; it is the model the user trained (the same as their timm model and weights)."""
     assert (own_export / "out" / "original.json").is_file() and not (own_export / "out" / "reference.json").exists()
-    before = (own_export / "out" / "report.json").read_text()
-    result = _validate(own_export)
+    result = validate(own_export / "out", own_export / "images.npy")
+    assert result["reference_kind"] == "graph" and "assembled from model.onnx" in result["reference"]
+    assert result["surgery_error"] is not None and result["surgery_error"] <= 1e-4
+    by_timm = validate(own_export / "out", own_export / "images.npy", reference="timm:vit_tiny_patch16_224",
+                       weights=own_export / "weights.safetensors",
+                       model_args={"num_classes": 10, "img_size": 64, "depth": 2})
+    assert by_timm["relative_error"] == pytest.approx(result["relative_error"], rel=1e-3, abs=1e-5)
+
+
+def test_without_a_reference_or_the_original_the_message_says_what_to_give(own_export, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(own_export / "out", out)
+    original = json.loads((out / "original.json").read_text())
+    original["path"] = str(tmp_path / "moved" / "model.onnx")   # the original is no longer where it was
+    (out / "original.json").write_text(json.dumps(original))
+    before = (out / "report.json").read_text()
+    result = runner.invoke(app, ["validate", str(out), "--images", str(own_export / "images.npy")])
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
-    for needle in ("no reference record", str(own_export / "model.onnx"), "2 blocks", "10 classes", "64x64",
-                   "--reference timm:NAME --weights FILE", "--reference-onnx", "still there"):
+    for needle in ("no reference record", str(tmp_path / "moved" / "model.onnx"), "2 blocks", "10 classes", "64x64",
+                   "--reference timm:NAME --weights FILE", "--reference-onnx", "no longer there"):
         assert needle in text, needle
-    assert (own_export / "out" / "report.json").read_text() == before   # nothing written
+    assert (out / "report.json").read_text() == before   # nothing written
 
 
 def test_a_timm_reference_with_weights_checks_the_surgery(own_export):

@@ -402,7 +402,7 @@ def validate(
     images: Path = typer.Option(..., "--images", help="Folder of images (flat, or an ImageFolder: one subfolder per class, which labels the images) or .npy [N,C,H,W], preprocessed as the reference record says."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image of a flat folder: JSON {\"file\": class} or lines 'file class' (with an .npy: an .npy of classes)."),
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="With an ImageFolder: JSON list of folder names (position = class index) or {\"folder\": index}, when the head's class order is not the folders' sorted order."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="The original as a PyTorch model, timm:NAME or hf:ViTForImageClassification (built as `vit2trt export` builds it; with --weights and --arg), or a reference record FILE.reference.json (default: OUT/reference.json, copied by convert when `vit2trt export` wrote the original)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The original as a PyTorch model, timm:NAME or hf:ViTForImageClassification (built as `vit2trt export` builds it; with --weights and --arg), a reference record FILE.reference.json, or the original ORIGINAL.onnx (a PyTorch ViT assembled from that graph). Default: OUT/reference.json, copied by convert when `vit2trt export` wrote the original; else the original graph convert read, if it is still there."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="With --reference timm:/hf:: the checkpoint, .safetensors or .pth/.pt (read without unpickling code)."),
     arg: List[str] = typer.Option([], "--arg", help="With --reference timm:/hf:: constructor argument KEY=VALUE, repeatable (e.g. --arg num_classes=200)."),
     reference_onnx: Optional[Path] = typer.Option(None, "--reference-onnx", help="Compare with the original graph in ONNX Runtime instead, when no PyTorch model is at hand (the surgery check against PyTorch is then skipped)."),
@@ -525,7 +525,7 @@ def heal(
     val: Optional[Path] = typer.Option(None, "--val", help="Labelled images to validate the healed model on at the end (as validate's --images); never trained on."),
     val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Labels of a flat --val folder (as validate's --labels)."),
     val_class_map: Optional[Path] = typer.Option(None, "--val-class-map", help="Class map of an ImageFolder --val (as validate's --class-map)."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="The original as a PyTorch model, timm:NAME or hf:ViTForImageClassification (with --weights and --arg), or a reference record FILE (default: OUT/reference.json)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The original as a PyTorch model, timm:NAME or hf:ViTForImageClassification (with --weights and --arg), a reference record FILE, or the original ORIGINAL.onnx (a PyTorch ViT assembled from that graph). Default: OUT/reference.json, else the original graph convert read."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="With --reference timm:/hf:: the checkpoint, .safetensors or .pth/.pt (read without unpickling code)."),
     arg: List[str] = typer.Option([], "--arg", help="With --reference timm:/hf:: constructor argument KEY=VALUE, repeatable."),
 ):

@@ -29,9 +29,21 @@ _MATCH_RTOL = 1e-6
 # -- the PyTorch side ----------------------------------------------------------------------------------
 @dataclass
 class ModelSlot:
-    """A canonical key's place in the PyTorch model: `param` and how to read the key's value from it."""
+    """A canonical key's place in the PyTorch model: `param`, how to read the key's value from it, and
+    the rows of `param` it is (None: all of it, reshaped)."""
     param: nn.Parameter
     read: Callable[[torch.Tensor], torch.Tensor]
+    rows: Optional[slice] = None
+    transposed: bool = False
+
+    def assign(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        """Set the key's part of `param` (under no_grad) to `value` in canonical layout."""
+        if self.transposed:
+            param[self.rows or slice(None)] = value.t()
+        elif self.rows is not None:
+            param[self.rows] = value
+        else:
+            param.copy_(value.reshape(param.shape))
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -59,9 +71,9 @@ def model_slots(model: nn.Module) -> dict[str, ModelSlot]:
         if not isinstance(layer, nn.Linear):
             return
         pick = rows or slice(None)
-        slots[f"{key}.weight"] = ModelSlot(layer.weight, lambda w, p=pick: w[p].t())
+        slots[f"{key}.weight"] = ModelSlot(layer.weight, lambda w, p=pick: w[p].t(), rows, transposed=True)
         if layer.bias is not None:
-            slots[f"{key}.bias"] = ModelSlot(layer.bias, lambda b, p=pick: b[p])
+            slots[f"{key}.bias"] = ModelSlot(layer.bias, lambda b, p=pick: b[p], rows)
 
     def vector(key: str, param: Optional[torch.Tensor]) -> None:
         if isinstance(param, nn.Parameter):
@@ -234,7 +246,7 @@ def graph_slots(vit: ViTGraph, nodes: dict, tensors: dict) -> dict[str, GraphSlo
     return slots
 
 
-def _stored(nodes: dict, tensors: dict, slot: GraphSlot) -> Optional[np.ndarray]:
+def stored_value(nodes: dict, tensors: dict, slot: GraphSlot) -> Optional[np.ndarray]:
     """The stored tensor `slot` reads, when its node reads it as a constant."""
     node = nodes.get(slot.node)
     if node is None or slot.tensor not in {t.name for t in node.inputs}:
@@ -265,7 +277,7 @@ def match_weights(model: nn.Module, vit: ViTGraph, onnx_model: onnx.ModelProto) 
     ours, theirs = model_slots(model), graph_slots(vit, nodes, tensors)
     writable, unmatched = [], []
     for key in sorted(set(ours) & set(theirs)):
-        stored = _stored(nodes, tensors, theirs[key])
+        stored = stored_value(nodes, tensors, theirs[key])
         want = ours[key].read(ours[key].param.detach()).cpu().numpy()
         got = None if stored is None else theirs[key].read(stored)
         if got is not None and got.shape == want.shape and np.allclose(
@@ -297,7 +309,7 @@ def write_weights(onnx_model: onnx.ModelProto, weights: WeightMap) -> onnx.Model
         where = (slot.node, slot.tensor)
         stored = updates.get(where)
         if stored is None:
-            stored = _stored(nodes, tensors, slot)
+            stored = stored_value(nodes, tensors, slot)
         ours = weights.model_slots[key]
         value = ours.read(ours.param.detach()).cpu().numpy()
         updates[where] = slot.write(stored, value.astype(stored.dtype))

@@ -59,13 +59,49 @@ def resolve_reference(out_dir: Path, reference: Optional[str] = None, weights: O
         return _onnx_reference(out_dir, Path(reference_onnx))
     if _is_model_spec(reference):
         return _pytorch_reference(reference, weights, model_args)
+    if reference and Path(reference).suffix == ".onnx":
+        return graph_reference(Path(reference), "--reference")
     record_path = Path(reference) if reference else out_dir / RECORD_FILE
+    if not record_path.is_file() and not reference:
+        original = _read_original(out_dir) or {}
+        where = Path(original.get("path", ""))
+        if original.get("path") and where.is_file() and original.get("sha256") == _sha256(where):
+            try:   # the original graph is still there: a PyTorch ViT assembled from it is the reference
+                return graph_reference(where, "the original", original.get("preprocessing"))
+            except Vit2TrtError as exc:
+                raise Vit2TrtError(f"{missing_reference_message(out_dir)} ({exc})") from None
     if not record_path.is_file():
         if reference:
             raise Vit2TrtError(f"--reference {reference}: no such file; give a reference record "
                                "(MODEL.onnx.reference.json) or a model as timm:NAME or hf:ViTForImageClassification.")
         raise Vit2TrtError(missing_reference_message(out_dir))
     return _record_reference(record_path)
+
+
+def graph_reference(path: Path, given_as: str, preprocessing: Optional[dict] = None) -> Reference:
+    """A PyTorch ViT assembled from the ONNX graph at `path` (models/graph_reference.py)."""
+    from .calibration import DEFAULT_PREPROCESSING
+    from ...models.graph_reference import GRAPH_FAMILY, model_from_graph
+    from ...models.reference import ReferenceRecord
+
+    if not path.is_file():
+        raise Vit2TrtError(f"{given_as} {path}: no such file.")
+    try:
+        _, name, kwargs = model_from_graph(path)
+    except ExportError as exc:
+        raise Vit2TrtError(f"{given_as} {path}: {exc}") from None
+    size = [kwargs["in_chans"], *kwargs["img_size"]]
+    preprocessing = {**DEFAULT_PREPROCESSING, **(preprocessing or {}), "input_size": size}
+    record = ReferenceRecord(GRAPH_FAMILY, name, kwargs, preprocessing, weights=str(path.resolve()),
+                             weights_sha256=_sha256(path))
+    return Reference("graph", f"PyTorch ViT assembled from {path.name} (its own weights)", tuple(size), preprocessing,
+                     record=record)
+
+
+def _sha256(path: Path) -> str:
+    from ...models.reference import sha256_of
+
+    return sha256_of(path)
 
 
 def _is_model_spec(reference: Optional[str]) -> bool:
@@ -170,7 +206,8 @@ def _described_missing_reference(out_dir: Path, original: Optional[dict]) -> str
     return (f"{out_dir} has no reference record: its original ({where}, written by {original['producer']}) was not "
             f"exported by `vit2trt export`. It is {looks}. Give one of: --reference timm:NAME --weights FILE "
             f"[--arg KEY=VALUE ...] (the PyTorch model, e.g. --arg num_classes={original['classes']} --arg "
-            f"img_size={h}); --reference hf:ViTForImageClassification --weights FILE --arg ...; or "
+            f"img_size={h}); --reference hf:ViTForImageClassification --weights FILE --arg ...; --reference "
+            f"ORIGINAL.onnx (a PyTorch ViT assembled from the original graph); or "
             f"--reference-onnx ORIGINAL.onnx to compare with the original graph in ONNX Runtime ({where} is "
             f"{exists}).")
 
