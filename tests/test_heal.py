@@ -221,3 +221,49 @@ def test_trained_weights_written_into_the_graph_equal_the_model(export_cache, sp
         want = student(torch.from_numpy(x)).numpy()
     assert rel_error(run_onnx(healed, x), want) < 1e-5
     assert rel_error(run_onnx(artifact.model, x), want) > 1e-4   # the weights did change the graph
+
+
+def _folder_bytes(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_bad_input_leaves_out_as_it_was(digits_cait, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(digits_cait / "out", out)
+    before = _folder_bytes(out)
+    flat = tmp_path / "flat"
+    _write_canvases(flat, digits.compose(digits.load_split()[0][:6], np.random.default_rng(0)))
+    (tmp_path / "labels.txt").write_text("".join(f"{i:03d}.png {99 if i == 2 else 1}\n" for i in range(6)))
+    broken = tmp_path / "broken"
+    shutil.copytree(flat, broken)
+    (broken / "003.png").write_bytes(b"not a png")
+    other = tmp_path / "other.onnx"
+    shutil.copyfile(out / "model.onnx", other)    # a graph, but not the one OUT was converted from
+    cases = [
+        (["--images", str(flat), "--labels", str(tmp_path / "labels.txt")], "99"),
+        (["--images", str(broken)], "003.png"),
+        (["--images", str(flat), "--reference", str(other)], "SHA-256"),
+    ]
+    for args, needle in cases:
+        result = runner.invoke(app, ["heal", str(out), *args])
+        assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
+    assert _folder_bytes(out) == before
+    (out / "decisions.json").unlink()
+    result = runner.invoke(app, ["heal", str(out), "--images", str(flat)])
+    assert result.exit_code == 2 and "decisions.json" in result.output
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt_rtx") is None, reason="no tensorrt_rtx module")
+def test_a_healed_composition_rebuilds_its_engine(digits_cait, tmp_path):
+    exported = digits_cait / "digits.onnx"
+    convert(exported, tmp_path / "out", ConvertOptions("toast+tome", target_flops=0.7, r=4,
+                                                       calib=str(digits_cait / "images"), engine="tensorrt-rtx"))
+    engine_before = (tmp_path / "out" / "model.engine").read_bytes()
+    section = heal(tmp_path / "out", HealOptions(digits_cait / "images", epochs=1, batch=32, lr=3e-4, device="cpu"))
+    assert section["check"]["relative_error"] < 1e-5
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["build"]["status"] == "built", report["build"]
+    assert (tmp_path / "out" / "model.engine").read_bytes() != engine_before   # built from the healed weights

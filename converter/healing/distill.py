@@ -27,6 +27,7 @@ from .data import Augment, HealImages
 from .weights import base_model, head_module
 
 RECIPES = ("logits", "features", "blocks")
+JUDGE_IMAGES = 1024        # held-out images the judge runs on (a seeded draw when the hold-out has more)
 DEFAULT_RECIPE = "features"
 
 
@@ -122,16 +123,19 @@ def distill(teacher: nn.Module, student: nn.Module, trainable: dict[str, nn.Para
 def _train(teacher, student, trainable, data, settings, device, augment, generator, t_taps, s_taps, labels,
            progress) -> DistillResult:
     start = time.monotonic()
-    held = data.images[data.holdout]
-    held_labels = None if labels is None else labels[data.holdout]
+    judged = data.holdout   # judging costs a forward pass per image: at most JUDGE_IMAGES, drawn once
+    if len(judged) > JUDGE_IMAGES:
+        judged = np.sort(np.random.default_rng(settings.seed).choice(judged, JUDGE_IMAGES, replace=False))
+    held = data.images[judged]
+    held_labels = None if labels is None else labels[judged]
     with torch.no_grad():   # the teacher's held-out outputs and feature scale, once
-        t_held, t_feat_var = [], []
+        t_held, t_features = [], []
         for i in range(0, len(held), settings.batch):
             t_taps.reset()
             t_held.append(teacher(augment.plain(held[i:i + settings.batch])))
-            t_feat_var.append(t_taps.feature.float().var(0).mean())
+            t_features.append(t_taps.feature.float())
         t_held = torch.cat(t_held)
-        feature_scale = float(torch.stack(t_feat_var).mean().clamp_min(1e-12))
+        feature_scale = float(torch.cat(t_features).var(0, unbiased=False).mean().clamp_min(1e-12))
 
     def judge(step: int, train_loss: Optional[float]) -> Judgement:
         with torch.no_grad():

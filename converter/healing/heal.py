@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 
-from ..artifact import (ENGINE_FILE, ENGINE_INFO_FILE, HEALED_FILE, MODEL_DATA_FILE, MODEL_FILE, Artifact,
+from ..artifact import (DECISIONS_FILE, ENGINE_FILE, ENGINE_INFO_FILE, HEALED_FILE, MODEL_DATA_FILE, Artifact,
                         read_json)
 from ...errors import Vit2TrtError
 from .distill import DEFAULT_RECIPE, RECIPES, TrainSettings
@@ -95,6 +94,9 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
     options.check()
     out_dir = Path(out_dir)
     artifact = Artifact.open(out_dir)
+    if not (out_dir / DECISIONS_FILE).is_file() or not artifact.decisions:
+        raise Vit2TrtError(f"{out_dir} holds no {DECISIONS_FILE}: heal needs the folder `vit2trt convert` or `plan` "
+                           "wrote (decisions.json rebuilds the compressed model it trains).")
     destination = Path(options.out) if options.out else out_dir
     if destination.resolve() != out_dir.resolve() and destination.exists() and any(destination.iterdir()) \
             and not options.overwrite:
@@ -137,9 +139,10 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
     heal_settings = {"file": HEALED_FILE, "recipe": options.recipe, "seed": options.seed, "batch": options.batch,
                      "lr": options.lr, "steps": result.steps, "images": int(len(data.train)),
                      "holdout_images": int(len(data.holdout)), "labels": data.labels is not None}
-    healed = Artifact({**artifact.decisions, "heal": heal_settings}, dict(artifact.report), artifact.compensation,
+    healed = Artifact(dict(artifact.decisions), dict(artifact.report), artifact.compensation,
                       artifact.record, artifact.original,
                       healed={k: v.numpy() for k, v in result.best_state.items()}, _model=healed_graph)
+    healed.decisions["heal"] = heal_settings   # torch_model() reads the file it names
 
     progress("checking the healed graph against the healed PyTorch model")
     from ..measure.calibration import normalize
@@ -152,9 +155,9 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
                            f"allowed {CHECK_TOLERANCE:g}); nothing was written. Please report this with the graph.")
     section = _section(result, data, settings, device, weights, check, heal_settings)
     healed.report["heal"] = section
+    healed.decisions["heal"] = section   # what rebuilds the healed model, and how it was healed
     healed.report.pop("validation", None)   # measured on the model before healing
-    if options.val is None:
-        progress("saving")
+    progress("saving")
     build_options = _engine_options(out_dir)
     extra_files = _extra_files(out_dir)
     healed.save(destination, overwrite=True, build_options=build_options, progress=progress,

@@ -60,6 +60,10 @@ def resolve_reference(out_dir: Path, reference: Optional[str] = None, weights: O
     if _is_model_spec(reference):
         return _pytorch_reference(reference, weights, model_args)
     if reference and Path(reference).suffix == ".onnx":
+        recorded = (_read_original(out_dir) or {}).get("sha256")
+        if recorded and Path(reference).is_file() and _sha256(Path(reference)) != recorded:
+            raise Vit2TrtError(f"--reference {reference} is not the graph {out_dir} was converted from (its SHA-256 "
+                               f"differs from {ORIGINAL_FILE}'s); give the original model.onnx.")
         return graph_reference(Path(reference), "--reference")
     record_path = Path(reference) if reference else out_dir / RECORD_FILE
     if not record_path.is_file() and not reference:
