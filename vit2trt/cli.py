@@ -508,7 +508,7 @@ def bench_tables(result: dict, threads: int) -> list[Table]:
 @app.command()
 def heal(
     out_dir: Path = typer.Argument(..., help="A folder written by `vit2trt convert --out` (or `plan`)."),
-    images: Path = typer.Option(..., "--images", help="Folder of images to heal on (flat, or an ImageFolder: one subfolder per class, which labels them). No labels needed: the original teaches."),
+    images: Path = typer.Option(..., "--images", help="Folder of images to heal on, flat or an ImageFolder (one subfolder per class). No labels needed: the original teaches; --labels or --class-map add them."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image of a flat --images folder (as for validate): adds the label loss."),
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="With an ImageFolder as --images: heal with its folders as labels, JSON list of folder names (position = class index) or {\"folder\": index}. Without it an ImageFolder heals without labels."),
     time_limit: float = typer.Option(900.0, "--time-limit", help="Seconds for the whole heal; without --epochs, training takes what fits. The best state so far is written when it runs out (and on Ctrl-C)."),
