@@ -12,6 +12,14 @@ Stages (each can run alone, so that a GPU machine can heal while a CPU machine c
     python benchmarks/heal_real.py --work /tmp/heal heal --recipes features,logits,features+labels --time-limit 300
     python benchmarks/heal_real.py --work /tmp/heal measure
 
+- matrix: every variant of VARIANTS (or --variants), each compressed, timed against the original
+  (ONNX Runtime, paired, batch 1 and 8), healed with and without train/'s labels (--time-limit each)
+  and measured on the held-out val/ photos; plus the control, the original trained alike with labels,
+  and --curve: extra heal times (seconds) for the 2x variant (cait-0.5), without labels.
+
+    python benchmarks/heal_real.py --work /tmp/heal prepare --per-class 42
+    python benchmarks/heal_real.py --work /tmp/heal matrix --time-limit 300 --curve 60,900
+
 A recipe written `NAME+labels` heals with train/'s labels (the class map), the others without labels.
 Results go to WORK/heal_real.json (merged stage by stage).
 """
@@ -110,9 +118,148 @@ def measure(args) -> None:
         _save(work, results)
 
 
+VARIANTS = {
+    "tome-8": {"method": "tome", "r": 8},
+    "tome-13": {"method": "tome", "r": 13},
+    "toast-0.67": {"method": "toast", "target_flops": 0.67},
+    "cait-0.67": {"method": "cait", "target_flops": 0.67, "stages": [6, 10]},
+    "cait-0.5": {"method": "cait", "target_flops": 0.5},
+    "cait-0.33": {"method": "cait", "target_flops": 0.33},
+    "cait+tome-0.5": {"method": "cait+tome", "r": 8, "cait.target_flops": 0.5},
+    "cait+tome-0.4": {"method": "cait+tome", "r": 8, "cait.target_flops": 0.4},
+}
+
+
+def _held_images(work: Path, config: dict):
+    """The held-out val/ photos, preprocessed once for every model, and their labels."""
+    import numpy as np
+
+    from vit2trt.converter.measure.calibration import normalize, read_cropped
+
+    cache = work / "held.npy"
+    names = [line.split()[0] for line in (work / "held.labels.txt").read_text().splitlines() if line.strip()]
+    labels = np.array([int(line.split()[1]) for line in (work / "held.labels.txt").read_text().splitlines()
+                       if line.strip()])
+    if not cache.is_file():
+        np.save(cache, np.stack([read_cropped(work / "held" / n, (3, 224, 224), config) for n in names]))
+    return np.load(cache, mmap_mode="r"), labels
+
+
+def _top1(model_path: Path, images, labels, config: dict, batch: int = 64) -> float:
+    import numpy as np
+
+    from vit2trt.converter.measure.calibration import normalize
+    from vit2trt.converter.runtime import ort_session
+
+    session = ort_session(model_path, 2)
+    name = session.get_inputs()[0].name
+    hits = 0
+    for i in range(0, len(images), batch):
+        logits = session.run(None, {name: normalize(np.asarray(images[i:i + batch]), config)})[0]
+        hits += int((logits.argmax(-1) == labels[i:i + batch]).sum())
+    return hits / len(images)
+
+
+def _speed(folder: Path, original: Path) -> dict:
+    from vit2trt.converter.measure.bench import bench
+
+    rows = bench(folder, original, batches=[1, 8], repeats=10, time_cap=20)["backends"]["ort"]
+    return {f"b{r['batch']}": {"speedup": round(r["speedup"], 3), "low": round(r["speedup_low"], 3),
+                               "high": round(r["speedup_high"], 3)}
+            for r in rows if r["variant"] == "compressed"}
+
+
+def matrix(args) -> None:
+    import json as _json
+
+    from vit2trt.converter.artifact import Artifact
+    from vit2trt.converter.convert import ConvertOptions, convert
+    from vit2trt.converter.healing.heal import HealOptions, heal
+    from vit2trt.converter.measure.calibration import DEFAULT_PREPROCESSING
+
+    work = Path(args.work)
+    original = work / "vit_tiny_tin200.onnx"
+    record = _json.loads((work / "vit_tiny_tin200.onnx.reference.json").read_text())
+    config = dict(DEFAULT_PREPROCESSING, **(record.get("preprocessing") or {}))
+    images, labels = _held_images(work, config)
+    images, labels = images[:args.measure_images], labels[:args.measure_images]
+    results = _results(work)
+    table = results.setdefault("matrix", {})
+    table["measured_images"] = len(labels)
+    if "original" not in table:
+        table["original"] = {"top1": _top1(original, images, labels, config)}
+        _save(work, results)
+    original_top1 = table["original"]["top1"]
+    names = args.variants.split(",") if args.variants else list(VARIANTS)
+    runs = [(name, with_labels, args.time_limit) for name in names for with_labels in (False, True)]
+    runs += [("cait-0.5", False, float(t)) for t in (args.curve.split(",") if args.curve else [])]
+    for name, with_labels, seconds in runs:
+        folder = work / "matrix" / name
+        row = table.setdefault(name, {"settings": VARIANTS[name]})
+        if "compressed_top1" not in row:
+            start = time.monotonic()
+            convert(original, folder / "compressed", ConvertOptions(calib=str(work / "calib"), build=False,
+                                                                      overwrite=True, **VARIANTS[name]))
+            row["convert_seconds"] = round(time.monotonic() - start, 1)
+            row["flops_ratio"] = round(Artifact.open(folder / "compressed").flops_ratio, 3)
+            row["speed"] = _speed(folder / "compressed", original)
+            row["compressed_top1"] = _top1(folder / "compressed" / "model.onnx", images, labels, config)
+            row["compressed_drop_pt"] = round(100 * (row["compressed_top1"] - original_top1), 2)
+            print(name, _json.dumps(row), flush=True)
+            _save(work, results)
+        budget = f"{args.epochs}ep-{args.limit or 'all'}" if args.epochs else f"{int(seconds)}s"
+        key = f"{'labels' if with_labels else 'no-labels'}-{budget}"
+        if key in row.get("healed", {}):
+            continue
+        out = folder / key
+        section = heal(folder / "compressed", HealOptions(
+            work / "train", class_map=work / "train.class_map.json" if with_labels else None, time_limit=seconds,
+            epochs=args.epochs, limit=args.limit, device=args.device, batch=args.batch, lr=args.lr, out=out,
+            overwrite=True, seed=args.seed))
+        top1 = _top1(out / "model.onnx", images, labels, config)
+        row.setdefault("healed", {})[key] = {
+            "top1": top1, "drop_pt": round(100 * (top1 - original_top1), 2), "seconds": section["seconds"],
+            "steps": section["steps"], "epochs": section["epochs"], "images_per_second": section["images_per_second"],
+            "holdout_before": section["holdout_before"], "holdout_after": section["holdout_after"]}
+        print(name, key, _json.dumps(row["healed"][key]), flush=True)
+        _save(work, results)
+    if args.control and "control" not in table:
+        table["control"] = _control(work, record, images, labels, config, args)
+        table["control"]["drop_pt"] = round(100 * (table["control"]["top1"] - original_top1), 2)
+        print("control", _json.dumps(table["control"]), flush=True)
+        _save(work, results)
+
+
+def _control(work: Path, record: dict, images, labels, config: dict, args) -> dict:
+    """The original trained with the heal's recipe, labels and budget: what training alone is worth."""
+    import numpy as np
+    import torch
+
+    from vit2trt.converter.healing.data import read_heal_images
+    from vit2trt.converter.healing.distill import TrainSettings, distill
+    from vit2trt.models.reference import ReferenceRecord, build_model
+
+    rec = ReferenceRecord.load(work / "vit_tiny_tin200.onnx.reference.json")
+    teacher, student = build_model(rec).eval(), build_model(rec).eval()
+    start = time.monotonic()
+    data = read_heal_images(work / "train", (3, 224, 224), record.get("preprocessing"), None,
+                            work / "train.class_map.json", 200, 0.1, args.seed)
+    settings = TrainSettings(batch=args.batch, lr=args.lr, seed=args.seed, deadline=start + args.time_limit)
+    result = distill(teacher, student, dict(student.named_parameters()), data, settings, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            p.copy_(result.best_state[name])
+        from vit2trt.converter.measure.calibration import normalize
+        hits = 0
+        for i in range(0, len(images), 64):
+            x = torch.from_numpy(normalize(np.asarray(images[i:i + 64]), config))
+            hits += int((student(x).argmax(-1).numpy() == labels[i:i + 64]).sum())
+    return {"top1": hits / len(images), "seconds": round(time.monotonic() - start, 1), "steps": result.steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("prepare", "heal", "measure"))
+    parser.add_argument("stage", choices=("prepare", "heal", "measure", "matrix"))
     parser.add_argument("--work", required=True)
     parser.add_argument("--real", default=str(REAL))
     parser.add_argument("--calib", type=int, default=512)
@@ -127,10 +274,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--variants", default=None, help="matrix: names of VARIANTS, comma-separated (default all)")
+    parser.add_argument("--curve", default="", help="matrix: extra heal times in seconds for cait-0.5, no labels")
+    parser.add_argument("--control", action="store_true", help="matrix: also train the original alike (labels)")
+    parser.add_argument("--limit", type=int, default=None, help="matrix: heal on only this many train photos")
+    parser.add_argument("--measure-images", type=int, default=2000, help="matrix: held-out photos measured")
     parser.add_argument("--again", action="store_true", help="measure: also the folders measured before")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
-    {"prepare": prepare, "heal": heal_all, "measure": measure}[args.stage](args)
+    {"prepare": prepare, "heal": heal_all, "measure": measure, "matrix": matrix}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,16 @@ SPLIT_SEED = 0
 TEST_LAYOUT_SEED = 1
 # The bundled ViT: timm's VisionTransformer at this size (export with these constructor arguments).
 MODEL_NAME = "vit_tiny_patch16_224"
-MODEL_ARGS = {"img_size": CANVAS, "patch_size": 8, "in_chans": 1, "num_classes": 10, "embed_dim": 64,
-              "depth": 5, "num_heads": 2}
+ARCHITECTURE = {"img_size": CANVAS, "patch_size": 8, "in_chans": 1, "num_classes": 10, "embed_dim": 64,
+                "depth": 5, "num_heads": 2}
 # Canvases are mostly zero: standardize them, or the patch embedding sees almost nothing but the
 # position embedding and training sits at chance for many epochs.
 MEAN, STD = 0.02, 0.12
 PREPROCESSING = {"input_size": [1, CANVAS, CANVAS], "mean": [MEAN], "std": [STD], "crop_pct": 1.0,
                  "interpolation": "bilinear"}
+# The preprocessing rides with the model (timm's pretrained_cfg), so that the export record tells every
+# command reading image files (calibration, validate, heal) how this model sees a canvas.
+MODEL_ARGS = {**ARCHITECTURE, "pretrained_cfg_overlay": PREPROCESSING}
 CHECKPOINT = Path(__file__).with_name("digits_vit.safetensors")
 
 
@@ -60,3 +63,15 @@ def test_set() -> tuple[np.ndarray, np.ndarray]:
     """The test canvases and labels, identical on every machine."""
     _, _, digits, labels = load_split()
     return compose(digits, np.random.default_rng(TEST_LAYOUT_SEED)), labels.astype(np.int64)
+
+
+def save_canvases(folder: Path, canvases: np.ndarray) -> None:
+    """Write standardized canvases [N, 1, H, W] as PNG files 000.png, 001.png, ... (what a user's images
+    would be): PREPROCESSING reads them back to the same values, up to 8-bit rounding."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    for i, canvas in enumerate(canvases):
+        pixels = np.clip((canvas[0] * STD + MEAN) * 255 + 0.5, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")

@@ -4,12 +4,15 @@ and the weight write-back is proven on every exporter form of the reader's matri
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from vit2trt.cli import app
@@ -26,13 +29,6 @@ from conftest import HF_TINY, rel_error, run_onnx
 runner = CliRunner()
 
 
-def _write_canvases(folder, canvases) -> None:
-    folder.mkdir(parents=True)
-    for i, canvas in enumerate(canvases):
-        pixels = np.clip((canvas[0] * digits.STD + digits.MEAN) * 255 + 0.5, 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
-
-
 @pytest.fixture(scope="module")
 def digits_cait(tmp_path_factory):
     """The bundled trained digits ViT, compressed by CAIT to half its FLOPs (which costs it accuracy), and
@@ -41,7 +37,7 @@ def digits_cait(tmp_path_factory):
     exported = export_model(f"timm:{digits.MODEL_NAME}", root / "digits.onnx", weights=str(digits.CHECKPOINT),
                             model_args=digits.MODEL_ARGS)
     train, _, _, _ = digits.load_split()
-    _write_canvases(root / "images", digits.compose(train[:300], np.random.default_rng(5)))
+    digits.save_canvases(root / "images", digits.compose(train[:300], np.random.default_rng(5)))
     convert(exported.onnx_path, root / "out", ConvertOptions("cait", target_flops=0.5, calib=str(root / "images"),
                                                              calib_limit=64))
     return root
@@ -92,13 +88,38 @@ def test_heal_with_only_the_onnx_graph(digits_cait, tmp_path):
     assert rel_error(run_onnx(bare / "model.onnx", x), want) < 1e-5   # the timm model heals the same
 
 
-def test_same_seed_gives_the_same_bytes(digits_cait, tmp_path):
+def test_same_seed_gives_the_same_bytes_and_torchrun_the_same_weights(digits_cait, tmp_path):
     outs = [tmp_path / name for name in ("a", "b")]
     for out in outs:
-        heal(digits_cait / "out", HealOptions(digits_cait / "images", epochs=1, batch=32, lr=1e-3, out=out,
+        heal(digits_cait / "out", HealOptions(digits_cait / "images", epochs=2, batch=32, lr=3e-4, out=out,
                                               device="cpu", seed=3))
     for name in ("model.onnx", "healed.safetensors"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
+    # Two gloo processes under torchrun, each training on half of every batch of 32, reach the weights
+    # one process reaches (up to the order of floating-point sums), and rank 0 alone writes them.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--module", "vit2trt.cli", "heal", str(digits_cait / "out"), "--images",
+                           str(digits_cait / "images"), "--epochs", "2", "--batch", "32", "--lr", "3e-4", "--seed", "3",
+                           "--device", "cpu", "--out", str(tmp_path / "ddp")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("healed ") == 1   # one report, from rank 0
+    section = Artifact.open(tmp_path / "ddp").decisions["heal"]
+    assert section["processes"] == 2 and section["backend"] == "gloo"
+    one, two = load_file(str(outs[0] / "healed.safetensors")), load_file(str(tmp_path / "ddp" / "healed.safetensors"))
+    student = Artifact.open(digits_cait / "out").torch_model()
+    start = dict(student.named_parameters())
+    assert one.keys() == two.keys()
+    single = Artifact.open(outs[0]).decisions["heal"]
+    assert [j["kl"] for j in section["loss_curve"]] == pytest.approx([j["kl"] for j in single["loss_curve"]], rel=1e-4)
+    assert [j["train_loss"] for j in section["loss_curve"][1:]] == pytest.approx(
+        [j["train_loss"] for j in single["loss_curve"][1:]], rel=1e-4)
+    # Weights as a whole: the key biases get no gradient but float noise, which Adam scales up to steps
+    # of the learning rate, so single values may differ by a few lr while the model is the same.
+    moved = sum(float((one[k] - start[k].detach()).square().sum()) for k in one) ** 0.5
+    apart = sum(float((one[k] - two[k]).square().sum()) for k in one) ** 0.5
+    assert moved > 1e-3 and apart < 0.01 * moved, (moved, apart)
 
 
 def test_time_limit_and_ctrl_c_write_the_best_state(digits_cait, tmp_path):
@@ -130,7 +151,7 @@ def test_cli_heals_in_place_and_validates_on_val(digits_cait, tmp_path):
     (work / "plan.md").write_text("kept\n")
     x, y = digits.test_set()
     val = tmp_path / "val"
-    _write_canvases(val, x[:40])
+    digits.save_canvases(val, x[:40])
     (tmp_path / "val.txt").write_text("".join(f"{i:03d}.png {label}\n" for i, label in enumerate(y[:40])))
     result = runner.invoke(app, ["heal", str(work), "--images", str(digits_cait / "images"), "--epochs", "1",
                                  "--batch", "32", "--device", "cpu", "--val", str(val),
@@ -160,7 +181,7 @@ def test_bad_inputs_exit_2(digits_cait, tmp_path):
     missing = runner.invoke(app, ["heal", str(digits_cait / "out"), "--images", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "--images" in missing.output
     few = tmp_path / "few"
-    _write_canvases(few, digits.compose(digits.load_split()[0][:2], np.random.default_rng(0)))
+    digits.save_canvases(few, digits.compose(digits.load_split()[0][:2], np.random.default_rng(0)))
     result = runner.invoke(app, ["heal", str(digits_cait / "out"), "--images", str(few)])
     assert result.exit_code == 2 and "at least 4 images" in result.output
     import shutil
@@ -234,7 +255,7 @@ def test_bad_input_leaves_out_as_it_was(digits_cait, tmp_path):
     shutil.copytree(digits_cait / "out", out)
     before = _folder_bytes(out)
     flat = tmp_path / "flat"
-    _write_canvases(flat, digits.compose(digits.load_split()[0][:6], np.random.default_rng(0)))
+    digits.save_canvases(flat, digits.compose(digits.load_split()[0][:6], np.random.default_rng(0)))
     (tmp_path / "labels.txt").write_text("".join(f"{i:03d}.png {99 if i == 2 else 1}\n" for i in range(6)))
     broken = tmp_path / "broken"
     shutil.copytree(flat, broken)
@@ -267,3 +288,26 @@ def test_a_healed_composition_rebuilds_its_engine(digits_cait, tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["build"]["status"] == "built", report["build"]
     assert (tmp_path / "out" / "model.engine").read_bytes() != engine_before   # built from the healed weights
+
+
+def test_convert_heal_converts_then_heals(digits_cait, tmp_path):
+    images = str(digits_cait / "images")
+    common = ["convert", str(digits_cait / "digits.onnx"), "--method", "cait", "--target-flops", "0.5", "--calib",
+              images, "--no-build", "--heal", images, "--heal-batch", "32", "--heal-lr", "3e-4", "--heal-device", "cpu"]
+    # A bad healing option is refused before anything is converted.
+    result = runner.invoke(app, common + ["--out", str(tmp_path / "refused"), "--heal-epochs", "0"])
+    assert result.exit_code == 2 and "--epochs must be at least 1" in result.output
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "out"
+    result = runner.invoke(app, common + ["--out", str(out), "--heal-epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert "KL to the original" in result.output
+    healed = Artifact.open(out)
+    section = healed.decisions["heal"]
+    assert section["holdout_after"]["kl"] < section["holdout_before"]["kl"] and section["epochs"] == 2.0
+    # The folder holds the healed model: its graph equals the healed PyTorch model, not the converted one.
+    x = digits.test_set()[0][:16]
+    with torch.no_grad():
+        want = healed.torch_model()(torch.from_numpy(x)).numpy()
+    assert rel_error(run_onnx(out / "model.onnx", x), want) < 1e-5
+    assert rel_error(run_onnx(digits_cait / "out" / "model.onnx", x), want) > 1e-3

@@ -208,7 +208,17 @@ def convert(
     batch: str = typer.Option("1,1,8", "--batch", help="Engine optimization profile: min,opt,max batch."),
     precision: str = typer.Option("fp32", "--precision", help="Engine precision: fp32, fp16 or bf16 (TensorRT-RTX is strongly typed: fp16 converts the graph; bf16 needs full TensorRT)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the check inputs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the check inputs (and of healing's split, batches and augmentation)."),
+    heal_images: Optional[Path] = typer.Option(None, "--heal", metavar="DIR", help="Heal right after converting: distil the original into the result on these images, as `vit2trt heal OUT --images DIR` does.", rich_help_panel="Healing"),
+    heal_labels: Optional[Path] = typer.Option(None, "--heal-labels", help="As heal's --labels.", rich_help_panel="Healing"),
+    heal_class_map: Optional[Path] = typer.Option(None, "--heal-class-map", help="As heal's --class-map.", rich_help_panel="Healing"),
+    heal_time: float = typer.Option(900.0, "--heal-time", help="As heal's --time-limit: seconds for healing.", rich_help_panel="Healing"),
+    heal_epochs: Optional[int] = typer.Option(None, "--heal-epochs", help="As heal's --epochs.", rich_help_panel="Healing"),
+    heal_device: str = typer.Option("auto", "--heal-device", help="As heal's --device: auto, cpu or cuda.", rich_help_panel="Healing"),
+    heal_batch: int = typer.Option(64, "--heal-batch", help="As heal's --batch.", rich_help_panel="Healing"),
+    heal_lr: float = typer.Option(1e-4, "--heal-lr", help="As heal's --lr.", rich_help_panel="Healing"),
+    heal_holdout: float = typer.Option(0.1, "--heal-holdout", help="As heal's --holdout.", rich_help_panel="Healing"),
+    heal_recipe: str = typer.Option("features", "--heal-recipe", help="As heal's --recipe: logits, features or blocks.", rich_help_panel="Healing"),
     **method_values,
 ):
     """Compress a ViT graph by surgery. toast: strip zeroed QK/VO dims and FFN channels (the main path
@@ -219,7 +229,7 @@ def convert(
     --r tokens per block. asvit: adaptive token pruning by class attention (--thresholds or
     calibrated for --target-flops). cait: consistent attention channel pruning (--channel-ratio) and
     asymmetric merging of neighbouring tokens (--stages). Methods compose with '+'. Every graph is
-    native ONNX."""
+    native ONNX. With --heal DIR, the result is then healed on DIR's images (see `vit2trt heal`)."""
     with _user_errors():
         from .converter.convert import ConvertOptions, convert as run_convert
 
@@ -227,6 +237,12 @@ def convert(
                                  build=build, engine=engine, batch=_batch_profile(batch), precision=precision,
                                  seed=seed, overwrite=overwrite,
                                  **method_options_given(method_values, set_options))
+        heal_options = None
+        if heal_images is not None:   # bad healing options stop before converting
+            from .converter.healing.heal import HealOptions
+
+            heal_options = HealOptions(heal_images, heal_labels, heal_class_map, heal_time, heal_epochs, heal_device,
+                                       heal_batch, heal_lr, heal_holdout, seed, heal_recipe).check()
         with _progress("converting") as report:
             result = run_convert(model, out_dir, options, progress=report)
         ratio = result.flops_before / max(result.flops_after, 1)
@@ -240,6 +256,16 @@ def convert(
         out.print(line)
         for note in result.notes:
             out.print(f"note: {note}", style="yellow")
+        if heal_options is not None:
+            from .converter.healing.heal import heal as run_heal
+
+            with _progress("healing") as report:
+                try:
+                    section = run_heal(result.out_dir, heal_options, progress=report)
+                except Vit2TrtError as exc:
+                    raise Vit2TrtError(f"healing failed: {exc} {result.out_dir}/ holds the converted model, not "
+                                       "healed; heal it with `vit2trt heal`.") from exc
+            print_table(out, heal_table(section, result.out_dir))
         if calib is not None and result.artifact.record:
             from .converter.measure.validate import validate as run_validate
 
@@ -536,9 +562,14 @@ def heal(
     with _user_errors():
         from .converter.healing.heal import HealOptions, heal as run_heal
 
+        from .converter.healing.parallel import launched_rank
+
         options = HealOptions(images, labels, class_map, time_limit, epochs, device, batch, lr, holdout, seed,
                               recipe, limit, heal_out, overwrite, reference, str(weights) if weights else None,
                               _parse_model_args(arg), val, val_labels, val_class_map)
+        if launched_rank() != 0:   # under torchrun: rank 0 reports and writes
+            run_heal(out_dir, options)
+            return
         with _progress("healing") as report:
             section = run_heal(out_dir, options, progress=report)
         print_table(out, heal_table(section, heal_out or out_dir))
@@ -571,19 +602,21 @@ def demo(
     out_dir: Path = typer.Option(Path("vit2trt-demo"), "--out", "-o", help="Output folder: demo.md, demo.json, demo.png and one convert folder per method."),
     repeats: int = typer.Option(30, "--repeats", help="Paired timing rounds per speedup at least; up to 8x as many while its 95% interval is wider than ±5% (at most --time-cap), else it is marked unstable."),
     time_cap: float = typer.Option(3.0, "--time-cap", help="Seconds of timing at most per speedup (method and batch size)."),
+    heal_epochs: int = typer.Option(3, "--heal-epochs", help="Passes over the training canvases for the healed row (cait_healed)."),
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build TensorRT engines where a TensorRT module is present."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
 ):
     """Every method on the bundled, really trained digits ViT: convert with toast, asvit, cait and
-    tome, validate each on the fixed test split (accuracy), time all of them side by side, and print
-    one table (also demo.md with a plot)."""
+    tome, heal the cait result on the training canvases, validate each on the fixed test split
+    (accuracy), time all of them side by side, and print one table (also demo.md with a plot)."""
     with _user_errors():
         from .converter.demo import run_demo
         from .converter.measure.speedup import terminal_legend
 
         with _progress("demo") as report:
-            summary = run_demo(out_dir, repeats, threads, build, overwrite, progress=report, time_cap=time_cap)
+            summary = run_demo(out_dir, repeats, threads, build, overwrite, progress=report, time_cap=time_cap,
+                               heal_epochs=heal_epochs)
         print_table(out, demo_table(summary, threads))
         out.print(terminal_legend())
         engines = sorted({row.get("engine") or "not built" for name, row in summary["rows"].items()

@@ -85,11 +85,12 @@ class Augment:
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         return (x - self.mean[:, : x.shape[1]]) / self.std[:, : x.shape[1]]
 
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
+    def __call__(self, images: np.ndarray, part: slice = slice(None)) -> torch.Tensor:
+        """`images[part]` augmented; the draws are made for all of `images`, so that processes training on
+        parts of one batch (torchrun) see what one process would."""
         from torchvision.ops import roi_align
 
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        b, _, h, w = x.shape
+        b, h, w = images.shape[:3]
         g = self.generator
         area = torch.empty(b).uniform_(*CROP_SCALE, generator=g) * h * w
         log_ratio = torch.empty(b).uniform_(np.log(CROP_RATIO[0]), np.log(CROP_RATIO[1]), generator=g)
@@ -99,7 +100,9 @@ class Augment:
         left = torch.rand(b, generator=g) * (w - cw)
         top = torch.rand(b, generator=g) * (h - ch)
         flip = torch.rand(b, generator=g) < 0.5
-        boxes = torch.stack([torch.arange(b, dtype=torch.float32), left, top, left + cw, top + ch], 1)
+        left, top, cw, ch, flip = left[part], top[part], cw[part], ch[part], flip[part]
+        x = torch.from_numpy(images[part]).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        boxes = torch.stack([torch.arange(len(x), dtype=torch.float32), left, top, left + cw, top + ch], 1)
         x = roi_align(x, boxes.to(self.device), output_size=(h, w), spatial_scale=1.0, sampling_ratio=2,
                       aligned=True)
         x = torch.where(flip.to(self.device).reshape(-1, 1, 1, 1), x.flip(-1), x)

@@ -10,6 +10,7 @@ Recipes (docs/methods/heal.md has the evidence for the default):
 With labels, the cross-entropy of the student's logits is added.
 
 The judge is the KL divergence on the held-out images, unaugmented; the best state by it is kept.
+Under torchrun every process takes its share of each batch and of the judged images (parallel.py).
 """
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Augment, HealImages
+from .parallel import Parallel
 from .weights import base_model, head_module
 
 RECIPES = ("logits", "features", "blocks")
 JUDGE_IMAGES = 1024        # held-out images the judge runs on (a seeded draw when the hold-out has more)
+JUDGEMENTS = 10            # times the judge runs while training, at most
 DEFAULT_RECIPE = "features"
 
 
@@ -97,7 +100,7 @@ def kl_per_image(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
 
 def distill(teacher: nn.Module, student: nn.Module, trainable: dict[str, nn.Parameter], data: HealImages,
             settings: TrainSettings, device: torch.device,
-            progress: Callable[[str], None] = lambda msg: None) -> DistillResult:
+            progress: Callable[[str], None] = lambda msg: None, parallel: Parallel = Parallel()) -> DistillResult:
     """Train `trainable` (named parameters of `student`) to mimic `teacher` on data.train; judge on
     data.holdout. Ctrl-C and the deadline end training early; the best state is returned either way."""
     torch.manual_seed(settings.seed)
@@ -114,35 +117,48 @@ def distill(teacher: nn.Module, student: nn.Module, trainable: dict[str, nn.Para
     labels = None if data.labels is None else torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
     try:
         return _train(teacher, student, trainable, data, settings, device, augment, generator, t_taps, s_taps,
-                      labels, progress)
+                      labels, progress, parallel)
     finally:
         t_taps.remove()
         s_taps.remove()
 
 
 def _train(teacher, student, trainable, data, settings, device, augment, generator, t_taps, s_taps, labels,
-           progress) -> DistillResult:
+           progress, parallel: Parallel) -> DistillResult:
     start = time.monotonic()
     judged = data.holdout   # judging costs a forward pass per image: at most JUDGE_IMAGES, drawn once
     if len(judged) > JUDGE_IMAGES:
         judged = np.sort(np.random.default_rng(settings.seed).choice(judged, JUDGE_IMAGES, replace=False))
+    n_judged = len(judged)
+    judged = judged[parallel.share(n_judged)]   # this process's share; the judge adds up every share
     held = data.images[judged]
     held_labels = None if labels is None else labels[judged]
-    with torch.no_grad():   # the teacher's held-out outputs and feature scale, once
-        t_held, t_features = [], []
+    with torch.no_grad():   # the teacher's held-out outputs, and the scales of its feature and block outputs
+        t_held, moments = [], {}
         for i in range(0, len(held), settings.batch):
             t_taps.reset()
             t_held.append(teacher(augment.plain(held[i:i + settings.batch])))
-            t_features.append(t_taps.feature.float())
-        t_held = torch.cat(t_held)
-        feature_scale = float(torch.cat(t_features).var(0, unbiased=False).mean().clamp_min(1e-12))
+            for key, out in [("feature", t_taps.feature)] + list(enumerate(t_taps.blocks)):
+                flat = out.reshape(-1, out.shape[-1]).double()
+                m = moments.setdefault(key, [0.0, 0.0, 0])
+                m[0], m[1], m[2] = m[0] + flat.sum(0), m[1] + (flat * flat).sum(0), m[2] + len(flat)
+        t_held = torch.cat(t_held) if t_held else torch.empty(0)
+    scales = {key: _variance(parallel, *m) for key, m in sorted(moments.items(), key=lambda kv: str(kv[0]))}
+    feature_scale = scales.pop("feature")
+    block_scales = [scales[k] for k in sorted(scales)]
 
     def judge(step: int, train_loss: Optional[float]) -> Judgement:
         with torch.no_grad():
-            out = torch.cat([student(augment.plain(held[i:i + settings.batch])) for i in range(0, len(held), settings.batch)])
-        top1 = None if held_labels is None else float((out.argmax(-1).cpu() == held_labels).float().mean())
-        return Judgement(step, float(kl_per_image(out, t_held).mean()), float((out.argmax(-1) == t_held.argmax(-1)).float().mean()),
-                         top1, train_loss)
+            out = [student(augment.plain(held[i:i + settings.batch])) for i in range(0, len(held), settings.batch)]
+        out = torch.cat(out) if out else torch.empty(0, 1)
+        hits = 0.0 if held_labels is None else float((out.argmax(-1).cpu() == held_labels).sum())
+        sums = parallel.sum(torch.stack([kl_per_image(out, t_held).sum().cpu().double() if len(out) else
+                                         torch.tensor(0.0, dtype=torch.float64),
+                                         (out.argmax(-1) == t_held.argmax(-1)).sum().cpu().double() if len(out) else
+                                         torch.tensor(0.0, dtype=torch.float64),
+                                         torch.tensor(hits, dtype=torch.float64)])) / n_judged
+        return Judgement(step, float(sums[0]), float(sums[1]), None if held_labels is None else float(sums[2]),
+                         train_loss)
 
     judge_start = time.monotonic()
     before = judge(0, None)
@@ -150,10 +166,12 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
     best, best_state = before, _state(trainable)
     curve = [before]
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=settings.lr, weight_decay=0.0)
+    trained = parallel.wrap(student, device)   # averages the gradients of the processes' shares
     train_index = data.train
     per_epoch = max(1, math.ceil(len(train_index) / settings.batch))
     planned = per_epoch * settings.epochs if settings.epochs else None
     probe = 3          # without --epochs: steps timed before the step count is fixed by the time left
+    judgements = JUDGEMENTS
     provisional = planned or 10_000
     step, seen, stopped_by, running = 0, 0, "schedule", []
     order = torch.empty(0, dtype=torch.long)
@@ -166,33 +184,47 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
             images = data.images[batch_idx.numpy()]
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * _schedule(step, planned or provisional)
-            x = augment(images)
-            loss = _loss(teacher, student, t_taps, s_taps, x, None if labels is None else labels[batch_idx].to(device),
-                         settings.recipe, feature_scale)
+            part = parallel.share(len(batch_idx))
+            x = augment(images, part)
+            # Each share's mean loss, weighted by its size: the averaged gradients are the whole batch's.
+            weight = len(x) * parallel.world / len(batch_idx)
+            loss = _loss(teacher, trained, t_taps, s_taps, x,
+                         None if labels is None else labels[batch_idx[part]].to(device),
+                         settings.recipe, feature_scale, block_scales)
+            loss = loss * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step, seen = step + 1, seen + len(batch_idx)
-            running.append(float(loss.detach()))
+            running.append(float(loss.detach()) / parallel.world)   # this share's part of the batch's loss
             elapsed = max(time.monotonic() - train_start, 1e-9)
             per_step = elapsed / step
             if planned is None and step == probe:
-                left = settings.deadline - time.monotonic() - 2 * judge_seconds
-                planned = max(probe, int(left / per_step * 0.9)) if math.isfinite(left) else per_epoch
+                left = settings.deadline - time.monotonic()
+                if math.isfinite(left):
+                    # Judging costs a held-out pass each time: at most a sixth of what is left goes to it.
+                    judgements = max(1, min(JUDGEMENTS, int(left / 6 / max(judge_seconds, 1e-9))))
+                    left -= (judgements + 1) * judge_seconds
+                    planned = max(probe, int(left / per_step * 0.9))
+                else:
+                    planned = per_epoch
+                planned = int(-parallel.largest(-planned))   # the slowest process's count, on every process
+                judgements = int(-parallel.largest(-judgements))
                 progress(f"healing: {planned} steps fit the time limit ({planned * settings.batch / max(len(train_index), 1):.1f} epochs)")
             total = planned or provisional
-            every = max(1, total // 10)
+            every = max(1, total // judgements)
             if step % every == 0 or step == total:
-                judgement = judge(step, float(np.mean(running[-every:])))
+                judgement = judge(step, _mean_loss(parallel, running[-every:]))
                 curve.append(judgement)
                 if judgement.kl < best.kl:
                     best, best_state = judgement, _state(trainable)
             eta = (total - step) * per_step
             progress(f"healing ({seen / elapsed:.0f} img/s, held-out KL {curve[-1].kl:.4f}, "
                      f"ETA {int(eta // 60)}:{int(eta % 60):02d}) {step}/{total}")
-            if time.monotonic() + per_step + judge_seconds > settings.deadline and step < total:
+            late = time.monotonic() + per_step + judge_seconds > settings.deadline
+            if step < total and parallel.largest(float(late)) > 0:
                 stopped_by = "time limit"
-                judgement = judge(step, float(np.mean(running[-every:])))
+                judgement = judge(step, _mean_loss(parallel, running[-every:]))
                 curve.append(judgement)
                 if judgement.kl < best.kl:
                     best, best_state = judgement, _state(trainable)
@@ -211,7 +243,24 @@ def _schedule(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
-def _loss(teacher, student, t_taps, s_taps, x, labels, recipe: str, feature_scale: float) -> torch.Tensor:
+def _mean_loss(parallel: Parallel, losses: list[float]) -> float:
+    """The mean training loss of the last steps, every process's share added up."""
+    return float(parallel.sum(torch.tensor(float(np.mean(losses))))) if losses else float("nan")
+
+
+def _variance(parallel: Parallel, total, squares, count: int) -> float:
+    """The mean over channels of the variance over every process's samples."""
+    sums = parallel.sum(torch.cat([torch.as_tensor(total, dtype=torch.float64).reshape(-1),
+                                   torch.as_tensor(squares, dtype=torch.float64).reshape(-1),
+                                   torch.tensor([float(count)], dtype=torch.float64)]))
+    n = float(sums[-1])
+    dims = (len(sums) - 1) // 2
+    mean = sums[:dims] / n
+    return float((sums[dims:2 * dims] / n - mean * mean).clamp_min(0).mean().clamp_min(1e-12))
+
+
+def _loss(teacher, student, t_taps, s_taps, x, labels, recipe: str, feature_scale: float,
+          block_scales: list[float]) -> torch.Tensor:
     t_taps.reset()
     s_taps.reset()
     with torch.no_grad():
@@ -221,10 +270,9 @@ def _loss(teacher, student, t_taps, s_taps, x, labels, recipe: str, feature_scal
     if recipe in ("features", "blocks"):
         loss = loss + F.mse_loss(s_taps.feature.float(), t_taps.feature.float()) / feature_scale
     if recipe == "blocks":
-        for s_out, t_out in zip(s_taps.blocks, t_taps.blocks):
+        for s_out, t_out, scale in zip(s_taps.blocks, t_taps.blocks, block_scales):
             if s_out.shape != t_out.shape:   # tokens merged: no longer the teacher's tokens
                 break
-            scale = t_out.float().var(dim=(0, 1)).mean().clamp_min(1e-12)
             loss = loss + F.mse_loss(s_out.float(), t_out.float()) / scale / max(1, len(t_taps.blocks))
     if labels is not None:
         loss = loss + F.cross_entropy(s_logits.float(), labels)

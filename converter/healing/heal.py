@@ -87,7 +87,8 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
     from ..graph import describe_vit
     from ..measure.references import resolve_reference
     from .data import read_heal_images
-    from .distill import distill
+    from .distill import JUDGE_IMAGES, distill
+    from .parallel import launched_world, start as start_parallel
     from .weights import match_weights, write_weights
 
     started = time.monotonic()
@@ -125,10 +126,20 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
                             options.seed, options.limit, progress)
     if options.device == "cpu" or device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+    held = min(len(data.holdout), JUDGE_IMAGES)
+    if launched_world() > held or launched_world() > options.batch:
+        raise Vit2TrtError(f"torchrun started {launched_world()} processes, more than the {held} held-out images or "
+                           f"the batch of {options.batch}: each process needs a share of both. Give more --images, "
+                           "a larger --holdout or --batch, or fewer processes.")
+    parallel, device = start_parallel(device)
     settings = TrainSettings(options.recipe, options.epochs, options.batch, options.lr, options.seed,
                              deadline=started + options.time_limit,
                              block_outputs="asvit" not in _methods(artifact.decisions))
-    result = distill(teacher, student, trainable, data, settings, device, progress)
+    result = distill(teacher, student, trainable, data, settings, device, progress if parallel.main else _quiet,
+                     parallel)
+    parallel.finish()
+    if not parallel.main:   # rank 0 writes the one result
+        return {"rank": parallel.rank, "stopped_by": result.stopped_by, "steps": result.steps}
 
     progress("writing the healed weights into the graph")
     student = student.to("cpu")
@@ -138,7 +149,8 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
     healed_graph = write_weights(artifact.model, weights)
     heal_settings = {"file": HEALED_FILE, "recipe": options.recipe, "seed": options.seed, "batch": options.batch,
                      "lr": options.lr, "steps": result.steps, "images": int(len(data.train)),
-                     "holdout_images": int(len(data.holdout)), "labels": data.labels is not None}
+                     "holdout_images": int(len(data.holdout)), "labels": data.labels is not None,
+                     "processes": parallel.world, "backend": parallel.backend}
     healed = Artifact(dict(artifact.decisions), dict(artifact.report), artifact.compensation,
                       artifact.record, artifact.original,
                       healed={k: v.numpy() for k, v in result.best_state.items()}, _model=healed_graph)
@@ -172,6 +184,10 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
             flag="--val").items() if k in ("accuracy", "top1_agreement", "images", "surgery_error")}
         Artifact.open(destination).update_report("heal", section)
     return section
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def _methods(decisions: dict) -> set[str]:
