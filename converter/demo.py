@@ -106,7 +106,7 @@ def run_demo(out_dir: str | os.PathLike, repeats: int = 30, threads: int = 2, bu
         rows[HEALED] = dict(rows[HEALED_FROM], accuracy=checked["accuracy"]["compressed_top1"],
                             top1_agreement=checked["top1_agreement"], surgery_error=checked["surgery_error"],
                             keeps_accuracy_setting=False, heal={
-                                "epochs": heal_epochs, "images": section["images"], "seconds": section["seconds"],
+                                "epochs": section["epochs"], "images": section["images"], "seconds": section["seconds"],
                                 "labels": False, **HEAL_SETTINGS})
         variants[HEALED] = work / HEALED / MODEL_FILE
         progress("timing every variant against the uncompressed model")
@@ -180,7 +180,7 @@ def demo_markdown(summary: dict) -> str:
               "removed, so such a figure is noise."]
     if healed:
         lines[-1] += (f" `{HEALED}` is the `{HEALED_FROM}` row healed: `vit2trt heal {HEALED_FROM} --images CANVASES "
-                      f"--epochs {healed['epochs']} --lr {healed['lr']:g} --batch {healed['batch']}`, the original "
+                      f"--epochs {healed['epochs']:g} --lr {healed['lr']:g} --batch {healed['batch']}`, the original "
                       f"distilled into it on {healed['images']} training canvases without labels, in "
                       f"{healed['seconds']:.0f} s on the CPU (the same graph, new weights).")
     lines += ["",
@@ -225,7 +225,7 @@ def demo_figure(rows: dict):
         labels.append(name + ("" if s.stable else " (unstable)") + (" (> FLOPs ratio)" if s.exceeds_flops else ""))
     ax.set_xlabel("speedup over the uncompressed model, ONNX Runtime CPU, batch 8 (95% interval)")
     ax.set_ylabel("test accuracy, %")
-    ax.set_title("bundled digits ViT: accuracy against speed, training-free compression", fontsize=10)
+    ax.set_title("bundled digits ViT: accuracy against speed (healed row: trained after compression)", fontsize=10)
     ax.margins(x=0.15, y=0.15)   # room for the labels of the outermost points inside the axes
     ax.grid(alpha=0.3)
     fig.tight_layout()

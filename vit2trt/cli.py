@@ -240,6 +240,11 @@ def convert(
         heal_options = None
         if heal_images is not None:   # bad healing options stop before converting
             from .converter.healing.heal import HealOptions
+            from .converter.healing.parallel import launched_world
+
+            if launched_world() > 1:
+                raise Vit2TrtError("convert --heal runs in one process (every torchrun process would convert into "
+                                   "the same --out); convert first, then run `torchrun ... -m vit2trt.cli heal OUT`.")
 
             heal_options = HealOptions(heal_images, heal_labels, heal_class_map, heal_time, heal_epochs, heal_device,
                                        heal_batch, heal_lr, heal_holdout, seed, heal_recipe).check()
@@ -262,9 +267,9 @@ def convert(
             with _progress("healing") as report:
                 try:
                     section = run_heal(result.out_dir, heal_options, progress=report)
-                except Vit2TrtError as exc:
-                    raise Vit2TrtError(f"healing failed: {exc} {result.out_dir}/ holds the converted model, not "
-                                       "healed; heal it with `vit2trt heal`.") from exc
+                except (Vit2TrtError, KeyboardInterrupt) as exc:
+                    raise Vit2TrtError(f"healing failed: {exc or 'interrupted'} {result.out_dir}/ holds the converted "
+                                       "model, not healed; heal it with `vit2trt heal`.") from exc
             print_table(out, heal_table(section, result.out_dir))
         if calib is not None and result.artifact.record:
             from .converter.measure.validate import validate as run_validate

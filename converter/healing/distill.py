@@ -116,8 +116,9 @@ def distill(teacher: nn.Module, student: nn.Module, trainable: dict[str, nn.Para
     t_taps, s_taps = _Taps(teacher, use_blocks), _Taps(student, use_blocks)
     labels = None if data.labels is None else torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
     try:
-        return _train(teacher, student, trainable, data, settings, device, augment, generator, t_taps, s_taps,
-                      labels, progress, parallel)
+        with parallel.interrupts_as_flag():
+            return _train(teacher, student, trainable, data, settings, device, augment, generator, t_taps, s_taps,
+                          labels, progress, parallel)
     finally:
         t_taps.remove()
         s_taps.remove()
@@ -149,7 +150,10 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
 
     def judge(step: int, train_loss: Optional[float]) -> Judgement:
         with torch.no_grad():
-            out = [student(augment.plain(held[i:i + settings.batch])) for i in range(0, len(held), settings.batch)]
+            out = []
+            for i in range(0, len(held), settings.batch):
+                s_taps.reset()   # the taps would otherwise keep every held-out block output
+                out.append(student(augment.plain(held[i:i + settings.batch])))
         out = torch.cat(out) if out else torch.empty(0, 1)
         hits = 0.0 if held_labels is None else float((out.argmax(-1).cpu() == held_labels).sum())
         sums = parallel.sum(torch.stack([kl_per_image(out, t_held).sum().cpu().double() if len(out) else
@@ -178,7 +182,7 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
     train_start = time.monotonic()
     try:
         while planned is None or step < planned:
-            if len(order) == 0:
+            if len(order) < parallel.world:   # every process needs a share of every batch
                 order = torch.from_numpy(train_index)[torch.randperm(len(train_index), generator=generator)]
             batch_idx, order = order[: settings.batch], order[settings.batch:]
             images = data.images[batch_idx.numpy()]
@@ -212,7 +216,7 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
                 judgements = int(-parallel.largest(-judgements))
                 progress(f"healing: {planned} steps fit the time limit ({planned * settings.batch / max(len(train_index), 1):.1f} epochs)")
             total = planned or provisional
-            every = max(1, total // judgements)
+            every = max(1, math.ceil(total / judgements))
             if step % every == 0 or step == total:
                 judgement = judge(step, _mean_loss(parallel, running[-every:]))
                 curve.append(judgement)
@@ -222,8 +226,10 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
             progress(f"healing ({seen / elapsed:.0f} img/s, held-out KL {curve[-1].kl:.4f}, "
                      f"ETA {int(eta // 60)}:{int(eta % 60):02d}) {step}/{total}")
             late = time.monotonic() + per_step + judge_seconds > settings.deadline
-            if step < total and parallel.largest(float(late)) > 0:
-                stopped_by = "time limit"
+            # Processes stop together: 1 = a process is out of time, 2 = one was interrupted (torchrun).
+            stop = parallel.largest(2.0 if parallel.interrupted else float(late)) if step < total else 0.0
+            if stop > 0:
+                stopped_by = "interrupt" if stop > 1 else "time limit"
                 judgement = judge(step, _mean_loss(parallel, running[-every:]))
                 curve.append(judgement)
                 if judgement.kl < best.kl:

@@ -8,6 +8,8 @@ steps as one process given the same global batch, and rank 0 alone writes the re
 from __future__ import annotations
 
 import os
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,6 +34,25 @@ class Parallel:
     rank: int = 0
     world: int = 1
     backend: Optional[str] = None
+    interrupted: bool = False    # Ctrl-C (or torchrun's SIGTERM) arrived; the processes stop together
+
+    @contextmanager
+    def interrupts_as_flag(self):
+        """With several processes, an interrupt only sets `interrupted`: each process would otherwise stop
+        at its own moment, one inside a collective the others never join. Alone, Ctrl-C stays an exception."""
+        if self.world == 1:
+            yield
+            return
+
+        def note(signum, frame) -> None:
+            self.interrupted = True
+
+        previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     @property
     def main(self) -> bool:
@@ -99,5 +120,6 @@ def start(device: torch.device) -> tuple[Parallel, torch.device]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        # The judge's sums and the stop decisions are CPU tensors: gloo carries those beside NCCL.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo")
     return Parallel(dist.get_rank(), dist.get_world_size(), backend), device
