@@ -243,23 +243,52 @@ def _control(work: Path, record: dict, images, labels, config: dict, args) -> di
     teacher, student = build_model(rec).eval(), build_model(rec).eval()
     start = time.monotonic()
     data = read_heal_images(work / "train", (3, 224, 224), record.get("preprocessing"), None,
-                            work / "train.class_map.json", 200, 0.1, args.seed)
-    settings = TrainSettings(batch=args.batch, lr=args.lr, seed=args.seed, deadline=start + args.time_limit)
+                            work / "train.class_map.json", 200, 0.1, args.seed, args.limit)
+    settings = TrainSettings(epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
+                             deadline=start + args.time_limit)
     result = distill(teacher, student, dict(student.named_parameters()), data, settings, torch.device("cpu"))
+    # The final state, not the judge's best: the judge measures distance to the original, which the
+    # original itself is at before training, so it would keep the untrained model.
+    student = student.to("cpu").eval()
     with torch.no_grad():
-        for name, p in student.named_parameters():
-            p.copy_(result.best_state[name])
         from vit2trt.converter.measure.calibration import normalize
         hits = 0
         for i in range(0, len(images), 64):
             x = torch.from_numpy(normalize(np.asarray(images[i:i + 64]), config))
             hits += int((student(x).argmax(-1).numpy() == labels[i:i + 64]).sum())
-    return {"top1": hits / len(images), "seconds": round(time.monotonic() - start, 1), "steps": result.steps}
+    return {"top1": hits / len(images), "seconds": round(time.monotonic() - start, 1), "steps": result.steps,
+            "final_step": result.steps, "epochs": args.epochs, "limit": args.limit}
+
+
+def table(args) -> None:
+    """The matrix as a markdown table (docs/results.md)."""
+    table = _results(Path(args.work)).get("matrix", {})
+    original = table["original"]["top1"]
+    print(f"original: {original:.2%} on {table.get('measured_images')} photos\n")
+    print("| variant | FLOPs × | b1 speedup | b8 speedup | not healed | healed, no labels | healed, labels | heal steps × 32 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, row in table.items():
+        if not isinstance(row, dict) or "compressed_top1" not in row:
+            continue
+        healed = row.get("healed", {})
+
+        def cell(prefix: str) -> str:
+            runs = [(k, v) for k, v in healed.items() if k.startswith(prefix + "-1ep")]
+            return " / ".join(f"{v['drop_pt']:+.1f} pt" for _, v in runs) or "—"
+
+        speed = row["speed"]
+        steps = sorted({v["steps"] for v in healed.values()})
+        print(f"| {name} | {row['flops_ratio']:.2f} | {speed['b1']['speedup']:.2f} [{speed['b1']['low']:.2f}–"
+              f"{speed['b1']['high']:.2f}] | {speed['b8']['speedup']:.2f} [{speed['b8']['low']:.2f}–"
+              f"{speed['b8']['high']:.2f}] | {row['compressed_drop_pt']:+.1f} pt | {cell('no-labels')} | "
+              f"{cell('labels')} | {', '.join(map(str, steps))} |")
+    if "control" in table:
+        print(f"\ncontrol (the original trained alike, labels): {table['control']['drop_pt']:+.1f} pt")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("prepare", "heal", "measure", "matrix"))
+    parser.add_argument("stage", choices=("prepare", "heal", "measure", "matrix", "table"))
     parser.add_argument("--work", required=True)
     parser.add_argument("--real", default=str(REAL))
     parser.add_argument("--calib", type=int, default=512)
@@ -282,7 +311,7 @@ def main() -> None:
     parser.add_argument("--again", action="store_true", help="measure: also the folders measured before")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
-    {"prepare": prepare, "heal": heal_all, "measure": measure, "matrix": matrix}[args.stage](args)
+    {"prepare": prepare, "heal": heal_all, "measure": measure, "matrix": matrix, "table": table}[args.stage](args)
 
 
 if __name__ == "__main__":
