@@ -1,8 +1,10 @@
 """Shared fixtures: small exports of the foundation matrix, cached for the whole session."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -11,9 +13,46 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import onnxruntime as ort  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker: the workers are the parallelism; two threads each would fight for the cores.
+    torch.set_num_threads(1)
+    _session_init = ort.InferenceSession.__init__
+
+    def _one_thread_session(self, source, sess_options=None, *args, **kwargs):
+        sess_options = sess_options or ort.SessionOptions()
+        if sess_options.intra_op_num_threads == 0:   # ONNX Runtime's default: every core
+            sess_options.intra_op_num_threads = 1
+        _session_init(self, source, sess_options, *args, **kwargs)
+
+    ort.InferenceSession.__init__ = _one_thread_session
+
 import numpy as np
-import onnxruntime as ort
 import pytest
+
+
+def _reuse_torchlib_registry() -> None:
+    """torch.onnx's dynamo exporter rebuilds its table of ATen-to-ONNX functions on every export (about
+    a second each, for some 45 exports in this suite). The table depends only on the opset, so build it
+    once per opset. Private API: if torch moves it, exports simply stay as slow as before."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+        build = _registration.ONNXRegistry.from_torchlib.__func__
+    except (ImportError, AttributeError):
+        return
+    built: dict = {}
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build(cls, *args, **kwargs)
+        return built[key]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+
+
+_reuse_torchlib_registry()
 
 from vit2trt.converter.deploy.export import export_model
 
@@ -44,19 +83,50 @@ def model_args(spec: str, args: dict) -> dict:
     return dict(args, depth=2) if spec.startswith("timm:") else dict(args)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread_per_worker():
+    """Commands that time or train set torch's thread count for the whole process; under xdist, put it
+    back to one after every test, or the next test's tiny ops spin-wait against the other worker."""
+    yield
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
+def _exports_root(tmp_path_factory) -> Path:
+    """Under pytest-xdist every worker shares one export folder (the run's temp root), so each model is
+    exported once per run, not once per worker; alone, the session's own temp folder."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "exports"
+
+
 @pytest.fixture(scope="session")
 def export_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("exports")
+    from filelock import FileLock
+
+    from vit2trt.converter.deploy.export import ExportResult
+
+    root = _exports_root(tmp_path_factory)
+    root.mkdir(parents=True, exist_ok=True)
     cache: dict[tuple, object] = {}
 
     def get(spec: str, args: dict, exporter: str):
         """`exporter` is "torchscript", "dynamo" or "dynamo@23" (an opset; 23 writes ONNX Attention)."""
         key = (spec, json.dumps(args, sort_keys=True), exporter)
         if key not in cache:
-            folder = root / f"m{len(cache)}"
-            name, _, opset = exporter.partition("@")
-            cache[key] = export_model(spec, folder / "model.onnx", exporter=name, model_args=args, seed=0,
-                                      opset=int(opset) if opset else None)
+            folder = root / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+            done = folder / "export.json"
+            with FileLock(str(folder) + ".lock"):   # another worker may be exporting this very model
+                if not done.is_file():
+                    name, _, opset = exporter.partition("@")
+                    start = time.monotonic()
+                    result = export_model(spec, folder / "model.onnx", exporter=name, model_args=args, seed=0,
+                                          opset=int(opset) if opset else None)
+                    fields = {k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items() if k != "files"}
+                    done.write_text(json.dumps(dict(fields, key=key, seconds=round(time.monotonic() - start, 2))))
+            fields = json.loads(done.read_text())
+            cache[key] = ExportResult(onnx_path=Path(fields["onnx_path"]), record_path=Path(fields["record_path"]),
+                                      files=sorted(p for p in folder.iterdir() if p.name != "export.json"),
+                                      max_abs_diff=fields["max_abs_diff"], max_abs_ref=fields["max_abs_ref"])
         return cache[key]
 
     return get

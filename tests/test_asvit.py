@@ -55,6 +55,25 @@ def _thresholds(vit, model=None, x=None):
     return thresholds
 
 
+_REFERENCES: dict = {}
+
+
+def _reference(exported, vit):
+    """Thresholds, inputs, per-image reference outputs and kept-token counts of one model: the same for
+    its three forms and both exporters (one seeded PyTorch model), so worked out once."""
+    record = ReferenceRecord.load(exported.record_path)
+    key = (record.family, record.name, json.dumps(record.kwargs, sort_keys=True), record.seed)
+    if key not in _REFERENCES:
+        c, h, w = record.preprocessing["input_size"]
+        x = np.random.default_rng(6).standard_normal((8, c, h, w)).astype(np.float32)
+        thresholds = _thresholds(vit, build_model(record), x)
+        reference = ASViT(build_model(record), STAGES, thresholds)
+        with torch.no_grad():
+            want = reference(torch.from_numpy(x)).numpy()
+        _REFERENCES[key] = thresholds, x, want, np.array(reference.kept)   # kept: [images, blocks]
+    return _REFERENCES[key]
+
+
 @pytest.mark.parametrize("form", ["dynamic", "bounded", "packed"])
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("case_id,spec,args", CASES, ids=[c[0] for c in CASES])
@@ -66,16 +85,9 @@ def test_asvit_matches_the_per_image_reference(tmp_path, export_cache, case_id, 
         with pytest.raises(Vit2TrtError, match="bounded"):  # HF dynamo's fixed-size mask cannot shrink
             apply_asvit(model, vit, STAGES, [0.01] * 3, form)
         return
-    record = ReferenceRecord.load(exported.record_path)
-    c, h, w = record.preprocessing["input_size"]
-    x = np.random.default_rng(6).standard_normal((8, c, h, w)).astype(np.float32)
-    thresholds = _thresholds(vit, build_model(record), x)
+    thresholds, x, want, kept = _reference(exported, vit)
     path = tmp_path / "asvit.onnx"
     onnx.save(apply_asvit(model, vit, STAGES, thresholds, form).model, str(path))
-    reference = ASViT(build_model(record), STAGES, thresholds)
-    with torch.no_grad():
-        want = reference(torch.from_numpy(x)).numpy()
-    kept = np.array(reference.kept)                      # [images, blocks]
     assert (kept[:, -1] < vit.num_tokens).all(), "tokens were dropped"
     assert len(set(kept[:, -1])) > 1, "images keep different numbers of tokens"
     got = run_onnx(path, x)
