@@ -106,6 +106,47 @@ class Removal:
         return float(self.errors[len(self.order) - count])
 
 
+class _LazyLayer:
+    """One layer's P = (Σ + λI)⁻¹ and G of the greedy removal, with the rank-one updates of recent
+    steps kept as factors instead of applied: a step then reads one column (O(n·k)) instead of
+    rewriting two n×n matrices, and `fold` applies the batch as matrix products and drops removed rows."""
+
+    def __init__(self, p: np.ndarray, g: np.ndarray, capacity: int):
+        self.p, self.g = p, g
+        self.diag_p, self.diag_g = np.diag(p).copy(), np.diag(g).copy()
+        n = len(p)
+        # P = p − Pc Acᵀ;  G = g − Ac Gcᵀ − Gc Acᵀ + Ac diag(gjj) Acᵀ  (columns 0..k-1 hold the steps so far)
+        self.pc, self.ac, self.gc = (np.empty((n, capacity)) for _ in range(3))
+        self.gjj = np.empty(capacity)
+        self.k = 0
+
+    def remove(self, j: int) -> float:
+        k, ac = self.k, self.ac[:, :self.k]
+        pj = self.p[:, j] - self.pc[:, :k] @ ac[j]
+        gj = self.g[:, j] - ac @ (self.gc[j, :k] - self.gjj[:k] * ac[j]) - self.gc[:, :k] @ ac[j]
+        pjj, gjj = pj[j], gj[j]
+        a = pj / pjj
+        self.pc[:, k], self.ac[:, k], self.gc[:, k], self.gjj[k] = pj, a, gj, gjj
+        self.diag_p -= pj * a
+        self.diag_g -= a * (2 * gj - gjj * a)
+        self.k += 1
+        return gjj / pjj
+
+    def fold(self, kept: np.ndarray) -> None:
+        k = self.k
+        pc, ac, gc = self.pc[kept, :k], self.ac[kept, :k], self.gc[kept, :k]
+        sub = np.ix_(kept, kept)
+        self.p = self.p[sub] - pc @ ac.T
+        self.g = self.g[sub] - ac @ (gc - ac * self.gjj[:k]).T - gc @ ac.T
+        self.diag_p, self.diag_g = np.diag(self.p).copy(), np.diag(self.g).copy()
+        n, capacity = len(kept), self.pc.shape[1]
+        self.pc, self.ac, self.gc = (np.empty((n, capacity)) for _ in range(3))
+        self.k = 0
+
+
+FOLD_EVERY = 64   # steps between folds: a column read grows with it, a fold's share of the work shrinks
+
+
 def greedy_removal(layers: list[tuple[np.ndarray, np.ndarray]], min_keep: int = 1, chunk: int = 1) -> Removal:
     """Remove inputs one (or `chunk`) at a time, always the one whose removal, with the remaining
     inputs refitted, adds the least error: ΔE_j = G_jj / P_jj with P = (Σ + λI)⁻¹ over what is kept,
@@ -113,36 +154,26 @@ def greedy_removal(layers: list[tuple[np.ndarray, np.ndarray]], min_keep: int = 
     j's row and column). `layers` holds (Σ, G) pairs that share their input indices and lose the same
     ones (CAIT's consistent heads); their errors add."""
     n = len(layers[0][0])
-    state = [[np.linalg.inv(c + ridge(c) * np.eye(n)), g.astype(np.float64).copy()] for c, g in layers]
+    capacity = FOLD_EVERY + chunk
+    state = [_LazyLayer(np.linalg.inv(c + ridge(c) * np.eye(n)), g.astype(np.float64), capacity)
+             for c, g in layers]
     index = np.arange(n)               # the input each row of the matrices holds
-    dead = np.zeros(n, dtype=bool)     # removed since the matrices were last compacted (their rows are zero)
+    dead = np.zeros(n, dtype=bool)     # removed since the last fold
     order, errors, total, left = [], [0.0], 0.0, n
     while left > min_keep:
         cost = np.full(len(index), np.inf)
-        cost[~dead] = sum(np.diag(g)[~dead] / np.diag(p)[~dead] for p, g in state)
-        take = int(min(chunk, left - min_keep))
-        size = len(index)
-        outer, scratch = np.empty((size, size)), np.empty((size, size))   # reused: the updates dominate
-        for j in np.argsort(cost, kind="stable")[:take].tolist():
-            for p, g in state:
-                pj, gj, pjj, gjj = p[:, j].copy(), g[:, j].copy(), p[j, j], g[j, j]
-                total += gjj / pjj
-                a = pj / pjj
-                # g -= a gjᵀ + gj aᵀ - a aᵀ gjj, in this order of operations (the same bits as written out)
-                np.multiply.outer(a, gj, out=outer)
-                outer += np.multiply.outer(gj, a, out=scratch)
-                np.multiply.outer(a, a, out=scratch)
-                scratch *= gjj
-                outer -= scratch
-                g -= outer
-                p -= np.multiply.outer(pj, a, out=outer)
+        cost[~dead] = sum(s.diag_g[~dead] / s.diag_p[~dead] for s in state)
+        for j in np.argsort(cost, kind="stable")[:int(min(chunk, left - min_keep))].tolist():
+            for s in state:
+                total += s.remove(j)
             dead[j] = True
             left -= 1
             order.append(int(index[j]))
             errors.append(total)
-        if dead.sum() >= max(16, size // 8):   # drop the zeroed rows once they are a fair share of the work
+        if state[0].k >= FOLD_EVERY and left > min_keep:
             kept = np.flatnonzero(~dead)
-            state = [[p[np.ix_(kept, kept)], g[np.ix_(kept, kept)]] for p, g in state]
+            for s in state:
+                s.fold(kept)
             index, dead = index[kept], np.zeros(len(kept), dtype=bool)
     rest = index[~dead].tolist()
     return Removal(order + rest, np.array(errors + [np.inf] * len(rest)))

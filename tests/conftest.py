@@ -16,7 +16,12 @@ if not torch.cuda.is_available():
 import onnxruntime as ort  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One thread per worker: the workers are the parallelism; two threads each would fight for the cores.
+    # One thread per worker: the workers are the parallelism; two threads each would fight for the cores
+    # (OpenMP's spin-waits make that several times slower, not twice). Commands that train or time ask
+    # torch for every core; under xdist they get one, and heal's subprocesses read OMP_NUM_THREADS.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    _set_torch_threads = torch.set_num_threads
+    torch.set_num_threads = lambda threads: _set_torch_threads(1)
     torch.set_num_threads(1)
     _session_init = ort.InferenceSession.__init__
 
@@ -81,15 +86,6 @@ EXPORTERS = ["torchscript", "dynamo"]
 
 def model_args(spec: str, args: dict) -> dict:
     return dict(args, depth=2) if spec.startswith("timm:") else dict(args)
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread_per_worker():
-    """Commands that time or train set torch's thread count for the whole process; under xdist, put it
-    back to one after every test, or the next test's tiny ops spin-wait against the other worker."""
-    yield
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        torch.set_num_threads(1)
 
 
 def _exports_root(tmp_path_factory) -> Path:

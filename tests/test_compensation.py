@@ -78,8 +78,9 @@ def test_greedy_removal_error_curve_rises_and_keeps_what_is_asked():
 
 
 def _greedy_as_written(layers, min_keep, chunk):
-    """The greedy removal written out on full matrices (removed rows stay, zeroed): the specification
-    that the compacting, buffer-reusing greedy_removal must reproduce bit for bit."""
+    """The greedy removal written out on full matrices (removed rows stay, zeroed), every rank-one
+    update applied at once: the specification that the folding, compacting greedy_removal must
+    reproduce (the same order; errors up to rounding, since it applies the updates in batches)."""
     from vit2trt.passes.compensation import ridge
 
     n = len(layers[0][0])
@@ -101,8 +102,8 @@ def _greedy_as_written(layers, min_keep, chunk):
     return order + np.flatnonzero(alive).tolist(), errors
 
 
-@pytest.mark.parametrize("n, chunk, heads", [(40, 1, 1), (40, 1, 3), (150, 4, 1), (97, 3, 2)])
-def test_greedy_removal_equals_the_written_out_greedy_bit_for_bit(n, chunk, heads):
+@pytest.mark.parametrize("n, chunk, heads", [(40, 1, 1), (40, 1, 3), (150, 4, 1), (97, 3, 2), (300, 5, 2)])
+def test_greedy_removal_equals_the_written_out_greedy(n, chunk, heads):
     rng = np.random.default_rng(n + chunk + heads)
     layers = []
     for _ in range(heads):
@@ -110,7 +111,8 @@ def test_greedy_removal_equals_the_written_out_greedy_bit_for_bit(n, chunk, head
         layers.append((np.cov(_correlated(rng, 400, n, 6).T, bias=True), w @ w.T))
     order, errors = _greedy_as_written(layers, n // 8, chunk)
     removal = greedy_removal(layers, min_keep=n // 8, chunk=chunk)
-    assert removal.order == order and np.array_equal(removal.errors[:len(errors)], np.array(errors))
+    assert removal.order == order
+    np.testing.assert_allclose(removal.errors[:len(errors)], errors, rtol=1e-10, atol=0)
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
     from ..measure.references import resolve_reference
     from .data import read_heal_images
     from .distill import JUDGE_IMAGES, distill
-    from .parallel import launched_world, start as start_parallel
+    from .parallel import cpu_threads, launched_world, start as start_parallel
     from .weights import match_weights, write_weights
 
     started = time.monotonic()
@@ -125,7 +125,7 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
                             options.labels, options.class_map, vit.head.num_classes or None, options.holdout,
                             options.seed, options.limit, progress)
     if options.device == "cpu" or device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(cpu_threads())
     held = min(len(data.holdout), JUDGE_IMAGES)
     if launched_world() > held or launched_world() > options.batch:
         raise Vit2TrtError(f"torchrun started {launched_world()} processes, more than the {held} held-out images or "

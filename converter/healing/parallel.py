@@ -24,6 +24,13 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def cpu_threads() -> int:
+    """The threads a CPU heal trains with: every core, unless OMP_NUM_THREADS pins the count (as it does
+    for torch itself), so that a user or a test runner sharing the cores keeps the share it chose."""
+    pinned = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, int(pinned)) if pinned.isdigit() else max(1, os.cpu_count() or 1)
+
+
 def launched_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0) if launched_world() > 1 else 0
 
@@ -117,7 +124,7 @@ def start(device: torch.device) -> tuple[Parallel, torch.device]:
         torch.cuda.set_device(device)
     else:   # the cores are shared between the processes of this machine
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, cpu_threads() // local_world))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         # The judge's sums and the stop decisions are CPU tensors: gloo carries those beside NCCL.
