@@ -67,7 +67,7 @@ def test_tuning_meets_the_budget_and_never_returns_worse(digits):
 def test_cli_writes_thresholds_that_convert_reads(digits, tmp_path):
     exported, folder, _, _ = digits
     out = tmp_path / "th.json"
-    args = ["tune-thresholds", str(exported.onnx_path), "--calib", str(folder / "calib.npy"), "--epochs", "2",
+    args = ["tune-thresholds", str(exported.onnx_path), "--calib", str(folder / "calib.npy"), "--epochs", "1",
             "--target-flops", "0.7", "--out", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

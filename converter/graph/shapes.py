@@ -5,10 +5,14 @@ counts and token counts unknown; one real run at batch 1 knows them all.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+from typing import Optional
+
 import numpy as np
 import onnx
 
-from ..runtime import ort_session
+from ..runtime import _PROTOBUF_LIMIT, ort_session
 from ...errors import NotAViTError
 
 
@@ -31,6 +35,11 @@ def observe_shapes(
     Returns the shapes of `tensor_names` and the values of those that are small integer tensors
     (reshape targets and the like) or named in `keep_values` (attention masks).
     """
+    key = _run_key(model, tensor_names, input_shape, keep_values)
+    if key is not None and key in _OBSERVED:
+        _OBSERVED.move_to_end(key)
+        shapes, values = _OBSERVED[key]
+        return dict(shapes), {name: value.copy() for name, value in values.items()}
     probe = with_outputs(model, tensor_names)
     elem_type = model.graph.input[0].type.tensor_type.elem_type
     dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
@@ -46,4 +55,24 @@ def observe_shapes(
     shapes = {name: tuple(int(d) for d in np.shape(value)) for name, value in zip(tensor_names, results)}
     small_ints = {name: np.asarray(value) for name, value in zip(tensor_names, results)
                   if (np.asarray(value).dtype.kind in "iu" and np.size(value) <= 16) or name in keep_values}
+    if key is not None:
+        _OBSERVED[key] = (dict(shapes), {name: value.copy() for name, value in small_ints.items()})
+        while len(_OBSERVED) > _OBSERVED_KEPT:
+            _OBSERVED.popitem(last=False)
     return shapes, small_ints
+
+
+# A graph is read again and again (convert reads the original, plan every candidate, validate and heal
+# both graphs); its observed shapes depend only on its bytes and the question, so each is run once.
+_OBSERVED: OrderedDict = OrderedDict()
+_OBSERVED_KEPT = 32
+
+
+def _run_key(model: onnx.ModelProto, tensor_names: list[str], input_shape: tuple[int, ...],
+             keep_values: tuple[str, ...]) -> Optional[str]:
+    if model.ByteSize() >= _PROTOBUF_LIMIT or any(   # too large to hash, or weights that live elsewhere
+            t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return None
+    digest = hashlib.sha256(model.SerializeToString())
+    digest.update(repr((list(tensor_names), tuple(input_shape), tuple(keep_values))).encode())
+    return digest.hexdigest()
