@@ -146,6 +146,14 @@ def run_onnx(path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
+def run_onnx_each(path, x: np.ndarray) -> np.ndarray:
+    """run_onnx on every image alone (batch 1), through one session."""
+    source = path.SerializeToString() if hasattr(path, "SerializeToString") else str(path)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+
+
 def compressed_reference_outputs(exported, out_dir: Path, x: np.ndarray) -> np.ndarray:
     """The exported model in PyTorch, compressed as out_dir/decisions.json says, run on x."""
     from vit2trt.models.compressed_reference import compressed_reference

@@ -19,7 +19,7 @@ from vit2trt.models.asvit_reference import ASViT
 from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.passes.asvit import apply_asvit, default_stages
 
-from conftest import HF_TINY, rel_error, run_onnx
+from conftest import HF_TINY, rel_error, run_onnx, run_onnx_each
 
 runner = CliRunner()
 
@@ -92,7 +92,7 @@ def test_asvit_matches_the_per_image_reference(tmp_path, export_cache, case_id, 
     assert len(set(kept[:, -1])) > 1, "images keep different numbers of tokens"
     got = run_onnx(path, x)
     assert rel_error(got, want) <= 1e-4
-    single = np.concatenate([run_onnx(path, x[i:i + 1]) for i in range(8)])
+    single = run_onnx_each(path, x[:8])
     assert rel_error(single, got) <= 1e-5
 
 

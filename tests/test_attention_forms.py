@@ -19,7 +19,7 @@ from vit2trt.converter.convert import ConvertOptions, convert
 from vit2trt.converter.deploy.engine import BuildOptions, build_engine, tensorrt_backend
 from vit2trt.converter.graph import read_vit
 
-from conftest import compressed_reference_outputs, rel_error, run_onnx
+from conftest import compressed_reference_outputs, rel_error, run_onnx, run_onnx_each
 
 # FFNs of 384 channels (mlp_ratio 2): the budget's cost grows with their width cubed, and the forms are in attention.
 TIMM = ("timm:vit_tiny_patch16_224", {"depth": 4, "img_size": 64, "num_classes": 10, "mlp_ratio": 2})
@@ -90,7 +90,7 @@ def test_every_method_works_on_every_form(tmp_path, export_cache, calib_npy, for
     x = np.random.default_rng(3).standard_normal((6, 3, 64, 64)).astype(np.float32)
     got = run_onnx(out.onnx_path, x)
     assert rel_error(got, compressed_reference_outputs(exported, tmp_path / "out", x)) <= 1e-4
-    singles = np.concatenate([run_onnx(out.onnx_path, x[i:i + 1]) for i in range(len(x))])
+    singles = run_onnx_each(out.onnx_path, x)
     assert rel_error(singles, got) <= 1e-4
     assert out.flops_after < out.flops_before
 

@@ -16,7 +16,7 @@ from vit2trt.models.compressed_reference import compressed_reference
 from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.passes.compensation import compensate_inputs, compensate_queries, greedy_removal, removal_error
 
-from conftest import HF_TINY, rel_error, run_onnx
+from conftest import HF_TINY, rel_error, run_onnx, run_onnx_each
 
 runner = CliRunner()
 # mlp_ratio 2: the budget and the fits scale with the FFN width cubed; 384 channels prove what 768 do.
@@ -144,7 +144,7 @@ def test_compensated_graph_equals_the_compensated_pytorch_model(tmp_path, export
         want = reference(torch.from_numpy(x)).numpy()
     got = run_onnx(out.onnx_path, x)
     assert rel_error(got, want) <= 1e-5
-    singles = np.concatenate([run_onnx(out.onnx_path, x[i:i + 1]) for i in range(8)])
+    singles = run_onnx_each(out.onnx_path, x[:8])
     assert rel_error(singles, got) <= 1e-5
     if "target_flops" in settings:
         assert out.flops_after <= settings["target_flops"] * out.flops_before * (1 + 1e-9)

@@ -17,7 +17,7 @@ from vit2trt.models.compressed_reference import compressed_reference
 from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.passes.methods import available, parse_composition
 
-from conftest import compressed_reference_outputs, rel_error, run_onnx
+from conftest import compressed_reference_outputs, rel_error, run_onnx, run_onnx_each
 
 runner = CliRunner()
 # 6x6 patches and a class token: enough tokens for ToMe, ATME and AS-ViT stages in 4 blocks.
@@ -55,7 +55,7 @@ def test_composed_graph_equals_the_composed_pytorch_model(tmp_path, export_cache
     x = np.random.default_rng(3).standard_normal((8, 3, 96, 96)).astype(np.float32)
     got = run_onnx(out.onnx_path, x)
     assert rel_error(got, compressed_reference_outputs(exported, tmp_path / "out", x)) <= 1e-4
-    singles = np.concatenate([run_onnx(out.onnx_path, x[i:i + 1]) for i in range(8)])
+    singles = run_onnx_each(out.onnx_path, x[:8])
     assert rel_error(singles, got) <= 1e-4
     # Both parts acted: structure was pruned (and compensated) and the tokens were reduced.
     assert decisions["blocks"] and decisions["compensation"]["tensors"]

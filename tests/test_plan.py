@@ -14,7 +14,7 @@ from vit2trt.converter.planning.planner import (Candidate, Family, PlanOptions, 
                                    figure, plan)
 from vit2trt.converter.measure.speedup import PairedTiming, format_speedup, speedup_of
 
-from conftest import run_onnx
+from conftest import run_onnx, run_onnx_each
 
 runner = CliRunner()
 # mlp_ratio 2: the budget and the fits scale with the FFN width cubed; 384 channels prove what 768 do.
@@ -56,7 +56,7 @@ def test_choice_honours_max_drop_on_the_held_out_images(tmp_path, data, fast_can
     assert result.chosen is not None and result.chosen.drop <= 0.1
     # Recompute the chosen model's drop on the held-out split, independently of the planner's judge.
     _, held = _split(len(x), options.holdout, options.seed)
-    got = np.concatenate([run_onnx(tmp_path / "plan" / "model.onnx", x[i:i + 1]) for i in held])
+    got = run_onnx_each(tmp_path / "plan" / "model.onnx", x[held])
     accuracy = float(np.mean(got.argmax(1) == labels[held]))
     assert 1.0 - accuracy == pytest.approx(result.chosen.drop, abs=1e-9) and 1.0 - accuracy <= 0.1
     wrong = (got.argmax(1) != labels[held]).astype(float)   # the original is right on every image here

@@ -17,7 +17,7 @@ from vit2trt.converter.graph import read_vit
 from vit2trt.models.pruned_reference import apply_decisions
 from vit2trt.models.reference import ReferenceRecord, build_model
 
-from conftest import HF_TINY, rel_error, run_onnx
+from conftest import HF_TINY, rel_error, run_onnx, run_onnx_each
 
 runner = CliRunner()
 
@@ -109,7 +109,7 @@ def test_scwp_matches_pruned_pytorch_reference(tmp_path, export_cache, case_id, 
         want = reference(torch.from_numpy(x)).numpy()
     got = run_onnx(out.onnx_path, x)
     assert rel_error(got, want) <= 1e-5
-    one_by_one = np.concatenate([run_onnx(out.onnx_path, x[i:i + 1]) for i in range(8)])
+    one_by_one = run_onnx_each(out.onnx_path, x[:8])
     assert rel_error(one_by_one, got) <= 1e-6
     g = read_vit(out.onnx_path)
     head_dim = g.blocks[0].attn.head_dim_qk

@@ -18,7 +18,7 @@ from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.passes.tcs import kept_channels, token_sample
 from vit2trt.passes.toast_schedules import SCHEDULES
 
-from conftest import HF_TINY, rel_error, run_onnx
+from conftest import HF_TINY, rel_error, run_onnx, run_onnx_each
 
 runner = CliRunner()
 
@@ -56,7 +56,7 @@ def test_scwp_and_tcs_match_the_pytorch_reference(tmp_path, export_cache, case_i
     got = run_onnx(out.onnx_path, x)
     assert rel_error(got, want) <= 1e-4
     # Per-image selection: a batch of 8 equals 8 runs of batch 1.
-    single = np.concatenate([run_onnx(out.onnx_path, x[i:i + 1]) for i in range(8)])
+    single = run_onnx_each(out.onnx_path, x[:8])
     assert rel_error(single, got) <= 1e-5
     g = read_vit(out.onnx_path)
     hidden, dim = g.blocks[1].ffn.hidden, g.embed_dim
@@ -80,7 +80,7 @@ def test_batch_shared_selection_reproduces_the_official_behaviour(tmp_path, expo
     assert decisions["tcs"]["settings"]["shared"] is True
     got = run_onnx(out.onnx_path, x)
     assert rel_error(got, want) <= 1e-4
-    single = np.concatenate([run_onnx(out.onnx_path, x[i:i + 1]) for i in range(8)])
+    single = run_onnx_each(out.onnx_path, x[:8])
     assert rel_error(single, got) > 1e-3, "a shared channel set makes an image depend on its batch"
 
 
