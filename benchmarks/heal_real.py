@@ -19,6 +19,7 @@ Stages (each can run alone, so that a GPU machine can heal while a CPU machine c
 
     python benchmarks/heal_real.py --work /tmp/heal prepare --per-class 42
     python benchmarks/heal_real.py --work /tmp/heal matrix --time-limit 300 --curve 60,900
+    python benchmarks/heal_real.py --work /tmp/heal plot --plot-out docs/heal_real.png
 
 A recipe written `NAME+labels` heals with train/'s labels (the class map), the others without labels.
 Results go to WORK/heal_real.json (merged stage by stage).
@@ -286,9 +287,57 @@ def table(args) -> None:
         print(f"\ncontrol (the original trained alike, labels): {table['control']['drop_pt']:+.1f} pt")
 
 
+def plot(args) -> None:
+    """The matrix and the heal-time curve as one figure (docs/results.md shows it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = _results(Path(args.work)).get("matrix", {})
+    original = table["original"]["top1"]
+    rows = {name: row for name, row in table.items() if isinstance(row, dict) and "compressed_top1" in row}
+    fig, (curve, matrix_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # Left: the 2x variant healed for longer and longer (timed runs, no labels), and the labelled runs.
+    timed = {k: v for k, v in rows.get("cait-0.5", {}).get("healed", {}).items() if k.endswith("s")}
+    for labels, marker in (("no-labels", "o-"), ("labels", "s")):
+        points = sorted((int(k.rsplit("-", 1)[1][:-1]) / 60, v["drop_pt"]) for k, v in timed.items()
+                        if k.startswith(labels + "-"))
+        if points:
+            curve.plot(*zip(*points), marker, label=f"healed, {labels.replace('-', ' ')}")
+    if "cait-0.5" in rows:
+        curve.axhline(rows["cait-0.5"]["compressed_drop_pt"], color="grey", ls=":", label="not healed")
+    curve.axhline(0, color="black", lw=0.8)
+    curve.set(xscale="log", xlabel="heal time limit (minutes, 2 CPU cores)", ylabel="top-1 change vs original (pt)",
+              title="CAIT at half the FLOPs, healed longer")
+    curve.legend(fontsize=8)
+    # Right: every variant before and after one short heal (the fixed image-step budget).
+    for key, label, marker in ((None, "not healed", "x"), ("no-labels", "healed, no labels", "o"),
+                               ("labels", "healed, labels", "s")):
+        points = []
+        for name, row in rows.items():
+            if key is None:
+                points.append((row["flops_ratio"], row["compressed_drop_pt"]))
+            else:
+                runs = [v["drop_pt"] for k, v in row.get("healed", {}).items() if k.startswith(key + "-1ep")]
+                points += [(row["flops_ratio"], runs[0])] if runs else []
+        if points:
+            matrix_ax.scatter(*zip(*points), marker=marker, label=label)
+    for name, row in rows.items():
+        matrix_ax.annotate(name, (row["flops_ratio"], row["compressed_drop_pt"]), fontsize=7,
+                           textcoords="offset points", xytext=(4, -8))
+    matrix_ax.axhline(0, color="black", lw=0.8)
+    matrix_ax.set(xlabel="FLOPs × fewer", ylabel="top-1 change vs original (pt)",
+                  title=f"Every variant, one short heal (original {original:.1%})")
+    matrix_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.plot_out, dpi=110)
+    print(f"wrote {args.plot_out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("prepare", "heal", "measure", "matrix", "table"))
+    parser.add_argument("stage", choices=("prepare", "heal", "measure", "matrix", "table", "plot"))
     parser.add_argument("--work", required=True)
     parser.add_argument("--real", default=str(REAL))
     parser.add_argument("--calib", type=int, default=512)
@@ -309,9 +358,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="matrix: heal on only this many train photos")
     parser.add_argument("--measure-images", type=int, default=2000, help="matrix: held-out photos measured")
     parser.add_argument("--again", action="store_true", help="measure: also the folders measured before")
+    parser.add_argument("--plot-out", default="heal_real.png", help="plot: the figure's path")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
-    {"prepare": prepare, "heal": heal_all, "measure": measure, "matrix": matrix, "table": table}[args.stage](args)
+    {"prepare": prepare, "heal": heal_all, "measure": measure, "matrix": matrix, "table": table,
+     "plot": plot}[args.stage](args)
 
 
 if __name__ == "__main__":
