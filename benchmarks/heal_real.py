@@ -312,6 +312,7 @@ def plot(args) -> None:
               title="CAIT at half the FLOPs, healed longer")
     curve.legend(fontsize=8)
     # Right: every variant before and after one short heal (the fixed image-step budget).
+    rows = {name: row for name, row in rows.items() if any("-1ep" in k for k in row.get("healed", {}))}
     for key, label, marker in ((None, "not healed", "x"), ("no-labels", "healed, no labels", "o"),
                                ("labels", "healed, labels", "s")):
         points = []
