@@ -144,3 +144,25 @@ def test_reader_reads_the_onnx_attention_op(export_cache, case_id, spec, args):
     test_reader_matches_model_configuration(export_cache, case_id, spec, args, "dynamo@23")
     g = read_vit(export_cache(spec, model_args(spec, args), "dynamo@23").onnx_path)
     assert all(b.attn.form == "onnx_attention" for b in g.blocks)
+
+
+def test_a_graph_read_twice_runs_once_and_reads_the_same(deit_tiny_ts, monkeypatch):
+    """The reader's shape observation is kept per graph bytes: a second read runs nothing, reads the same,
+    and a changed graph (other bytes) runs again."""
+    import onnx
+
+    from vit2trt.converter.graph import describe_vit, shapes
+
+    runs = []
+    real_session = shapes.ort_session
+    monkeypatch.setattr(shapes, "ort_session", lambda *a, **k: runs.append(1) or real_session(*a, **k))
+    model = onnx.load(str(deit_tiny_ts.onnx_path))
+    monkeypatch.setattr(shapes, "_OBSERVED", type(shapes._OBSERVED)())
+    first = describe_vit(model)
+    second = describe_vit(onnx.load(str(deit_tiny_ts.onnx_path)))
+    assert len(runs) == 1
+    assert [b.tokens for b in second.blocks] == [b.tokens for b in first.blocks]
+    assert second.flops.total == first.flops.total and second.num_tokens == first.num_tokens
+    model.graph.initializer[0].raw_data = bytes(len(model.graph.initializer[0].raw_data))   # other bytes
+    describe_vit(model)
+    assert len(runs) == 2
