@@ -192,7 +192,8 @@ def matrix(args) -> None:
         _save(work, results)
     original_top1 = table["original"]["top1"]
     names = args.variants.split(",") if args.variants else list(VARIANTS)
-    runs = [(name, with_labels, args.time_limit) for name in names for with_labels in (False, True)]
+    runs = [(name, with_labels, args.time_limit) for name in names
+            for with_labels in ((True,) if args.labels_only else (False, True))]
     runs += [("cait-0.5", False, float(t)) for t in (args.curve.split(",") if args.curve else [])]
     for name, with_labels, seconds in runs:
         folder = work / "matrix" / name
@@ -209,14 +210,14 @@ def matrix(args) -> None:
             print(name, _json.dumps(row), flush=True)
             _save(work, results)
         budget = f"{args.epochs}ep-{args.limit or 'all'}" if args.epochs else f"{int(seconds)}s"
-        key = f"{'labels' if with_labels else 'no-labels'}-{budget}"
+        key = f"{'labels' if with_labels else 'no-labels'}-{budget}{_recipe_suffix(args)}"
         if key in row.get("healed", {}):
             continue
         out = folder / key
         section = heal(folder / "compressed", HealOptions(
             work / "train", class_map=work / "train.class_map.json" if with_labels else None, time_limit=seconds,
             epochs=args.epochs, limit=args.limit, device=args.device, batch=args.batch, lr=args.lr, out=out,
-            overwrite=True, seed=args.seed))
+            overwrite=True, seed=args.seed, recipe=args.recipe, label_weight=args.label_weight))
         top1 = _top1(out / "model.onnx", images, labels, config)
         row.setdefault("healed", {})[key] = {
             "top1": top1, "drop_pt": round(100 * (top1 - original_top1), 2), "seconds": section["seconds"],
@@ -229,6 +230,16 @@ def matrix(args) -> None:
         table["control"]["drop_pt"] = round(100 * (table["control"]["top1"] - original_top1), 2)
         print("control", _json.dumps(table["control"]), flush=True)
         _save(work, results)
+
+
+def _recipe_suffix(args) -> str:
+    """Run keys name what differs from heal's defaults (the matrix's rows use them all)."""
+    from vit2trt.converter.healing.distill import DEFAULT_RECIPE
+
+    parts = [f"-{args.recipe}"] if args.recipe != DEFAULT_RECIPE else []
+    parts += [f"-lr{args.lr:g}"] if args.lr != 1e-4 else []
+    parts += [f"-ce{args.label_weight:g}"] if args.label_weight != 1.0 else []
+    return "".join(parts)
 
 
 def _control(work: Path, record: dict, images, labels, config: dict, args) -> dict:
@@ -346,6 +357,9 @@ def main() -> None:
     parser.add_argument("--method", default='{"method": "cait", "target_flops": 0.5}',
                         help="ConvertOptions as JSON")
     parser.add_argument("--recipes", default="features,logits")
+    parser.add_argument("--recipe", default="features", help="matrix: heal's recipe (logits, features, blocks)")
+    parser.add_argument("--labels-only", action="store_true", help="matrix: heal with labels only")
+    parser.add_argument("--label-weight", type=float, default=1.0, help="matrix: the cross-entropy's weight")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--time-limit", type=float, default=300)
     parser.add_argument("--device", default="auto")

@@ -12,6 +12,7 @@ from vit2trt.cli import app
 from vit2trt.converter.artifact import Artifact
 from vit2trt.converter.planning.planner import (Candidate, Family, PlanOptions, _choose, _midpoint, _split, _walk, credible_speedup,
                                    figure, plan)
+from vit2trt.converter.measure.confidence import paired_drop_bound, smallest_confirmable
 from vit2trt.converter.measure.speedup import PairedTiming, format_speedup, speedup_of
 
 from conftest import run_onnx, run_onnx_each
@@ -45,7 +46,8 @@ def fast_candidates(monkeypatch):
 
 def test_choice_honours_max_drop_on_the_held_out_images(tmp_path, data, fast_candidates):
     exported, calib, labels_file, x, labels = data
-    options = PlanOptions(calib=str(calib), out_dir=str(tmp_path / "plan"), labels=str(labels_file), max_drop=0.1,
+    # 24 judging images confirm no drop under 10 pt (tests/test_confidence.py): a budget of 30 pt.
+    options = PlanOptions(calib=str(calib), out_dir=str(tmp_path / "plan"), labels=str(labels_file), max_drop=0.3,
                           methods=["tome", "cait", "toast+tome"], build=False, rounds=3, time_limit=600)
     saved = []
     save = Artifact.save
@@ -53,26 +55,73 @@ def test_choice_honours_max_drop_on_the_held_out_images(tmp_path, data, fast_can
         patch.setattr(Artifact, "save", lambda self, folder, **kw: saved.append(folder) or save(self, folder, **kw))
         result = plan(exported.onnx_path, options)
     assert saved == [tmp_path / "plan"] and sorted(p.name for p in tmp_path.iterdir()) == ["plan"]
-    assert result.chosen is not None and result.chosen.drop <= 0.1
+    assert result.chosen is not None and result.chosen.drop_bound <= 0.3
     # Recompute the chosen model's drop on the held-out split, independently of the planner's judge.
     _, held = _split(len(x), options.holdout, options.seed)
     got = run_onnx_each(tmp_path / "plan" / "model.onnx", x[held])
     accuracy = float(np.mean(got.argmax(1) == labels[held]))
-    assert 1.0 - accuracy == pytest.approx(result.chosen.drop, abs=1e-9) and 1.0 - accuracy <= 0.1
+    assert 1.0 - accuracy == pytest.approx(result.chosen.drop, abs=1e-9)
     wrong = (got.argmax(1) != labels[held]).astype(float)   # the original is right on every image here
     assert result.chosen.drop_se == pytest.approx(wrong.std() / np.sqrt(len(held)), abs=1e-12)
-    # The fastest of those within the budget was chosen, and the files say so.
-    within = [c for c in result.candidates if not c.error and c.drop <= 0.1]
+    bound = paired_drop_bound(np.ones(len(held), bool), got.argmax(1) == labels[held])
+    assert result.chosen.drop_bound == pytest.approx(bound, abs=1e-12) and bound > result.chosen.drop
+    # The fastest of those confirmed within the budget was chosen (by the bound, not the measured drop),
+    # and the files say so.
+    within = [c for c in result.candidates if not c.error and c.drop_bound <= 0.3]
     assert credible_speedup(result.chosen) == max(credible_speedup(c) for c in within)
+    assert all(c.meets == (c in within) for c in result.candidates if not c.error)
     written = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert written["chosen"] == result.chosen.label and len(written["candidates"]) == len(result.candidates)
-    fields = {"speedup", "speedup_low", "speedup_high", "stable", "rounds", "exceeds_flops"}
+    fields = {"speedup", "speedup_low", "speedup_high", "stable", "rounds", "exceeds_flops", "drop_bound"}
     assert fields <= set(written["candidates"][0])
-    assert format_speedup(figure(result.chosen)) in (tmp_path / "plan" / "plan.md").read_text()
+    markdown = (tmp_path / "plan" / "plan.md").read_text()
+    assert format_speedup(figure(result.chosen)) in markdown
+    assert f"| {result.chosen.drop_bound * 100:.2f} |" in markdown
     decisions = json.loads((tmp_path / "plan" / "decisions.json").read_text())
     assert decisions["method"] == result.chosen.family.replace(" ", "")
     for name in ("plan.md", "plan.png", "report.json"):
         assert (tmp_path / "plan" / name).is_file()
+
+
+def test_val_is_judged_whole_and_never_fitted_on(tmp_path, data, fast_candidates, monkeypatch):
+    exported, calib, labels_file, x, labels = data
+    # 40 judging images: 32 new ones and 8 that --calib holds too (a user's mistake, warned about).
+    fresh = np.random.default_rng(8).standard_normal((32, 3, 96, 96)).astype(np.float32)
+    val_x = np.concatenate([fresh, x[:8]])
+    val_y = run_onnx(exported.onnx_path, val_x).argmax(1).astype(np.int64)
+    np.save(tmp_path / "val.npy", val_x)
+    np.save(tmp_path / "val_labels.npy", val_y)
+    fitted = []
+    import vit2trt.converter.convert as convert_module
+    compress = convert_module.compress
+    monkeypatch.setattr(convert_module, "compress", lambda source, o, **kw: fitted.append(o.calib) or
+                        compress(source, o, **kw))
+    options = PlanOptions(calib=str(calib), out_dir=str(tmp_path / "plan"), labels=str(labels_file), max_drop=0.3,
+                          methods=["tome"], build=False, rounds=3, val=str(tmp_path / "val.npy"),
+                          val_labels=str(tmp_path / "val_labels.npy"))
+    result = plan(exported.onnx_path, options)
+    # Every conversion fitted on all of --calib and on nothing else.
+    assert fitted and all(isinstance(f, np.ndarray) and np.array_equal(f, x) for f in fitted if f is not None)
+    # The judge read every --val image: the chosen model's accuracy, recomputed on all 40, is the planner's.
+    assert result.chosen is not None
+    got = run_onnx_each(tmp_path / "plan" / "model.onnx", val_x).argmax(1)
+    assert result.chosen.accuracy == pytest.approx(float(np.mean(got == val_y)), abs=1e-12)
+    assert result.chosen.drop_bound == pytest.approx(paired_drop_bound(np.ones(40, bool), got == val_y), abs=1e-12)
+    written = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert (written["fit_images"], written["held_out_images"]) == (48, 40) and "--val" in written["judged_on"]
+    assert any("8 of the 40 --val images are also in --calib" in n for n in result.notes)
+
+
+def test_no_confirmable_candidate_names_the_smallest_drop_these_images_confirm(tmp_path, data, fast_candidates):
+    exported, calib, labels_file, _, _ = data
+    options = PlanOptions(calib=str(calib), out_dir=str(tmp_path / "plan"), labels=str(labels_file), max_drop=0.01,
+                          methods=["tome"], build=False, rounds=3)
+    result = plan(exported.onnx_path, options)
+    assert result.chosen is None and not (tmp_path / "plan" / "model.onnx").exists()
+    note = next(n for n in result.notes if "confirm" in n)
+    tightest = min((c for c in result.candidates if not c.error), key=lambda c: c.drop_bound)
+    assert f"smallest drop confirmed was {tightest.drop_bound * 100:.2f} pt" in note
+    assert f"no smaller drop than {smallest_confirmable(24) * 100:.2f} pt" in note and "--val" in note
 
 
 def test_time_limit_keeps_the_best_found_so_far(tmp_path, data, fast_candidates):
@@ -146,12 +195,18 @@ def test_a_speedup_beyond_the_flops_ratio_is_credited_at_the_flops_ratio():
     (["--max-drop", "0.01", "--holdout", "0.99"], "--holdout"),
     (["--max-drop", "0.01", "--calib-limit", "4"], "too few"),
     (["--max-drop", "0.01", "--labels", "WRONG_LABELS"], "integer labels"),
+    (["--max-drop", "0.01", "--val", "CALIB"], "has no labels"),
+    (["--max-drop", "0.01", "--val", "CALIB", "--val-labels", "CLASS_99"], "beyond the model's 10 outputs"),
+    (["--max-drop", "0.01", "--val-labels", "CLASS_99"], "give --val too"),
+    (["--max-drop", "0.01", "--calib-limit", "0"], "--calib-limit"),
 ])
 def test_bad_plan_requests_exit_2_and_write_nothing(tmp_path, data, argv, needle):
     exported, calib, _, _, _ = data
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros(3, dtype=np.int64))
-    argv = [str(wrong) if a == "WRONG_LABELS" else a for a in argv]
+    class_99 = tmp_path / "class_99.npy"
+    np.save(class_99, np.full(48, 99, dtype=np.int64))
+    argv = [{"WRONG_LABELS": str(wrong), "CALIB": str(calib), "CLASS_99": str(class_99)}.get(a, a) for a in argv]
     result = runner.invoke(app, ["plan", str(exported.onnx_path), "--calib", str(calib), "--no-build",
                                  "--out", str(tmp_path / "out"), *argv])
     assert result.exit_code == 2, result.output

@@ -308,12 +308,15 @@ def plan(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class per image of a flat folder or .npy (as validate reads them): the drop is then top-1 accuracy; without labels, top-1 disagreement with the original."),
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="With an ImageFolder --calib: JSON list of folder names (position = class index) or {\"folder\": index}, when the head's class order is not the folders' sorted order."),
     target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Choose the most accurate candidate at least this much faster than the original."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Choose the fastest candidate whose top-1 drop on the held-out images is at most this fraction (0.01 = one point)."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Choose the fastest candidate whose top-1 drop is confirmed at most this fraction (0.01 = one point): the one-sided 95% upper bound of the drop measured on the judging images must fit."),
     runtime: str = typer.Option("ort", "--runtime", help="Where latency is measured: ort (ONNX Runtime CPU). tensorrt is refused for now: timing engines needs full TensorRT and a GPU."),
     batch: int = typer.Option(1, "--batch", help="Batch size the latency is measured at."),
     time_limit: float = typer.Option(900, "--time-limit", help="Seconds the search may take; it then keeps the best found so far."),
-    calib_limit: int = typer.Option(256, "--calib-limit", help="Calibration images read at most."),
-    holdout: float = typer.Option(0.5, "--holdout", help="Fraction of the images held out for judging (never fitted on)."),
+    calib_limit: Optional[int] = typer.Option(None, "--calib-limit", help="Calibration images read at most (default: all)."),
+    holdout: float = typer.Option(0.5, "--holdout", help="Without --val: fraction of the --calib images held out for judging (never fitted on)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Labelled images (flat folder with --val-labels, an ImageFolder, or .npy with --val-labels) that judge every candidate, all of them; --calib is then fitted on whole. Never give images of --calib."),
+    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Class per image of a flat --val folder or .npy, as validate reads them."),
+    val_class_map: Optional[Path] = typer.Option(None, "--val-class-map", help="With an ImageFolder --val: JSON list of folder names (position = class index) or {\"folder\": index}."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Families to search, comma-separated (default: tome, cait, toast, toast+tome, cait+tome, asvit where it applies)."),
     rounds: int = typer.Option(15, "--rounds", help="Back-to-back timing pairs per candidate."),
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
@@ -333,7 +336,9 @@ def plan(
         options = PlanOptions(calib=str(calib), out_dir=str(out_dir), labels=str(labels) if labels else None,
                               class_map=str(class_map) if class_map else None,
                               target_speedup=target_speedup, max_drop=max_drop, runtime=runtime, batch=batch,
-                              time_limit=time_limit, calib_limit=calib_limit, holdout=holdout, threads=threads,
+                              time_limit=time_limit, calib_limit=calib_limit, holdout=holdout,
+                              val=str(val) if val else None, val_labels=str(val_labels) if val_labels else None,
+                              val_class_map=str(val_class_map) if val_class_map else None, threads=threads,
                               rounds=rounds, methods=methods.split(",") if methods else None, build=build,
                               engine=engine, seed=seed, overwrite=overwrite)
         with _progress("planning") as report:
@@ -341,6 +346,7 @@ def plan(
         for table in plan_tables(result, runtime, batch):
             print_table(out, table)
         out.print(terminal_legend())
+        out.print("<=95%: the drop's one-sided 95% upper confidence bound (pt), which the choice goes by.")
         for note in result.notes:
             out.print(f"note: {note}", style="yellow")
         if result.chosen is None:
@@ -349,7 +355,8 @@ def plan(
         chosen = next(name for name, c in short_names(result) if c is result.chosen)
         out.print(f"chose {chosen}, {escape(result.chosen.label)}: {credible_speedup(result.chosen):.2f}x faster "
                   f"(measured, at most the FLOPs ratio), top-1 drop "
-                  f"{result.chosen.drop * 100:+.2f} pt on held-out images; wrote {result.out_dir}/ (plan.md, "
+                  f"{result.chosen.drop * 100:+.2f} pt on held-out images (at most {result.chosen.drop_bound * 100:.2f} pt, "
+                  f"95% upper bound); wrote {result.out_dir}/ (plan.md, "
                   "plan.json, plan.png, model.onnx, decisions.json, report)")
 
 
@@ -367,7 +374,7 @@ def plan_tables(result, runtime: str, batch: int) -> list[Table]:
 
     table = Table(box=box.SIMPLE_HEAD, title=f"candidates (runtime {runtime}, batch {batch})", title_justify="left",
                   pad_edge=False, collapse_padding=True, show_edge=False)
-    for column in ("", "", "FLOPs x", "speedup [95%]", "agreement", "KL", "top-1", "drop pt"):
+    for column in ("", "", "FLOPs x", "speedup [95%]", "agree", "KL", "top-1", "drop pt", "<=95%"):
         table.add_column(column, justify="right" if column else "left", no_wrap=True)
     legend = Table.grid(padding=(0, 2))
     legend.add_column(no_wrap=True)
@@ -376,7 +383,8 @@ def plan_tables(result, runtime: str, batch: int) -> list[Table]:
         mark = "chosen" if c is result.chosen else ("pareto" if c.pareto else "")
         table.add_row(name, mark, f"{c.flops_ratio:.2f}", format_speedup(figure(c), ascii=True),
                       f"{c.agreement * 100:.1f}%", f"{c.kl:.4f}",
-                      f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "-", f"{c.drop * 100:+.2f}")
+                      f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "-", f"{c.drop * 100:+.2f}",
+                      f"{c.drop_bound * 100:.2f}")
         legend.add_row(name, escape(c.label))
     return [table, legend]
 

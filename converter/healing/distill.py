@@ -43,6 +43,7 @@ class TrainSettings:
     seed: int = 0
     deadline: float = math.inf       # time.monotonic() by which training must have stopped
     block_outputs: bool = True       # False: the student's tokens never correspond (per-image dropping)
+    label_weight: float = 1.0        # the cross-entropy's weight against the distillation terms, with labels
 
 
 @dataclass
@@ -194,7 +195,7 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
             weight = len(x) * parallel.world / len(batch_idx)
             loss = _loss(teacher, trained, t_taps, s_taps, x,
                          None if labels is None else labels[batch_idx[part]].to(device),
-                         settings.recipe, feature_scale, block_scales)
+                         settings.recipe, feature_scale, block_scales, settings.label_weight)
             loss = loss * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -266,7 +267,7 @@ def _variance(parallel: Parallel, total, squares, count: int) -> float:
 
 
 def _loss(teacher, student, t_taps, s_taps, x, labels, recipe: str, feature_scale: float,
-          block_scales: list[float]) -> torch.Tensor:
+          block_scales: list[float], label_weight: float = 1.0) -> torch.Tensor:
     t_taps.reset()
     s_taps.reset()
     with torch.no_grad():
@@ -281,7 +282,7 @@ def _loss(teacher, student, t_taps, s_taps, x, labels, recipe: str, feature_scal
                 break
             loss = loss + F.mse_loss(s_out.float(), t_out.float()) / scale / max(1, len(t_taps.blocks))
     if labels is not None:
-        loss = loss + F.cross_entropy(s_logits.float(), labels)
+        loss = loss + label_weight * F.cross_entropy(s_logits.float(), labels)
     return loss
 
 

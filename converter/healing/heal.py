@@ -38,6 +38,7 @@ class HealOptions:
     holdout: float = 0.1
     seed: int = 0
     recipe: str = DEFAULT_RECIPE
+    label_weight: float = 1.0           # the cross-entropy's weight, with labels (Python API; the CLI keeps 1)
     limit: Optional[int] = None         # read only this many of --images
     out: Optional[Path] = None          # default: OUT itself
     overwrite: bool = False
@@ -59,6 +60,8 @@ class HealOptions:
             raise Vit2TrtError(f"--lr must be positive, got {self.lr}.")
         if not 0 < self.holdout < 1:
             raise Vit2TrtError(f"--holdout is the fraction of --images to judge on, between 0 and 1; got {self.holdout}.")
+        if not self.label_weight >= 0:
+            raise Vit2TrtError(f"label_weight must be zero or positive, got {self.label_weight}.")
         if self.recipe not in RECIPES:
             raise Vit2TrtError(f"--recipe must be one of {', '.join(RECIPES)}, got '{self.recipe}'.")
         if self.device not in DEVICES:
@@ -134,7 +137,8 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
     parallel, device = start_parallel(device)
     settings = TrainSettings(options.recipe, options.epochs, options.batch, options.lr, options.seed,
                              deadline=started + options.time_limit,
-                             block_outputs="asvit" not in _methods(artifact.decisions))
+                             block_outputs="asvit" not in _methods(artifact.decisions),
+                             label_weight=options.label_weight)
     result = distill(teacher, student, trainable, data, settings, device, progress if parallel.main else _quiet,
                      parallel)
     parallel.finish()
@@ -147,7 +151,8 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
         for name, value in result.best_state.items():
             trainable[name].copy_(value)
     healed_graph = write_weights(artifact.model, weights)
-    heal_settings = {"file": HEALED_FILE, "recipe": options.recipe, "seed": options.seed, "batch": options.batch,
+    heal_settings = {"file": HEALED_FILE, "recipe": options.recipe, "label_weight": options.label_weight,
+                     "seed": options.seed, "batch": options.batch,
                      "lr": options.lr, "steps": result.steps, "images": int(len(data.train)),
                      "holdout_images": int(len(data.holdout)), "labels": data.labels is not None,
                      "processes": parallel.world, "backend": parallel.backend}

@@ -74,25 +74,27 @@ def _label_array(path: Path, count: int) -> np.ndarray:
 
 
 def image_labels(images: Path, files: Optional[list[Path]], count: int, labels: Optional[Path],
-                 class_map: Optional[Path], width: Optional[int], flag: str) -> Optional[np.ndarray]:
+                 class_map: Optional[Path], width: Optional[int], flag: str, labels_flag: str = "--labels",
+                 class_map_flag: str = "--class-map") -> Optional[np.ndarray]:
     """The class of each image, in the order of `files` (None: an .npy of `count` images), or None when no
-    labels are given. An ImageFolder labels itself; a flat folder or an array takes --labels."""
+    labels are given. An ImageFolder labels itself; a flat folder or an array takes --labels (`labels_flag`
+    and `class_map_flag` name the options in messages)."""
     from .image_folder import class_indices, folder_labels, is_image_folder
 
     if files is not None and is_image_folder(images):
         if labels is not None:
-            raise Vit2TrtError(f"--labels {labels} conflicts with {flag} {images}: that is an ImageFolder (one "
-                               "subfolder per class), whose folder names are the labels. Drop --labels; give "
-                               "--class-map FILE if the model's head orders the classes otherwise.")
+            raise Vit2TrtError(f"{labels_flag} {labels} conflicts with {flag} {images}: that is an ImageFolder (one "
+                               f"subfolder per class), whose folder names are the labels. Drop {labels_flag}; give "
+                               f"{class_map_flag} FILE if the model's head orders the classes otherwise.")
         return folder_labels(images, files, class_indices(images, class_map, width, flag))
     if class_map is not None:
         kind = "an .npy array" if files is None else "a flat folder (its images are not in class subfolders)"
-        raise Vit2TrtError(f"--class-map {class_map} needs an ImageFolder (one subfolder per class) as {flag}; "
-                           f"{images} is {kind}: give its classes with --labels.")
+        raise Vit2TrtError(f"{class_map_flag} {class_map} needs an ImageFolder (one subfolder per class) as {flag}; "
+                           f"{images} is {kind}: give its classes with {labels_flag}.")
     if labels is None:
         return None
     truth = _label_array(Path(labels), count) if files is None else read_labels(Path(labels), files)
-    check_label_range(truth, width, f"--labels {labels}")
+    check_label_range(truth, width, f"{labels_flag} {labels}")
     return truth
 
 

@@ -1,9 +1,11 @@
 """`vit2trt plan`: the fastest compressed model within an accuracy budget, or the most accurate at a speed.
 
-The calibration images are split once (seeded): the methods fit on one part and every candidate is
-judged on the other, which no method saw. For each candidate the planner measures latency on the
-target runtime against the original, in interleaved pairs, and the accuracy proxy on the held-out
-part: top-1 agreement and KL divergence to the original, and top-1 accuracy when labels are given.
+Every candidate is judged on images no method fitted on: a separate labelled set (--val), judged
+whole, or else a seeded hold-out part of the calibration images. For each candidate the planner
+measures latency on the target runtime against the original, in interleaved pairs, and accuracy on
+the judging images: top-1 agreement and KL divergence to the original, and top-1 accuracy when labels
+are given. The choice goes by the one-sided 95% upper bound of the drop (confidence.py), not by the
+point estimate: a candidate fits a budget only when the judging images confirm it.
 
 The search is coarse to fine: each family (a method or a composition) is a list of settings from
 mild to aggressive; families are walked until they pass the budget, then the step where a family
@@ -26,6 +28,7 @@ import numpy as np
 
 from ..files import write_atomically
 from ..runtime import ort_runner, run_batched, session_runner
+from ..measure.confidence import paired_drop_bound, proportion_bound
 from ..measure.speedup import Speedup, describe_method, format_speedup, measure_speedup
 from ...errors import Vit2TrtError
 
@@ -43,8 +46,11 @@ class PlanOptions:
     runtime: str = "ort"
     batch: int = 1
     time_limit: float = 900.0          # seconds for the search (the chosen model's conversion comes after)
-    calib_limit: int = 256             # calibration images read
-    holdout: float = 0.5               # part of them held out for judging
+    calib_limit: Optional[int] = None  # calibration images read (None: all)
+    holdout: float = 0.5               # part of them held out for judging (without --val)
+    val: Optional[str] = None          # a separate labelled set that judges every candidate, whole
+    val_labels: Optional[str] = None
+    val_class_map: Optional[str] = None
     threads: int = 2
     rounds: int = 15                   # timing pairs per candidate (more, up to 8x, while the interval is wide)
     methods: Optional[list[str]] = None   # families to search (default: all that apply)
@@ -69,6 +75,7 @@ class Candidate:
     accuracy: Optional[float] = None
     drop: float = 0.0                  # accuracy drop (labels) or disagreement, as a fraction
     drop_se: float = 0.0               # its standard error over the held-out images (paired)
+    drop_bound: float = 0.0            # its one-sided 95% upper confidence bound: what the choice goes by
     convert_s: float = 0.0
     stable: bool = True                # the speedup's interval is within ±5% of it
     exceeds_flops: bool = False        # measured faster than the FLOPs ratio allows (noise)
@@ -153,6 +160,10 @@ def check_plan_options(o: PlanOptions) -> None:
         raise Vit2TrtError(f"--batch must be at least 1, got {o.batch}.")
     if o.time_limit <= 0:
         raise Vit2TrtError(f"--time-limit must be positive, got {o.time_limit}.")
+    if o.calib_limit is not None and o.calib_limit < 1:
+        raise Vit2TrtError(f"--calib-limit must be at least 1, got {o.calib_limit}.")
+    if (o.val_labels or o.val_class_map) and o.val is None:
+        raise Vit2TrtError("--val-labels and --val-class-map describe --val DIR: give --val too.")
     if not 0.05 <= o.holdout <= 0.95:
         raise Vit2TrtError(f"--holdout is the fraction of images kept for judging, in [0.05, 0.95]; got {o.holdout}.")
     if o.rounds < 3:
@@ -176,7 +187,11 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
     source = Original.read(model_path)
     vit = source.vit
     images, labels = _load_images(options, vit, source.record)
-    fit_idx, held_idx = _split(len(images), options.holdout, options.seed)
+    val = _load_val(options, vit, source.record)
+    if val is None:
+        fit_idx, held_idx = _split(len(images), options.holdout, options.seed)
+    else:   # --val judges: every calibration image fits
+        fit_idx, held_idx = np.arange(len(images)), np.arange(len(val[0]))
     needed = math.ceil(max(b.ffn.hidden for b in vit.blocks) / vit.num_tokens) + 1
     if len(fit_idx) < needed:
         raise Vit2TrtError(f"{len(fit_idx)} calibration images are too few to fit on (this model needs at least "
@@ -199,8 +214,15 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
     stopped = None
     notes: list[str] = []
     fit = np.ascontiguousarray(images[fit_idx])
-    held = images[held_idx]
-    held_labels = labels[held_idx] if labels is not None else None
+    if val is None:
+        held = images[held_idx]
+        held_labels = labels[held_idx] if labels is not None else None
+    else:
+        held, held_labels = val
+        shared = _shared_images(held, fit)
+        if shared:
+            notes.append(f"{shared} of the {len(held)} --val images are also in --calib: the methods fitted on "
+                         "them, so the drop measured on --val flatters; give --val images that --calib lacks.")
     judge = _Judge(source, held, held_labels, options)
     tome_flops: dict[int, float] = {}
     best: dict = {}   # the candidate the choice would take so far, and its compressed model
@@ -256,13 +278,10 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
     _mark_pareto(candidates)
     if stopped:
         notes.append(stopped + ".")
-    if chosen is not None and options.max_drop is not None and chosen.drop_se * 2 > options.max_drop:
-        notes.append(f"the chosen drop's standard error ({chosen.drop_se * 100:.2f} pt on {len(held_idx)} "
-                     f"held-out images) is more than half of --max-drop: these images cannot tell a "
-                     f"{options.max_drop * 100:g} pt drop from none; check the model on more labelled images "
-                     "(vit2trt validate --labels) or plan with more.")
     if chosen is None:
         notes.append("no candidate met the budget; no model was written (see the table for the closest).")
+        if options.max_drop is not None:
+            notes.append(_unconfirmed(candidates, options, len(held_idx), val is not None))
     result = PlanResult(out_dir, chosen, candidates, judge.original_accuracy, stopped, notes)
 
     def write_plan(folder: Path) -> None:
@@ -332,8 +351,8 @@ def credible_speedup(c: Candidate) -> float:
 
 
 def _meets(c: Candidate, options: PlanOptions) -> bool:
-    if options.max_drop is not None:   # within the drop, and faster than the original at all
-        return c.drop <= options.max_drop + 1e-12 and credible_speedup(c) > 1.0
+    if options.max_drop is not None:   # confirmed within the drop, and faster than the original at all
+        return c.drop_bound <= options.max_drop + 1e-12 and credible_speedup(c) > 1.0
     return credible_speedup(c) >= options.target_speedup
 
 
@@ -341,9 +360,10 @@ def _choose(candidates: list[Candidate], options: PlanOptions) -> Optional[Candi
     good = [c for c in candidates if c.meets and not c.error]
     if not good:
         return None
-    if options.max_drop is not None:   # the fastest within the drop; ties: the more accurate
-        return max(good, key=lambda c: (round(credible_speedup(c), 3), -c.drop))
-    return min(good, key=lambda c: (c.drop, -credible_speedup(c)))   # the most accurate at the speed
+    if options.max_drop is not None:   # the fastest confirmed within the drop; ties: the tighter bound
+        return max(good, key=lambda c: (round(credible_speedup(c), 3), -c.drop_bound))
+    # The most accurate at the speed: the smallest drop these images confirm.
+    return min(good, key=lambda c: (c.drop_bound, c.drop, -credible_speedup(c)))
 
 
 def _mark_pareto(candidates: list[Candidate]) -> None:
@@ -352,6 +372,32 @@ def _mark_pareto(candidates: list[Candidate]) -> None:
         s = credible_speedup(c)
         c.pareto = not any(o is not c and credible_speedup(o) >= s and o.drop <= c.drop
                            and (credible_speedup(o) > s or o.drop < c.drop) for o in scored)
+
+
+def _unconfirmed(candidates: list[Candidate], options: PlanOptions, judged: int, has_val: bool) -> str:
+    """Why nothing fitted --max-drop, in numbers: the tightest bound any candidate reached, and the
+    smallest drop these images could confirm at all."""
+    from ..measure.confidence import smallest_confirmable
+
+    what = f"{judged} {'--val' if has_val else 'held-out'} images"
+    floor = smallest_confirmable(judged)
+    text = (f"on {what}, even a candidate identical to the original could confirm no smaller drop than "
+            f"{floor * 100:.2f} pt (95% upper bound)")
+    scored = [c for c in candidates if not c.error and credible_speedup(c) > 1.0]
+    if scored:
+        tightest = min(scored, key=lambda c: c.drop_bound)
+        text = (f"the smallest drop confirmed was {tightest.drop_bound * 100:.2f} pt ({tightest.label}: "
+                f"{tightest.drop * 100:+.2f} pt measured, 95% upper bound {tightest.drop_bound * 100:.2f} pt); "
+                + text)
+    if floor > options.max_drop:
+        text += f", above --max-drop {options.max_drop * 100:g} pt: judge on more images (--val)"
+    return text + "."
+
+
+def _shared_images(a: np.ndarray, b: np.ndarray) -> int:
+    """How many images of `a` also occur in `b` (the same preprocessed pixels)."""
+    seen = {row.tobytes() for row in np.ascontiguousarray(b)}
+    return sum(row.tobytes() in seen for row in np.ascontiguousarray(a))
 
 
 def _split(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -379,6 +425,34 @@ def _load_images(options: PlanOptions, vit, record: Optional[dict]) -> tuple[np.
                           Path(options.labels) if options.labels else None,
                           Path(options.class_map) if options.class_map else None, _classes(vit), "--calib")
     return (read() if images is None else images), labels
+
+
+def _load_val(options: PlanOptions, vit, record: Optional[dict]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """--val: every image, and its labels (a judge without labels could only count disagreement,
+    which the hold-out of --calib already does)."""
+    from ..measure.calibration import image_files, load_calibration
+    from ..measure.validate import image_labels
+
+    if options.val is None:
+        return None
+    val = Path(options.val)
+    if not val.exists():
+        raise Vit2TrtError(f"--val {val} does not exist.")
+    files = image_files(val, flag="--val") if val.is_dir() else None
+    images = None if files is not None else load_calibration(str(val), (vit.in_chans, *vit.img_size),
+                                                             (record or {}).get("preprocessing"), flag="--val")
+    labels = image_labels(val, files, len(files) if files is not None else len(images),
+                          Path(options.val_labels) if options.val_labels else None,
+                          Path(options.val_class_map) if options.val_class_map else None, _classes(vit), "--val",
+                          labels_flag="--val-labels", class_map_flag="--val-class-map")
+    if labels is None:
+        raise Vit2TrtError(f"--val {val} has no labels: give --val-labels FILE (a class per image), or make it an "
+                           "ImageFolder (one subfolder per class, with --val-class-map FILE when the head orders "
+                           "the classes otherwise).")
+    if images is None:
+        images = load_calibration(str(val), (vit.in_chans, *vit.img_size), (record or {}).get("preprocessing"),
+                                  flag="--val")
+    return images, labels
 
 
 def _classes(vit) -> int:
@@ -412,11 +486,14 @@ class _Judge:
             c.accuracy = float(np.mean(top == self.labels))
             c.drop = self.original_accuracy - c.accuracy
             # Paired: only images one model gets right and the other wrong move the difference.
-            change = (self.reference.argmax(1) == self.labels).astype(float) - (top == self.labels)
+            reference_correct = self.reference.argmax(1) == self.labels
+            change = reference_correct.astype(float) - (top == self.labels)
             c.drop_se = float(change.std() / np.sqrt(len(change)))
+            c.drop_bound = paired_drop_bound(reference_correct, top == self.labels)
         else:
             c.drop = 1.0 - c.agreement
             c.drop_se = float(np.sqrt(c.drop * (1 - c.drop) / len(top)))
+            c.drop_bound = proportion_bound(int(np.sum(top != self.reference.argmax(1))), len(top))
         s = measure_speedup(self.original_runner, runner, self.timing_input, self.options.rounds,
                             flops_ratio=c.flops_ratio).speedup
         c.speedup, c.speedup_low, c.speedup_high, c.rounds = s.speedup, s.low, s.high, s.rounds
@@ -440,6 +517,7 @@ def _write_plan(folder: Path, result: PlanResult, options: PlanOptions, source: 
                else "top-1 disagreement with the original (no labels)")
     data = {"source": source, "goal": goal, "runtime": options.runtime, "batch": options.batch,
             "fit_images": fit, "held_out_images": held, "drop_measure": measure,
+            "judged_on": _judged_on(options), "drop_bound": "one-sided 95% upper confidence bound (the choice's)",
             "original_accuracy": result.original_accuracy, "stopped": result.stopped, "notes": result.notes,
             "chosen": result.chosen.label if result.chosen else None,
             "candidates": [asdict(c) for c in result.candidates]}
@@ -448,25 +526,30 @@ def _write_plan(folder: Path, result: PlanResult, options: PlanOptions, source: 
     _plot(folder / "plan.png", result, options)
 
 
+def _judged_on(options: PlanOptions) -> str:
+    return f"--val {options.val}" if options.val else "a held-out part of --calib"
+
+
 def plan_markdown(result: PlanResult, options: PlanOptions, goal: str, measure: str, fit: int, held: int) -> str:
     lines = [f"# vit2trt plan: {goal}", "",
              f"Runtime: {options.runtime} at batch {options.batch}, {options.threads} threads. Methods fitted on "
-             f"{fit} calibration images; every candidate judged on {held} others. Drop = {measure}. "
-             f"S{describe_method(options.rounds)[1:]}.", ""]
+             f"{fit} calibration images; every candidate judged on {held} others ({_judged_on(options)}). "
+             f"Drop = {measure}; the choice goes by its one-sided 95% upper confidence bound, not by the measured "
+             f"drop. S{describe_method(options.rounds)[1:]}.", ""]
     if result.original_accuracy is not None:
         lines += [f"Original top-1 on the held-out images: {result.original_accuracy * 100:.2f}%.", ""]
     lines += ["| | candidate | FLOPs × | speedup [95% interval] | top-1 agreement | KL | top-1 | drop (pt) ± s.e. | "
-              "convert s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "drop ≤ (95%, pt) | convert s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in result.candidates:
         mark = "**chosen**" if c is result.chosen else ("pareto" if c.pareto else "")
         if c.error:
-            lines.append(f"| | {c.label} | | | | | | | refused: {c.error} |")
+            lines.append(f"| | {c.label} | | | | | | | | refused: {c.error} |")
             continue
         top1 = f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "–"
         lines.append(f"| {mark} | {c.label} | {c.flops_ratio:.2f} | {format_speedup(figure(c))} | "
                      f"{c.agreement * 100:.1f}% | {c.kl:.4f} | {top1} | "
-                     f"{c.drop * 100:+.2f} ± {c.drop_se * 100:.2f} | {c.convert_s:.0f} |")
+                     f"{c.drop * 100:+.2f} ± {c.drop_se * 100:.2f} | {c.drop_bound * 100:.2f} | {c.convert_s:.0f} |")
     lines += ["", "A speedup that exceeds the FLOPs ratio is timing noise: the choice counts such a candidate at "
               "its FLOPs ratio. An unstable one is still counted at its median; its interval says how far to trust "
               "it.", ""]
