@@ -199,6 +199,10 @@ def test_a_speedup_beyond_the_flops_ratio_is_credited_at_the_flops_ratio():
     (["--max-drop", "0.01", "--val", "CALIB", "--val-labels", "CLASS_99"], "beyond the model's 10 outputs"),
     (["--max-drop", "0.01", "--val-labels", "CLASS_99"], "give --val too"),
     (["--max-drop", "0.01", "--calib-limit", "0"], "--calib-limit"),
+    (["--max-drop", "0.01", "--heal", "CALIB", "--heal-time", "0"], "--heal-time"),
+    (["--max-drop", "0.01", "--heal-labels", "CLASS_99"], "give --heal too"),
+    (["--max-drop", "0.01", "--heal", "CALIB"], "--heal"),
+    (["--max-drop", "0.01", "--heal", "CALIB", "--heal-epochs", "0"], "--heal-epochs"),
 ])
 def test_bad_plan_requests_exit_2_and_write_nothing(tmp_path, data, argv, needle):
     exported, calib, _, _, _ = data

@@ -317,6 +317,14 @@ def plan(
     val: Optional[Path] = typer.Option(None, "--val", help="Labelled images (flat folder with --val-labels, an ImageFolder, or .npy with --val-labels) that judge every candidate, all of them; --calib is then fitted on whole. Never give images of --calib."),
     val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Class per image of a flat --val folder or .npy, as validate reads them."),
     val_class_map: Optional[Path] = typer.Option(None, "--val-class-map", help="With an ImageFolder --val: JSON list of folder names (position = class index) or {\"folder\": index}."),
+    heal_images: Optional[Path] = typer.Option(None, "--heal", help="Images to heal the candidates near the goal on (as `vit2trt heal --images`: distillation from the original, labels optional) before judging them; never the --val images.", rich_help_panel="Healing"),
+    heal_labels: Optional[Path] = typer.Option(None, "--heal-labels", help="Class per image of a flat --heal folder: adds the label loss.", rich_help_panel="Healing"),
+    heal_class_map: Optional[Path] = typer.Option(None, "--heal-class-map", help="With an ImageFolder --heal: its folders' class indices (JSON); heals with labels.", rich_help_panel="Healing"),
+    heal_time: float = typer.Option(300, "--heal-time", help="Seconds of healing per candidate; all of it counts in --time-limit.", rich_help_panel="Healing"),
+    heal_epochs: Optional[int] = typer.Option(None, "--heal-epochs", help="Passes over the --heal images per candidate instead of --heal-time (reproducible; --heal-time still caps it).", rich_help_panel="Healing"),
+    heal_batch: int = typer.Option(32, "--heal-batch", help="Healing batch size.", rich_help_panel="Healing"),
+    heal_limit: Optional[int] = typer.Option(None, "--heal-limit", help="--heal images read at most (spread over the classes of an ImageFolder).", rich_help_panel="Healing"),
+    heal_device: str = typer.Option("auto", "--heal-device", help="auto (CUDA where present), cpu or cuda.", rich_help_panel="Healing"),
     methods: Optional[str] = typer.Option(None, "--methods", help="Families to search, comma-separated (default: tome, cait, toast, toast+tome, cait+tome, asvit where it applies)."),
     rounds: int = typer.Option(15, "--rounds", help="Back-to-back timing pairs per candidate."),
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
@@ -327,8 +335,10 @@ def plan(
 ):
     """Find the fastest compressed model within an accuracy budget (--max-drop), or the most accurate
     one at a speed (--target-speedup): searches methods, compositions and their budgets coarse to fine,
-    measuring every candidate's latency against the original and its accuracy on held-out images.
-    Ctrl-C or --time-limit keeps the best model found so far."""
+    measuring every candidate's latency against the original and its accuracy on held-out images
+    (all of --val when given), and choosing by the drop's one-sided 95% upper bound. With --heal,
+    the candidates near the goal are healed (distilled from the original) before the choice.
+    Ctrl-C or --time-limit keeps the best model found so far, healing included."""
     with _user_errors():
         from .converter.planning.planner import PlanOptions, credible_speedup, plan as run_plan
         from .converter.measure.speedup import terminal_legend
@@ -338,7 +348,12 @@ def plan(
                               target_speedup=target_speedup, max_drop=max_drop, runtime=runtime, batch=batch,
                               time_limit=time_limit, calib_limit=calib_limit, holdout=holdout,
                               val=str(val) if val else None, val_labels=str(val_labels) if val_labels else None,
-                              val_class_map=str(val_class_map) if val_class_map else None, threads=threads,
+                              val_class_map=str(val_class_map) if val_class_map else None,
+                              heal=str(heal_images) if heal_images else None,
+                              heal_labels=str(heal_labels) if heal_labels else None,
+                              heal_class_map=str(heal_class_map) if heal_class_map else None, heal_time=heal_time,
+                              heal_epochs=heal_epochs, heal_batch=heal_batch, heal_limit=heal_limit,
+                              heal_device=heal_device, threads=threads,
                               rounds=rounds, methods=methods.split(",") if methods else None, build=build,
                               engine=engine, seed=seed, overwrite=overwrite)
         with _progress("planning") as report:
@@ -385,7 +400,9 @@ def plan_tables(result, runtime: str, batch: int) -> list[Table]:
                       f"{c.agreement * 100:.1f}%", f"{c.kl:.4f}",
                       f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "-", f"{c.drop * 100:+.2f}",
                       f"{c.drop_bound * 100:.2f}")
-        legend.add_row(name, escape(c.label))
+        healed = "" if c.drop_before_heal is None else \
+            f" (drop {c.drop_before_heal * 100:+.2f} -> {c.drop * 100:+.2f} pt)"
+        legend.add_row(name, escape(c.label + healed))
     return [table, legend]
 
 

@@ -37,28 +37,30 @@ class HealImages:
 def read_heal_images(folder: Path, input_size: tuple[int, int, int], preprocessing: Optional[dict],
                      labels: Optional[Path], class_map: Optional[Path], classes: Optional[int], holdout: float,
                      seed: int, limit: Optional[int] = None,
-                     progress: Callable[[str], None] = lambda msg: None) -> HealImages:
-    """Read `folder` (flat or an ImageFolder) at the model's input size and split off `holdout` of it."""
+                     progress: Callable[[str], None] = lambda msg: None, flag: str = "--images",
+                     labels_flag: str = "--labels", class_map_flag: str = "--class-map") -> HealImages:
+    """Read `folder` (flat or an ImageFolder) at the model's input size and split off `holdout` of it
+    (`flag` and the others name the options in messages)."""
     from ..measure.validate import image_labels
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise Vit2TrtError(f"--images {folder}: not a folder of images.")
+        raise Vit2TrtError(f"{flag} {folder}: not a folder of images.")
     if not 0 < holdout < 1:
         raise Vit2TrtError(f"--holdout is the fraction of --images to judge on, between 0 and 1; got {holdout}.")
-    files = image_files(folder, limit, "--images")
+    files = image_files(folder, limit, flag)
     if len(files) < 4:
-        raise Vit2TrtError(f"--images {folder}: healing needs at least 4 images (some to train on, some to "
+        raise Vit2TrtError(f"{flag} {folder}: healing needs at least 4 images (some to train on, some to "
                            f"judge on); found {len(files)}.")
     # Labels only when asked for: an ImageFolder's sorted folder order need not be the head's, and wrong
     # labels would teach the model wrong classes (distillation needs none).
-    truth = image_labels(folder, files, len(files), labels, class_map, classes, "--images") \
+    truth = image_labels(folder, files, len(files), labels, class_map, classes, flag, labels_flag, class_map_flag) \
         if labels is not None or class_map is not None else None
     config = dict(DEFAULT_PREPROCESSING, **(preprocessing or {}))
     done = [0]
 
     def read(file: Path) -> np.ndarray:
-        array = read_cropped(file, input_size, config, "--images")
+        array = read_cropped(file, input_size, config, flag)
         done[0] += 1
         if done[0] % 64 == 0 or done[0] == len(files):
             progress(f"reading images {done[0]}/{len(files)}")

@@ -12,13 +12,16 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 
 from ..artifact import (DECISIONS_FILE, ENGINE_FILE, ENGINE_INFO_FILE, HEALED_FILE, MODEL_DATA_FILE, Artifact,
                         read_json)
 from ...errors import Vit2TrtError
 from .distill import DEFAULT_RECIPE, RECIPES, TrainSettings
+
+if TYPE_CHECKING:
+    from .data import HealImages
 
 CHECK_IMAGES = 32          # held-out images the healed graph is checked on against the healed PyTorch model
 CHECK_TOLERANCE = 1e-5     # largest difference allowed, relative to the largest logit
@@ -38,7 +41,6 @@ class HealOptions:
     holdout: float = 0.1
     seed: int = 0
     recipe: str = DEFAULT_RECIPE
-    label_weight: float = 1.0           # the cross-entropy's weight, with labels (Python API; the CLI keeps 1)
     limit: Optional[int] = None         # read only this many of --images
     out: Optional[Path] = None          # default: OUT itself
     overwrite: bool = False
@@ -48,6 +50,7 @@ class HealOptions:
     val: Optional[Path] = None
     val_labels: Optional[Path] = None
     val_class_map: Optional[Path] = None
+    label_weight: float = 1.0           # the cross-entropy's weight, with labels (Python API; the CLI keeps 1)
 
     def check(self) -> "HealOptions":
         if not self.time_limit > 0:
@@ -85,14 +88,9 @@ def torch_device(choice: str):
 def heal(out_dir: str | os.PathLike, options: HealOptions,
          progress: Callable[[str], None] = lambda msg: None) -> dict:
     """Heal OUT and write the result to options.out (default OUT). Returns the report's 'heal' section."""
-    import torch
-
     from ..graph import describe_vit
     from ..measure.references import resolve_reference
     from .data import read_heal_images
-    from .distill import JUDGE_IMAGES, distill
-    from .parallel import cpu_threads, launched_world, start as start_parallel
-    from .weights import match_weights, write_weights
 
     started = time.monotonic()
     options.check()
@@ -115,18 +113,54 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
     from ...models.reference import build_model
 
     teacher = build_model(record).eval()
-    student = artifact.torch_model(record)
     vit = describe_vit(artifact.model, str(artifact.model_path))
+    data = read_heal_images(Path(options.images), tuple(int(v) for v in reference.input_size), reference.preprocessing,
+                            options.labels, options.class_map, vit.head.num_classes or None, options.holdout,
+                            options.seed, options.limit, progress)
+    healed, section = heal_artifact(artifact, teacher, record, data, options, device, started + options.time_limit,
+                                    progress)
+    if healed is None:   # a torchrun process other than rank 0: rank 0 writes the one result
+        return section
+    progress("saving")
+    build_options = _engine_options(out_dir)
+    extra_files = _extra_files(out_dir)
+    healed.save(destination, overwrite=True, build_options=build_options, progress=progress,
+                extra=lambda staging: [shutil.copy2(f, staging / f.name) for f in extra_files])
+    if options.val is not None:
+        from ..measure.validate import validate
+
+        progress("validating on --val")
+        section["validation"] = {k: v for k, v in validate(
+            destination, options.val, options.val_labels, options.reference, progress=progress,
+            class_map=options.val_class_map, weights=options.weights, model_args=options.model_args,
+            flag="--val").items() if k in ("accuracy", "top1_agreement", "images", "surgery_error")}
+        Artifact.open(destination).update_report("heal", section)
+    return section
+
+
+def heal_artifact(artifact: Artifact, teacher, record, data: "HealImages", options: HealOptions, device,
+                  deadline: float, progress: Callable[[str], None] = lambda msg: None
+                  ) -> tuple[Optional[Artifact], dict]:
+    """Heal a compressed model in memory: (the healed artifact, its 'heal' section), or (None, this
+    process's summary) on a torchrun process other than rank 0. `teacher` is the original in PyTorch,
+    `record` the ReferenceRecord that built it, `data` the images read once (plan heals several
+    candidates on them); training stops by `deadline` (time.monotonic())."""
+    import torch
+
+    from ..graph import describe_vit
+    from .distill import JUDGE_IMAGES, distill
+    from .parallel import cpu_threads, launched_world, start as start_parallel
+    from .weights import match_weights, write_weights
+
+    student = artifact.torch_model(record)
+    where = str(artifact.model_path) if artifact.folder is not None else "the compressed model"
+    vit = describe_vit(artifact.model, where)
     weights = match_weights(student, vit, artifact.model)
     names = {id(p): name for name, p in student.named_parameters()}
     trainable = {names[id(p)]: p for p in weights.trainable if id(p) in names}
     if not trainable:
         raise Vit2TrtError("no weight of the compressed graph could be matched to the PyTorch model, so none can be "
                            "healed; check that the reference record belongs to the model convert read.")
-
-    data = read_heal_images(Path(options.images), tuple(int(v) for v in reference.input_size), reference.preprocessing,
-                            options.labels, options.class_map, vit.head.num_classes or None, options.holdout,
-                            options.seed, options.limit, progress)
     if options.device == "cpu" or device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     held = min(len(data.holdout), JUDGE_IMAGES)
@@ -136,15 +170,13 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
                            "a larger --holdout or --batch, or fewer processes.")
     parallel, device = start_parallel(device)
     settings = TrainSettings(options.recipe, options.epochs, options.batch, options.lr, options.seed,
-                             deadline=started + options.time_limit,
-                             block_outputs="asvit" not in _methods(artifact.decisions),
+                             deadline=deadline, block_outputs="asvit" not in _methods(artifact.decisions),
                              label_weight=options.label_weight)
     result = distill(teacher, student, trainable, data, settings, device, progress if parallel.main else _quiet,
                      parallel)
     parallel.finish()
-    if not parallel.main:   # rank 0 writes the one result
-        return {"rank": parallel.rank, "stopped_by": result.stopped_by, "steps": result.steps}
-
+    if not parallel.main:
+        return None, {"rank": parallel.rank, "stopped_by": result.stopped_by, "steps": result.steps}
     progress("writing the healed weights into the graph")
     student = student.to("cpu")
     with torch.no_grad():
@@ -174,21 +206,7 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
     healed.report["heal"] = section
     healed.decisions["heal"] = section   # what rebuilds the healed model, and how it was healed
     healed.report.pop("validation", None)   # measured on the model before healing
-    progress("saving")
-    build_options = _engine_options(out_dir)
-    extra_files = _extra_files(out_dir)
-    healed.save(destination, overwrite=True, build_options=build_options, progress=progress,
-                extra=lambda staging: [shutil.copy2(f, staging / f.name) for f in extra_files])
-    if options.val is not None:
-        from ..measure.validate import validate
-
-        progress("validating on --val")
-        section["validation"] = {k: v for k, v in validate(
-            destination, options.val, options.val_labels, options.reference, progress=progress,
-            class_map=options.val_class_map, weights=options.weights, model_args=options.model_args,
-            flag="--val").items() if k in ("accuracy", "top1_agreement", "images", "surgery_error")}
-        Artifact.open(destination).update_report("heal", section)
-    return section
+    return healed, section
 
 
 def _quiet(message: str) -> None:

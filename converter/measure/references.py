@@ -82,6 +82,21 @@ def resolve_reference(out_dir: Path, reference: Optional[str] = None, weights: O
     return _record_reference(record_path)
 
 
+def original_reference(path: Path, record: Optional[dict]) -> Reference:
+    """The original of a graph as a PyTorch model: from its export record, else assembled from the graph."""
+    from ...models.reference import ReferenceRecord
+
+    if not record:
+        return graph_reference(Path(path), "the original")
+    try:
+        built = ReferenceRecord(**record)
+        size = tuple(int(v) for v in built.preprocessing["input_size"])
+    except (TypeError, KeyError, ValueError) as exc:
+        raise Vit2TrtError(f"the reference record beside {path} is not one `vit2trt export` wrote ({exc}).") from None
+    return Reference("record", f"PyTorch {built.family}:{built.name} (record)", size, built.preprocessing,
+                     record=built)
+
+
 def graph_reference(path: Path, given_as: str, preprocessing: Optional[dict] = None) -> Reference:
     """A PyTorch ViT assembled from the ONNX graph at `path` (models/graph_reference.py)."""
     from .calibration import DEFAULT_PREPROCESSING

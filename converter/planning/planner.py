@@ -30,6 +30,7 @@ from ..files import write_atomically
 from ..runtime import ort_runner, run_batched, session_runner
 from ..measure.confidence import paired_drop_bound, proportion_bound
 from ..measure.speedup import Speedup, describe_method, format_speedup, measure_speedup
+from .healing import HEAL_REACH, CandidateHealer, next_to_heal, shared_files
 from ...errors import Vit2TrtError
 
 RUNTIMES = ("ort", "tensorrt")
@@ -51,6 +52,14 @@ class PlanOptions:
     val: Optional[str] = None          # a separate labelled set that judges every candidate, whole
     val_labels: Optional[str] = None
     val_class_map: Optional[str] = None
+    heal: Optional[str] = None         # images that heal the candidates near the goal (heal's --images)
+    heal_labels: Optional[str] = None
+    heal_class_map: Optional[str] = None
+    heal_time: float = 300.0           # seconds of healing per candidate, within --time-limit
+    heal_epochs: Optional[int] = None  # passes over the heal images instead (reproducible)
+    heal_batch: int = 32
+    heal_limit: Optional[int] = None   # heal images read at most
+    heal_device: str = "auto"
     threads: int = 2
     rounds: int = 15                   # timing pairs per candidate (more, up to 8x, while the interval is wide)
     methods: Optional[list[str]] = None   # families to search (default: all that apply)
@@ -83,6 +92,9 @@ class Candidate:
     pareto: bool = False
     error: Optional[str] = None
     convert_options: dict = field(default_factory=dict)   # what `convert` was given (reproduces it)
+    healed_from: Optional[str] = None  # a healed candidate: the label of the one it was healed from
+    drop_before_heal: Optional[float] = None
+    heal: dict = field(default_factory=dict)   # steps, seconds, why it stopped, held-out KL before and after
 
 
 @dataclass
@@ -117,23 +129,25 @@ def _midpoint(key: str, integer: bool = False):
 # little further than ToMe alone (a share of the FLOPs ToMe leaves).
 COMPOSITIONS = {"toast+tome": "structure", "cait+tome": "channels"}
 COMPOSITION_LEVELS = ((4, 0.95), (8, 0.9), (12, 0.85), (16, 0.8))
+HEALING_COMPOSITION_LEVELS = ((20, 0.75),)   # further, when healing may bring it back
 PLAN_ORDER = ("tome", "cait", "toast")   # cheap first, so that a short --time-limit still sees them
 
 
-def families(vit, has_record: bool) -> list[Family]:
+def families(vit, has_record: bool, healing: bool = False) -> list[Family]:
     """What the planner searches: every registered method that declares search levels, then the
-    compositions of ToMe with a structured method."""
+    compositions of ToMe with a structured method (further settings of each when `healing`)."""
     from ...passes.methods import REGISTRY, available
 
     names = sorted(available(), key=lambda n: PLAN_ORDER.index(n) if n in PLAN_ORDER else len(PLAN_ORDER))
     out, singles = [], []
     for name in names:
         method = REGISTRY[name]
-        levels = method.plan_levels(vit, has_record)
+        levels = method.plan_levels(vit, has_record, healing)
         if levels:
             between = _midpoint(method.plan_key, method.plan_integer) if method.plan_key else None
             singles.append(Family(name, name, levels, between, method.plan_label))
-    compositions = [Family(name, name, [{"r": r, "share": s} for r, s in COMPOSITION_LEVELS], None,
+    levels = COMPOSITION_LEVELS + (HEALING_COMPOSITION_LEVELS if healing else ())
+    compositions = [Family(name, name, [{"r": r, "share": s} for r, s in levels], None,
                            lambda s, what=what: f"r={s['r']}, {what} to {s['share']:g} of ToMe's FLOPs")
                     for name, what in COMPOSITIONS.items()
                     if all(part in {f.name for f in singles} for part in name.split("+"))]
@@ -160,6 +174,14 @@ def check_plan_options(o: PlanOptions) -> None:
         raise Vit2TrtError(f"--batch must be at least 1, got {o.batch}.")
     if o.time_limit <= 0:
         raise Vit2TrtError(f"--time-limit must be positive, got {o.time_limit}.")
+    if (o.heal_labels or o.heal_class_map) and o.heal is None:
+        raise Vit2TrtError("--heal-labels and --heal-class-map describe --heal DIR: give --heal too.")
+    if not o.heal_time > 0:
+        raise Vit2TrtError(f"--heal-time is the seconds of healing per candidate and must be positive, got {o.heal_time}.")
+    if o.heal_epochs is not None and o.heal_epochs < 1:
+        raise Vit2TrtError(f"--heal-epochs must be at least 1, got {o.heal_epochs}.")
+    if o.heal_batch < 1:
+        raise Vit2TrtError(f"--heal-batch must be at least 1, got {o.heal_batch}.")
     if o.calib_limit is not None and o.calib_limit < 1:
         raise Vit2TrtError(f"--calib-limit must be at least 1, got {o.calib_limit}.")
     if (o.val_labels or o.val_class_map) and o.val is None:
@@ -197,7 +219,7 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
         raise Vit2TrtError(f"{len(fit_idx)} calibration images are too few to fit on (this model needs at least "
                            f"{needed}); give more images in --calib or lower --holdout.")
     wanted = [f.strip() for f in options.methods] if options.methods else None
-    all_families = families(vit, source.record is not None)
+    all_families = families(vit, source.record is not None, healing=options.heal is not None)
     if wanted:
         unknown = sorted(set(wanted) - {f.name for f in all_families})
         if unknown:
@@ -224,8 +246,13 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
             notes.append(f"{shared} of the {len(held)} --val images are also in --calib: the methods fitted on "
                          "them, so the drop measured on --val flatters; give --val images that --calib lacks.")
     judge = _Judge(source, held, held_labels, options)
+    healer = None
+    if options.heal is not None:
+        healer = CandidateHealer(source, options, progress)
+        notes += _heal_overlap(healer.files, options)
     tome_flops: dict[int, float] = {}
     best: dict = {}   # the candidate the choice would take so far, and its compressed model
+    origin: dict[str, tuple[Family, dict]] = {}   # label -> what rebuilds the candidate
 
     def convert_options(family: Family, level: dict) -> ConvertOptions:
         return ConvertOptions(method=family.method, build=False, calib=fit, fit_limit=len(fit_idx),
@@ -250,6 +277,7 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
         progress(f"candidate {index}: {label}")
         candidate = Candidate(family.name, label, dict(level))
         candidate.convert_options = {"method": family.method, **settings_for(family, level)}
+        origin[label] = (family, level)
         began = clock()
         try:
             artifact = compress(source, convert_options(family, level),
@@ -267,13 +295,55 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
             best.update(candidate=candidate, artifact=artifact, family=family)   # keep one model in memory, not all
         return candidate
 
+    def heal(target: Candidate, seconds: float) -> None:
+        """Heal `target` and judge the healed model as a candidate of its own."""
+        family, level = origin[target.label]
+        name = f"{target.label}, healed"
+        progress(f"healing {target.label}")
+        artifact = (best["artifact"] if best.get("candidate") is target
+                    else compress(source, convert_options(family, level)))
+        try:
+            healed, section = healer.heal(artifact, seconds, lambda m: progress(f"healing {target.label}: {m}"))
+        except Vit2TrtError as exc:
+            notes.append(f"healing {target.label} failed: {exc}")
+            return
+        h = Candidate(target.family, name, dict(target.settings), **{k: getattr(target, k) for k in _SPEED_FIELDS})
+        h.convert_options = dict(target.convert_options, heal={k: section[k] for k in ("seconds", "steps", "epochs")})
+        h.healed_from, h.drop_before_heal = target.label, target.drop
+        h.heal = {k: section[k] for k in ("seconds", "steps", "epochs", "labels", "stopped_by", "images")}
+        h.heal["holdout_kl"] = [section["holdout_before"]["kl"], section["holdout_after"]["kl"]]
+        judge.score_accuracy(h, healed.session(options.threads))
+        h.meets = _meets(h, options)
+        candidates.append(h)
+        origin[name] = (family, level)
+        if h.meets and _choose([c for c in (best.get("candidate"), h) if c], options) is h:
+            best.update(candidate=h, artifact=healed, family=family)
+        if section.get("stopped_by") == "interrupt":
+            raise KeyboardInterrupt
+
+    # With --heal, the search leaves time to heal at least two candidates (or half the limit).
+    search_limit = options.time_limit - (min(2 * options.heal_time, options.time_limit / 2) if healer else 0.0)
+    interrupted = False
     try:
         for family in all_families:
-            _walk(family, evaluate, options, lambda: clock() - start)
+            _walk(family, evaluate, options, lambda: clock() - start, search_limit)
     except _OutOfTime:
-        stopped = f"the time limit ({options.time_limit:g} s) ended the search"
+        stopped = f"the time limit ({search_limit:g} s of {options.time_limit:g} s) ended the search"
     except KeyboardInterrupt:
-        stopped = "interrupted (Ctrl-C): the best model found so far is kept"
+        stopped, interrupted = "interrupted (Ctrl-C): the best model found so far is kept", True
+    if healer is not None and not interrupted:
+        _mark_pareto(candidates)
+        done: set[str] = set()
+        try:
+            while (target := next_to_heal(candidates, options, done, _choose, lambda c: c.meets)) is not None:
+                left = options.time_limit - (clock() - start)
+                if left <= 0:
+                    stopped = f"the time limit ({options.time_limit:g} s) ended healing"
+                    break
+                done.add(target.label)
+                heal(target, min(options.heal_time, left))
+        except KeyboardInterrupt:
+            stopped = "interrupted (Ctrl-C) while healing: the best model found so far is kept"
     chosen = _choose(candidates, options)
     _mark_pareto(candidates)
     if stopped:
@@ -311,10 +381,20 @@ class _OutOfTime(Exception):
     pass
 
 
-def _walk(family: Family, evaluate, options: PlanOptions, elapsed: Callable[[], float]) -> None:
-    """Walk a family from mild to aggressive until it passes the budget, then halve the crossing step."""
+# What a healed candidate shares with the one it was healed from: the nodes, so FLOPs and speed.
+_SPEED_FIELDS = ("flops_ratio", "speedup", "speedup_low", "speedup_high", "rounds", "stable", "exceeds_flops",
+                 "convert_s")
+
+
+def _walk(family: Family, evaluate, options: PlanOptions, elapsed: Callable[[], float],
+          limit: Optional[float] = None) -> None:
+    """Walk a family from mild to aggressive until it passes the budget, then halve the crossing step.
+    With --heal, --max-drop walks on while the drop stays within HEAL_REACH of the budget: healing may
+    bring those back."""
+    limit = options.time_limit if limit is None else limit
+
     def run(level):
-        if elapsed() > options.time_limit:
+        if elapsed() > limit:
             raise _OutOfTime()
         return evaluate(family, level)
 
@@ -329,6 +409,9 @@ def _walk(family: Family, evaluate, options: PlanOptions, elapsed: Callable[[], 
                 middle = family.between(previous, level)
                 if middle is not None:
                     run(middle)
+            if options.heal is not None and result.drop <= options.max_drop + HEAL_REACH:
+                previous, previous_result = level, result
+                continue
             return
         if options.target_speedup is not None and result.meets:
             # Fast enough: milder settings between the last slow one and this one may be more accurate.
@@ -392,6 +475,22 @@ def _unconfirmed(candidates: list[Candidate], options: PlanOptions, judged: int,
     if floor > options.max_drop:
         text += f", above --max-drop {options.max_drop * 100:g} pt: judge on more images (--val)"
     return text + "."
+
+
+def _heal_overlap(heal_files: list[Path], options: PlanOptions) -> list[str]:
+    """Warnings when the judging images are among the --heal images (a healed candidate would be judged
+    on what it trained on)."""
+    from ..measure.calibration import image_files
+
+    judged, flag = (options.val, "--val") if options.val else (options.calib, "--calib")
+    if not Path(judged).is_dir():
+        return []
+    files = image_files(Path(judged), None if options.val else options.calib_limit, flag)
+    shared = shared_files(files, heal_files)
+    if not shared:
+        return []
+    return [f"{shared} of the {len(files)} {flag} images are also in --heal: healed candidates are judged on images "
+            f"they trained on, which flatters them; give {flag} images that --heal lacks."]
 
 
 def _shared_images(a: np.ndarray, b: np.ndarray) -> int:
@@ -476,6 +575,14 @@ class _Judge:
         return run_batched(runner, self.held, 8)
 
     def score(self, c: Candidate, session) -> None:
+        runner = self.score_accuracy(c, session)
+        s = measure_speedup(self.original_runner, runner, self.timing_input, self.options.rounds,
+                            flops_ratio=c.flops_ratio).speedup
+        c.speedup, c.speedup_low, c.speedup_high, c.rounds = s.speedup, s.low, s.high, s.rounds
+        c.stable, c.exceeds_flops = s.stable, s.exceeds_flops
+
+    def score_accuracy(self, c: Candidate, session):
+        """Accuracy alone (a healed candidate keeps its twin's speed: only weights changed); returns the runner."""
         runner = session_runner(session)
         logits = self._logits(runner)
         top = logits.argmax(1)
@@ -494,10 +601,7 @@ class _Judge:
             c.drop = 1.0 - c.agreement
             c.drop_se = float(np.sqrt(c.drop * (1 - c.drop) / len(top)))
             c.drop_bound = proportion_bound(int(np.sum(top != self.reference.argmax(1))), len(top))
-        s = measure_speedup(self.original_runner, runner, self.timing_input, self.options.rounds,
-                            flops_ratio=c.flops_ratio).speedup
-        c.speedup, c.speedup_low, c.speedup_high, c.rounds = s.speedup, s.low, s.high, s.rounds
-        c.stable, c.exceeds_flops = s.stable, s.exceeds_flops
+        return runner
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -539,17 +643,18 @@ def plan_markdown(result: PlanResult, options: PlanOptions, goal: str, measure: 
     if result.original_accuracy is not None:
         lines += [f"Original top-1 on the held-out images: {result.original_accuracy * 100:.2f}%.", ""]
     lines += ["| | candidate | FLOPs × | speedup [95% interval] | top-1 agreement | KL | top-1 | drop (pt) ± s.e. | "
-              "drop ≤ (95%, pt) | convert s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "drop ≤ (95%, pt) | before heal (pt) | convert s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result.candidates:
         mark = "**chosen**" if c is result.chosen else ("pareto" if c.pareto else "")
         if c.error:
-            lines.append(f"| | {c.label} | | | | | | | | refused: {c.error} |")
+            lines.append(f"| | {c.label} | | | | | | | | | refused: {c.error} |")
             continue
         top1 = f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "–"
         lines.append(f"| {mark} | {c.label} | {c.flops_ratio:.2f} | {format_speedup(figure(c))} | "
                      f"{c.agreement * 100:.1f}% | {c.kl:.4f} | {top1} | "
-                     f"{c.drop * 100:+.2f} ± {c.drop_se * 100:.2f} | {c.drop_bound * 100:.2f} | {c.convert_s:.0f} |")
+                     f"{c.drop * 100:+.2f} ± {c.drop_se * 100:.2f} | {c.drop_bound * 100:.2f} | "
+                     f"{'' if c.drop_before_heal is None else f'{c.drop_before_heal * 100:+.2f}'} | {c.convert_s:.0f} |")
     lines += ["", "A speedup that exceeds the FLOPs ratio is timing noise: the choice counts such a candidate at "
               "its FLOPs ratio. An unstable one is still counted at its median; its interval says how far to trust "
               "it.", ""]

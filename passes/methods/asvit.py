@@ -66,7 +66,7 @@ class ASViT(Method):
 
     plan_key = "target_flops"
 
-    def plan_levels(self, vit, has_record: bool) -> list[dict]:
+    def plan_levels(self, vit, has_record: bool, healing: bool = False) -> list[dict]:
         # Calibrates on the PyTorch reference and scores tokens by class attention.
         if not has_record or not any(t.kind == "class" for t in vit.extra_tokens) or vit.pooling != "token":
             return []

@@ -58,7 +58,9 @@ class Method:
     plan_key: Optional[str] = None
     plan_integer: bool = False
 
-    def plan_levels(self, vit: ViTGraph, has_record: bool) -> list[dict]:
+    def plan_levels(self, vit: ViTGraph, has_record: bool, healing: bool = False) -> list[dict]:
+        """Settings `plan` searches, mild to aggressive; `healing`: plan heals candidates, which brings
+        more aggressive settings within reach."""
         return []
 
     def plan_label(self, level: dict) -> str:

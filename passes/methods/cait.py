@@ -38,12 +38,13 @@ class CAIT(Method):
 
     plan_key = "target_flops"
 
-    def plan_levels(self, vit, has_record: bool) -> list[dict]:
+    def plan_levels(self, vit, has_record: bool, healing: bool = False) -> list[dict]:
         # ATME before blocks depth/2 and 5/6 of the depth: on the real ViT-Ti, 6 and 10 kept 2 pt
         # more top-1 than the default 4 and 8 at the same FLOPs.
         depth = vit.depth
         late = sorted({max(1, depth // 2), max(1, min(depth - 1, round(depth * 5 / 6)))})
-        return [{"target_flops": f, "stages": late} for f in (0.8, 0.67, 0.55, 0.45)]
+        budgets = (0.8, 0.67, 0.55, 0.45) + ((0.4, 0.33) if healing else ())
+        return [{"target_flops": f, "stages": late} for f in budgets]
 
     def plan_label(self, level: dict) -> str:
         return f"{level['target_flops']:g} FLOPs, ATME {level['stages']}"

@@ -82,8 +82,8 @@ class Toast(Method):
 
     plan_key = "target_flops"
 
-    def plan_levels(self, vit, has_record: bool) -> list[dict]:
-        return [{"target_flops": f} for f in (0.9, 0.8, 0.7, 0.55)]
+    def plan_levels(self, vit, has_record: bool, healing: bool = False) -> list[dict]:
+        return [{"target_flops": f} for f in (0.9, 0.8, 0.7, 0.55) + ((0.45, 0.4) if healing else ())]
 
     def plan_label(self, level: dict) -> str:
         return f"{level['target_flops']:g} FLOPs"

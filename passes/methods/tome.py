@@ -35,7 +35,7 @@ class ToMe(Method):
 
     plan_key, plan_integer = "r", True
 
-    def plan_levels(self, vit, has_record: bool) -> list[dict]:
+    def plan_levels(self, vit, has_record: bool, healing: bool = False) -> list[dict]:
         return [{"r": r} for r in (4, 8, 12, 16, 20)]
 
     def plan_label(self, level: dict) -> str:

@@ -1,0 +1,195 @@
+"""`vit2trt plan --heal`: candidates near the goal are healed and judged healed, on images they were
+not healed on; which ones and in what order; the time limit and Ctrl-C keep the best, healing included."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vit2trt.converter.planning.planner as planner
+from vit2trt.converter.measure.calibration import load_calibration
+from vit2trt.converter.planning.healing import HEAL_REACH, CandidateHealer, next_to_heal
+from vit2trt.converter.planning.planner import Candidate, Family, PlanOptions, _choose, _midpoint, _walk, plan
+from vit2trt.converter.measure.speedup import PairedTiming, speedup_of
+
+from vit2trt.converter.runtime import run_batched, session_runner
+
+from conftest import run_onnx
+
+SMALL_VIT = ("timm:vit_tiny_patch16_224", {"depth": 4, "img_size": 96, "num_classes": 10, "mlp_ratio": 2})
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, export_cache):
+    """Seeded noise photos: 40 to heal on, and a labelled --val folder of 24 new ones plus 4 of the heal
+    photos (a user's mistake the plan warns about); labels are the original's own predictions."""
+    exported = export_cache(*SMALL_VIT, "torchscript")
+    root = tmp_path_factory.mktemp("plan_heal")
+    rng = np.random.default_rng(11)
+    (root / "heal").mkdir()
+    (root / "val").mkdir()
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(root / "heal" / f"h{i:02d}.png")
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(root / "val" / f"v{i:02d}.png")
+    for i in range(4):
+        shutil.copy(root / "heal" / f"h{i:02d}.png", root / "val" / f"h{i:02d}.png")
+    record = json.loads(exported.record_path.read_text())
+    val_x = load_calibration(str(root / "val"), (3, 96, 96), record.get("preprocessing"))
+    val_y = run_onnx(exported.onnx_path, val_x).argmax(1)
+    files = sorted(p.name for p in (root / "val").iterdir())
+    (root / "val.txt").write_text("".join(f"{name} {label}\n" for name, label in zip(files, val_y)))
+    calib = np.random.default_rng(7).standard_normal((48, 3, 96, 96)).astype(np.float32)
+    np.save(root / "calib.npy", calib)
+    return exported, root, val_x, val_y
+
+
+@pytest.fixture
+def fast_candidates(monkeypatch):
+    """Every candidate times twice as fast as the original (credited at most its FLOPs ratio)."""
+    def twice_as_fast(original, candidate, x, rounds, flops_ratio=None, **_):
+        return PairedTiming(speedup_of([2.0] * rounds, flops_ratio), [0.002] * rounds, [0.001] * rounds, 1)
+
+    monkeypatch.setattr(planner, "measure_speedup", twice_as_fast)
+
+
+def _options(root, tmp_path, **kw) -> PlanOptions:
+    defaults = dict(calib=str(root / "calib.npy"), out_dir=str(tmp_path / "plan"), target_speedup=1.05,
+                    methods=["tome"], build=False, rounds=3, val=str(root / "val"), val_labels=str(root / "val.txt"),
+                    heal=str(root / "heal"), heal_epochs=1, heal_batch=8, heal_time=120, time_limit=900)
+    return PlanOptions(**{**defaults, **kw})
+
+
+def test_healed_candidates_are_judged_healed_on_val(photos, tmp_path, fast_candidates, monkeypatch):
+    exported, root, val_x, val_y = photos
+    healed_models = {}
+    heal = CandidateHealer.heal
+
+    def keep(self, artifact, seconds, progress):
+        out = heal(self, artifact, seconds, progress)
+        healed_models[len(healed_models)] = out[0]
+        return out
+
+    monkeypatch.setattr(CandidateHealer, "heal", keep)
+    result = plan(exported.onnx_path, _options(root, tmp_path))
+    healed = [c for c in result.candidates if c.healed_from]
+    assert healed and len(healed) == len(healed_models)
+    assert any("4 of the 28 --val images are also in --heal" in n for n in result.notes)
+    for (_, model), h in zip(sorted(healed_models.items()), healed):
+        twin = next(c for c in result.candidates if c.label == h.healed_from)
+        assert twin.pareto and twin.meets and h.label == f"{twin.label}, healed"
+        # Only weights changed: the twin's FLOPs and speed, and its drop recorded as "before".
+        assert (h.flops_ratio, h.speedup, h.speedup_low, h.speedup_high) == \
+            (twin.flops_ratio, twin.speedup, twin.speedup_low, twin.speedup_high)
+        assert h.drop_before_heal == twin.drop and h.heal["steps"] == 5   # 36 images to train on, batches of 8
+        # Judged healed: the healed graph, run independently on all of --val, scores what the planner says.
+        logits = run_batched(session_runner(model.session()), val_x, 8)
+        assert h.accuracy == pytest.approx(float(np.mean(logits.argmax(1) == val_y)), abs=1e-12)
+    assert result.chosen is not None
+    assert result.chosen.drop_bound == min(c.drop_bound for c in result.candidates if c.meets)
+    written = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert [c["healed_from"] for c in written["candidates"] if c["healed_from"]] == [h.healed_from for h in healed]
+    decisions = json.loads((tmp_path / "plan" / "decisions.json").read_text())
+    assert ("heal" in decisions) == (result.chosen.healed_from is not None)
+    markdown = (tmp_path / "plan" / "plan.md").read_text()
+    assert f"| {healed[0].drop_before_heal * 100:+.2f} |" in markdown
+
+
+def test_ctrl_c_while_healing_keeps_the_best_healed_so_far(photos, tmp_path, fast_candidates):
+    exported, root, _, _ = photos
+
+    def progress(message):
+        if message.startswith("healing ") and "img/s" in message:
+            raise KeyboardInterrupt   # inside the training loop: heal keeps its best state and stops
+
+    result = plan(exported.onnx_path, _options(root, tmp_path, heal_epochs=3), progress=progress)
+    healed = [c for c in result.candidates if c.healed_from]
+    assert "while healing" in result.stopped and len(healed) == 1 and healed[0].heal["stopped_by"] == "interrupt"
+    assert result.chosen is not None and (tmp_path / "plan" / "model.onnx").is_file()
+
+
+def test_time_limit_counts_healing(photos, tmp_path, fast_candidates, monkeypatch):
+    exported, root, _, _ = photos
+    now = [0.0]
+    given = []
+    heal = CandidateHealer.heal
+    monkeypatch.setattr(CandidateHealer, "heal", lambda self, a, seconds, p: given.append(seconds) or heal(self, a, seconds, p))
+    choose_next = planner.next_to_heal
+
+    def late(*args):   # the search took all but 5 s of the limit: the heal gets those 5 s, not --heal-time
+        now[0] = 895.0
+        return choose_next(*args)
+
+    monkeypatch.setattr(planner, "next_to_heal", late)
+    result = plan(exported.onnx_path, _options(root, tmp_path / "a", heal_epochs=None), clock=lambda: now[0])
+    healed = [c for c in result.candidates if c.healed_from]
+    assert given == [5.0] and len(healed) == 1 and healed[0].heal["seconds"] <= 5.5
+
+    def spent(*args):   # nothing left once the search is done: no heal, the best unhealed model is kept
+        now[0] = 901.0
+        return choose_next(*args)
+
+    given.clear()
+    now[0] = 0.0
+    monkeypatch.setattr(planner, "next_to_heal", spent)
+    result = plan(exported.onnx_path, _options(root, tmp_path / "b"), clock=lambda: now[0])
+    assert given == [] and "ended healing" in result.stopped
+    assert result.chosen is not None and result.chosen.healed_from is None
+
+
+def _candidate(label, speed, drop, meets, pareto=True):
+    return Candidate("tome", label, {}, flops_ratio=speed, speedup=speed, drop=drop, drop_bound=drop + 0.005,
+                     meets=meets, pareto=pareto)
+
+
+def test_which_candidates_are_healed_and_in_what_order():
+    options = PlanOptions(calib="", out_dir="", max_drop=0.01, heal="photos")
+    cands = [_candidate("mild", 1.2, 0.0, True), _candidate("near", 1.5, 0.03, False),
+             _candidate("far", 1.8, 0.06, False), _candidate("beyond reach", 2.5, 0.01 + HEAL_REACH + 0.01, False)]
+    # The misses within reach that are faster than the choice, nearest to the budget first; then the choice.
+    assert next_to_heal(cands, options, set(), _choose, lambda c: c.meets).label == "near"
+    assert next_to_heal(cands, options, {"near"}, _choose, lambda c: c.meets).label == "far"
+    assert next_to_heal(cands, options, {"near", "far"}, _choose, lambda c: c.meets).label == "mild"
+    # A healed "far" that fits the budget raises the bar: "near" (slower) is no longer worth healing.
+    healed_far = _candidate("far, healed", 1.8, 0.002, True)
+    healed_far.healed_from = "far"
+    assert next_to_heal(cands + [healed_far], options, {"far"}, _choose, lambda c: c.meets) is None
+    options = PlanOptions(calib="", out_dir="", target_speedup=1.4, heal="photos")
+    fast = [_candidate("slow", 1.2, 0.0, False), _candidate("a", 1.5, 0.04, True),
+            _candidate("b", 1.9, 0.02, True), _candidate("off the front", 2.0, 0.05, True, pareto=False)]
+    order = []
+    while (c := next_to_heal(fast, options, set(order), _choose, lambda c: c.meets)) is not None:
+        order.append(c.label)
+    assert order == ["b", "a"]   # fast enough and on the front, the most accurate first
+
+
+def test_with_heal_the_walk_goes_on_past_the_budget_within_reach():
+    drops = {4: 0.0, 8: 0.02, 12: 0.05, 16: 0.2, 20: 0.3}
+    family = Family("tome", "tome", [{"r": r} for r in drops], _midpoint("r", True))
+    seen = []
+
+    def evaluate(family, level):
+        c = Candidate("tome", str(level["r"]), level, drop=drops.get(level["r"], 0.01))
+        c.meets = c.drop <= 0.01
+        seen.append(level["r"])
+        return c
+
+    _walk(family, evaluate, PlanOptions(calib="", out_dir="", max_drop=0.01, heal="photos"), lambda: 0.0)
+    assert seen == [4, 8, 6, 12, 16]   # 8 misses: halved to 6, then on while within 10 pt; 16 is beyond
+    seen.clear()
+    _walk(family, evaluate, PlanOptions(calib="", out_dir="", max_drop=0.01), lambda: 0.0)
+    assert seen == [4, 8, 6]
+
+
+def test_heal_levels_reach_further():
+    from vit2trt.passes.methods import REGISTRY
+
+    class Vit:
+        depth = 12
+
+    assert [l["target_flops"] for l in REGISTRY["cait"].plan_levels(Vit, True, healing=True)][-2:] == [0.4, 0.33]
+    assert min(l["target_flops"] for l in REGISTRY["toast"].plan_levels(Vit, True, healing=True)) == 0.4
+    assert min(l["target_flops"] for l in REGISTRY["toast"].plan_levels(Vit, True)) == 0.55
