@@ -193,3 +193,24 @@ def test_heal_levels_reach_further():
     assert [l["target_flops"] for l in REGISTRY["cait"].plan_levels(Vit, True, healing=True)][-2:] == [0.4, 0.33]
     assert min(l["target_flops"] for l in REGISTRY["toast"].plan_levels(Vit, True, healing=True)) == 0.4
     assert min(l["target_flops"] for l in REGISTRY["toast"].plan_levels(Vit, True)) == 0.55
+
+
+def test_cli_plan_heal_prints_the_drop_before_and_after_healing(photos, tmp_path, fast_candidates):
+    from typer.testing import CliRunner
+
+    from vit2trt.cli import app
+
+    exported, root, _, _ = photos
+    result = CliRunner().invoke(app, [
+        "plan", str(exported.onnx_path), "--calib", str(root / "calib.npy"), "--val", str(root / "val"),
+        "--val-labels", str(root / "val.txt"), "--target-speedup", "1.05", "--methods", "tome", "--no-build",
+        "--rounds", "3", "--heal", str(root / "heal"), "--heal-epochs", "1", "--heal-batch", "8",
+        "--out", str(tmp_path / "plan")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    written = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    healed = [c for c in written["candidates"] if c["healed_from"]]
+    assert healed
+    for c in healed:
+        assert f"{c['label']} (drop {c['drop_before_heal'] * 100:+.2f} -> {c['drop'] * 100:+.2f} pt)" in text
+    assert "also in --heal" in text and "<=95%" in text
