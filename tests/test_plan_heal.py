@@ -137,7 +137,7 @@ def test_time_limit_counts_healing(photos, tmp_path, fast_candidates, monkeypatc
     monkeypatch.setattr(planner, "next_to_heal", late)
     result = plan(exported.onnx_path, _options(root, tmp_path / "a", heal_epochs=None), clock=lambda: now[0])
     healed = [c for c in result.candidates if c.healed_from]
-    assert given == [2.0] and len(healed) == 1 and healed[0].heal["seconds"] <= 2.5
+    assert given == [2.0] and len(healed) == 1 and healed[0].heal["seconds"] < 4   # not --heal-time's 120
 
     def spent(*args):   # nothing left once the search is done: no heal, the best unhealed model is kept
         now[0] = 901.0
