@@ -92,7 +92,7 @@ def test_healed_candidates_are_judged_healed_on_val(photos, tmp_path, fast_candi
     assert healed and len(healed) == len(healed_models)
     for model, h in zip(healed_models, healed):
         twin = next(c for c in candidates if c["label"] == h["healed_from"])
-        assert twin["pareto"] and twin["meets"] and h["label"] == f"{twin['label']}, healed"
+        assert twin["meets"] and h["label"] == f"{twin['label']}, healed"   # fast enough
         # Only weights changed: the twin's FLOPs and speed, and its drop recorded as "before".
         assert [h[k] for k in ("flops_ratio", "speedup", "speedup_low", "speedup_high")] == \
             [twin[k] for k in ("flops_ratio", "speedup", "speedup_low", "speedup_high")]

@@ -88,7 +88,6 @@ def torch_device(choice: str):
 def heal(out_dir: str | os.PathLike, options: HealOptions,
          progress: Callable[[str], None] = lambda msg: None) -> dict:
     """Heal OUT and write the result to options.out (default OUT). Returns the report's 'heal' section."""
-    from ..graph import describe_vit
     from ..measure.references import resolve_reference
     from .data import read_heal_images
 
@@ -113,12 +112,14 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
     from ...models.reference import build_model
 
     teacher = build_model(record).eval()
-    vit = describe_vit(artifact.model, str(artifact.model_path))
-    data = read_heal_images(Path(options.images), tuple(int(v) for v in reference.input_size), reference.preprocessing,
-                            options.labels, options.class_map, vit.head.num_classes or None, options.holdout,
-                            options.seed, options.limit, progress)
-    healed, section = heal_artifact(artifact, teacher, record, data, options, device, started + options.time_limit,
-                                    progress)
+
+    def read_images(classes: Optional[int]):   # after the weights are matched: a graph heal cannot train fails first
+        return read_heal_images(Path(options.images), tuple(int(v) for v in reference.input_size),
+                                reference.preprocessing, options.labels, options.class_map, classes, options.holdout,
+                                options.seed, options.limit, progress)
+
+    healed, section = heal_artifact(artifact, teacher, record, read_images, options, device,
+                                    started + options.time_limit, progress)
     if healed is None:   # a torchrun process other than rank 0: rank 0 writes the one result
         return section
     progress("saving")
@@ -138,13 +139,14 @@ def heal(out_dir: str | os.PathLike, options: HealOptions,
     return section
 
 
-def heal_artifact(artifact: Artifact, teacher, record, data: "HealImages", options: HealOptions, device,
-                  deadline: float, progress: Callable[[str], None] = lambda msg: None
+def heal_artifact(artifact: Artifact, teacher, record, data: "HealImages | Callable[[Optional[int]], HealImages]",
+                  options: HealOptions, device, deadline: float, progress: Callable[[str], None] = lambda msg: None
                   ) -> tuple[Optional[Artifact], dict]:
     """Heal a compressed model in memory: (the healed artifact, its 'heal' section), or (None, this
     process's summary) on a torchrun process other than rank 0. `teacher` is the original in PyTorch,
-    `record` the ReferenceRecord that built it, `data` the images read once (plan heals several
-    candidates on them); training stops by `deadline` (time.monotonic())."""
+    `record` the ReferenceRecord that built it, `data` the images (read once when plan heals several
+    candidates on them), or what reads them given the head's class count; training stops by
+    `deadline` (time.monotonic())."""
     import torch
 
     from ..graph import describe_vit
@@ -161,6 +163,8 @@ def heal_artifact(artifact: Artifact, teacher, record, data: "HealImages", optio
     if not trainable:
         raise Vit2TrtError("no weight of the compressed graph could be matched to the PyTorch model, so none can be "
                            "healed; check that the reference record belongs to the model convert read.")
+    if callable(data):
+        data = data(vit.head.num_classes or None)
     if options.device == "cpu" or device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     held = min(len(data.holdout), JUDGE_IMAGES)

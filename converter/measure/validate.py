@@ -79,6 +79,17 @@ def image_labels(images: Path, files: Optional[list[Path]], count: int, labels: 
     """The class of each image, in the order of `files` (None: an .npy of `count` images), or None when no
     labels are given. An ImageFolder labels itself; a flat folder or an array takes --labels (`labels_flag`
     and `class_map_flag` name the options in messages)."""
+    try:
+        return _image_labels(images, files, count, labels, class_map, width, flag, labels_flag, class_map_flag)
+    except Vit2TrtError as exc:   # the readers below name --labels and --class-map: name the options given
+        message = str(exc)
+        if (labels_flag, class_map_flag) == ("--labels", "--class-map"):
+            raise
+        renamed = message.replace("--labels ", f"{labels_flag} ").replace("--class-map ", f"{class_map_flag} ")
+        raise Vit2TrtError(renamed) from None
+
+
+def _image_labels(images, files, count, labels, class_map, width, flag, labels_flag, class_map_flag):
     from .image_folder import class_indices, folder_labels, is_image_folder
 
     if files is not None and is_image_folder(images):

@@ -34,12 +34,17 @@ class CandidateHealer:
                                    time_limit=options.heal_time, epochs=options.heal_epochs,
                                    device=options.heal_device, batch=options.heal_batch, seed=options.seed,
                                    limit=options.heal_limit)
+        from ..healing.parallel import launched_world
+
+        if launched_world() > 1:
+            raise Vit2TrtError("plan --heal runs in one process; launch plain `vit2trt plan`, not under torchrun "
+                               "(torchrun suits `vit2trt heal` of the chosen model).")
         try:
             self.options.check()
+            self.device = torch_device(self.options.device)
         except Vit2TrtError as exc:   # heal's flags, as plan calls them
             raise Vit2TrtError(str(exc).replace("--time-limit", "--heal-time").replace("--epochs", "--heal-epochs")
                                .replace("--batch", "--heal-batch").replace("--device", "--heal-device")) from None
-        self.device = torch_device(self.options.device)
         reference = original_reference(source.path, source.record)
         self.record = reference.record
         progress("healing: building the original in PyTorch and reading the --heal images")

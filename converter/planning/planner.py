@@ -176,6 +176,11 @@ def check_plan_options(o: PlanOptions) -> None:
         raise Vit2TrtError(f"--time-limit must be positive, got {o.time_limit}.")
     if (o.heal_labels or o.heal_class_map) and o.heal is None:
         raise Vit2TrtError("--heal-labels and --heal-class-map describe --heal DIR: give --heal too.")
+    if o.heal_labels and o.heal_class_map:
+        raise Vit2TrtError("give the classes of --heal one way: --heal-labels (a flat folder) or --heal-class-map "
+                           "(an ImageFolder), not both.")
+    if o.heal_limit is not None and o.heal_limit < 1:
+        raise Vit2TrtError(f"--heal-limit must be at least 1, got {o.heal_limit}.")
     if not o.heal_time > 0:
         raise Vit2TrtError(f"--heal-time is the seconds of healing per candidate and must be positive, got {o.heal_time}.")
     if o.heal_epochs is not None and o.heal_epochs < 1:
@@ -216,8 +221,10 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
         fit_idx, held_idx = np.arange(len(images)), np.arange(len(val[0]))
     needed = math.ceil(max(b.ffn.hidden for b in vit.blocks) / vit.num_tokens) + 1
     if len(fit_idx) < needed:
+        fix = "give more images in --calib" + ("" if val is not None else " or lower --holdout") + \
+            (", or raise --calib-limit" if options.calib_limit else "")
         raise Vit2TrtError(f"{len(fit_idx)} calibration images are too few to fit on (this model needs at least "
-                           f"{needed}); give more images in --calib or lower --holdout.")
+                           f"{needed}); {fix}.")
     wanted = [f.strip() for f in options.methods] if options.methods else None
     all_families = families(vit, source.record is not None, healing=options.heal is not None)
     if wanted:
@@ -229,6 +236,16 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
     for family in all_families:
         for part in family.method.split("+"):
             get_method(part)
+    if options.max_drop is not None:
+        from ..measure.confidence import smallest_confirmable
+
+        floor = smallest_confirmable(len(held_idx))
+        if floor > options.max_drop:
+            judged = f"{len(held_idx)} {'--val' if val is not None else 'held-out --calib'} images"
+            raise Vit2TrtError(f"--max-drop {options.max_drop:g} cannot be confirmed on {judged}: even a model that "
+                               f"matches the original on every one of them confirms no smaller drop than "
+                               f"{floor * 100:.2f} pt (95% upper bound). Judge on more labelled images (--val; about "
+                               f"{math.ceil(2.71 / max(options.max_drop, 1e-9))} for this budget) or raise --max-drop.")
 
     start = clock()
     cache: dict = {}
@@ -249,7 +266,7 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
     healer = None
     if options.heal is not None:
         healer = CandidateHealer(source, options, progress)
-        notes += _heal_overlap(healer.files, options)
+        notes += _heal_overlap(healer.files, options, held_idx)
     tome_flops: dict[int, float] = {}
     best: dict = {}   # the candidate the choice would take so far, and its compressed model
     origin: dict[str, tuple[Family, dict]] = {}   # label -> what rebuilds the candidate
@@ -290,60 +307,69 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
             candidates.append(candidate)
             return candidate
         candidate.meets = _meets(candidate, options)
-        candidates.append(candidate)
         if candidate.meets and _choose([c for c in (best.get("candidate"), candidate) if c], options) is candidate:
             best.update(candidate=candidate, artifact=artifact, family=family)   # keep one model in memory, not all
+        candidates.append(candidate)   # after `best`: a Ctrl-C between the two must not part them
         return candidate
 
-    def heal(target: Candidate, seconds: float) -> None:
-        """Heal `target` and judge the healed model as a candidate of its own."""
+    def heal(target: Candidate) -> None:
+        """Heal `target` within what is left of the time limit, and judge the healed model as a
+        candidate of its own. A failure is a note, not the plan's end (as for a candidate)."""
         family, level = origin[target.label]
         name = f"{target.label}, healed"
         progress(f"healing {target.label}")
-        artifact = (best["artifact"] if best.get("candidate") is target
-                    else compress(source, convert_options(family, level)))
         try:
-            healed, section = healer.heal(artifact, seconds, lambda m: progress(f"healing {target.label}: {m}"))
-        except Vit2TrtError as exc:
-            notes.append(f"healing {target.label} failed: {exc}")
+            artifact = (best["artifact"] if best.get("candidate") is target
+                        else compress(source, convert_options(family, level)))
+            left = options.time_limit - (clock() - start)   # re-compressing counted
+            healed, section = healer.heal(artifact, min(options.heal_time, max(left, 0.0)),
+                                          lambda m: progress(f"healing {target.label}: {m}"))
+            h = Candidate(target.family, name, dict(target.settings),
+                          **{k: getattr(target, k) for k in _SPEED_FIELDS})
+            h.convert_options = dict(target.convert_options,
+                                     heal={k: section[k] for k in ("seconds", "steps", "epochs")})
+            h.healed_from, h.drop_before_heal = target.label, target.drop
+            h.heal = {k: section[k] for k in ("seconds", "steps", "epochs", "labels", "stopped_by", "images")}
+            h.heal["holdout_kl"] = [section["holdout_before"]["kl"], section["holdout_after"]["kl"]]
+            judge.score_accuracy(h, healed.session(options.threads))
+        except Exception as exc:   # out of memory, a failed check, ...: the other candidates still count
+            notes.append(f"healing {target.label} failed: "
+                         f"{exc if isinstance(exc, Vit2TrtError) else f'{type(exc).__name__}: {exc}'}")
             return
-        h = Candidate(target.family, name, dict(target.settings), **{k: getattr(target, k) for k in _SPEED_FIELDS})
-        h.convert_options = dict(target.convert_options, heal={k: section[k] for k in ("seconds", "steps", "epochs")})
-        h.healed_from, h.drop_before_heal = target.label, target.drop
-        h.heal = {k: section[k] for k in ("seconds", "steps", "epochs", "labels", "stopped_by", "images")}
-        h.heal["holdout_kl"] = [section["holdout_before"]["kl"], section["holdout_after"]["kl"]]
-        judge.score_accuracy(h, healed.session(options.threads))
         h.meets = _meets(h, options)
-        candidates.append(h)
         origin[name] = (family, level)
         if h.meets and _choose([c for c in (best.get("candidate"), h) if c], options) is h:
             best.update(candidate=h, artifact=healed, family=family)
+        candidates.append(h)
         if section.get("stopped_by") == "interrupt":
             raise KeyboardInterrupt
 
     # With --heal, the search leaves time to heal at least two candidates (or half the limit).
     search_limit = options.time_limit - (min(2 * options.heal_time, options.time_limit / 2) if healer else 0.0)
     interrupted = False
+    reasons: list[str] = []
     try:
         for family in all_families:
             _walk(family, evaluate, options, lambda: clock() - start, search_limit)
     except _OutOfTime:
-        stopped = f"the time limit ({search_limit:g} s of {options.time_limit:g} s) ended the search"
+        share = f" ({search_limit:g} s of {options.time_limit:g} s, the rest for healing)" if healer else ""
+        reasons.append(f"the time limit{share} ended the search")
     except KeyboardInterrupt:
-        stopped, interrupted = "interrupted (Ctrl-C): the best model found so far is kept", True
+        reasons.append("interrupted (Ctrl-C): the best model found so far is kept")
+        interrupted = True
     if healer is not None and not interrupted:
         _mark_pareto(candidates)
         done: set[str] = set()
         try:
             while (target := next_to_heal(candidates, options, done, _choose, lambda c: c.meets)) is not None:
-                left = options.time_limit - (clock() - start)
-                if left <= 0:
-                    stopped = f"the time limit ({options.time_limit:g} s) ended healing"
+                if clock() - start >= options.time_limit:
+                    reasons.append(f"the time limit ({options.time_limit:g} s) ended healing")
                     break
                 done.add(target.label)
-                heal(target, min(options.heal_time, left))
+                heal(target)
         except KeyboardInterrupt:
-            stopped = "interrupted (Ctrl-C) while healing: the best model found so far is kept"
+            reasons.append("interrupted (Ctrl-C) while healing: the best model found so far is kept")
+    stopped = "; ".join(reasons) or None
     chosen = _choose(candidates, options)
     _mark_pareto(candidates)
     if stopped:
@@ -477,26 +503,33 @@ def _unconfirmed(candidates: list[Candidate], options: PlanOptions, judged: int,
     return text + "."
 
 
-def _heal_overlap(heal_files: list[Path], options: PlanOptions) -> list[str]:
-    """Warnings when the judging images are among the --heal images (a healed candidate would be judged
-    on what it trained on)."""
+def _heal_overlap(heal_files: list[Path], options: PlanOptions, held_idx: np.ndarray) -> list[str]:
+    """Warnings when judging images are among the --heal images (a healed candidate would be judged on
+    what it trained on). Folders are compared file by file; an .npy judging set cannot be."""
     from ..measure.calibration import image_files
 
-    judged, flag = (options.val, "--val") if options.val else (options.calib, "--calib")
-    if not Path(judged).is_dir():
-        return []
-    files = image_files(Path(judged), None if options.val else options.calib_limit, flag)
-    shared = shared_files(files, heal_files)
+    if options.val:
+        judged, flag = (image_files(Path(options.val), flag="--val") if Path(options.val).is_dir() else []), "--val"
+    else:
+        calib = Path(options.calib)
+        files = image_files(calib, options.calib_limit) if calib.is_dir() else []
+        judged, flag = [files[i] for i in held_idx] if files else [], "held-out --calib"
+    shared = shared_files(judged, heal_files) if judged else 0
     if not shared:
         return []
-    return [f"{shared} of the {len(files)} {flag} images are also in --heal: healed candidates are judged on images "
-            f"they trained on, which flatters them; give {flag} images that --heal lacks."]
+    return [f"{shared} of the {len(judged)} {flag} images are also in --heal: healed candidates are judged on images "
+            f"they trained on, which flatters them; give judging images that --heal lacks."]
 
 
 def _shared_images(a: np.ndarray, b: np.ndarray) -> int:
-    """How many images of `a` also occur in `b` (the same preprocessed pixels)."""
-    seen = {row.tobytes() for row in np.ascontiguousarray(b)}
-    return sum(row.tobytes() in seen for row in np.ascontiguousarray(a))
+    """How many images of `a` also occur in `b` (the same preprocessed pixels; compared by digest)."""
+    import hashlib
+
+    def digest(row: np.ndarray) -> bytes:
+        return hashlib.sha256(np.ascontiguousarray(row).data).digest()
+
+    seen = {digest(row) for row in b}
+    return sum(digest(row) in seen for row in a)
 
 
 def _split(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
