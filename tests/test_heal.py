@@ -143,6 +143,25 @@ def test_time_limit_and_ctrl_c_write_the_best_state(digits_cait, tmp_path):
     assert (tmp_path / "timed" / "healed.safetensors").is_file()
 
 
+def test_a_slow_start_does_not_leave_the_time_limit_unused(digits_cait, tmp_path):
+    """The step count fixed after three probe steps is counted again at each judgement: a probe slowed
+    (here by 0.4 s a step, as warm-up or a busy machine would) must not end training early."""
+    import time as clock
+
+    planned = []
+
+    def slow_probe(message: str) -> None:
+        if message.startswith("healing ("):
+            planned.append(int(message.rsplit("/", 1)[1]))
+            if len(planned) <= 2:
+                clock.sleep(0.4)
+
+    section = heal(digits_cait / "out", HealOptions(digits_cait / "images", batch=16, time_limit=5,
+                                                   out=tmp_path / "timed", device="cpu"), progress=slow_probe)
+    first = planned[2]   # the count the probe fixed after its third step (before: a provisional one)
+    assert section["steps"] > 1.3 * first and section["planned_steps"] == max(planned[2:]) >= section["steps"]
+
+
 def test_cli_heals_in_place_and_validates_on_val(digits_cait, tmp_path):
     import shutil
 

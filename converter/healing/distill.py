@@ -176,6 +176,8 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
     per_epoch = max(1, math.ceil(len(train_index) / settings.batch))
     planned = per_epoch * settings.epochs if settings.epochs else None
     probe = 3          # without --epochs: steps timed before the step count is fixed by the time left
+    by_time = planned is None and math.isfinite(settings.deadline)
+    mark = (0, 0.0)    # (step, time) the pace is measured from: after the probe, its warm-up left out
     judgements = JUDGEMENTS
     provisional = planned or 10_000
     step, seen, stopped_by, running = 0, 0, "schedule", []
@@ -215,9 +217,20 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
                     planned = per_epoch
                 planned = int(-parallel.largest(-planned))   # the slowest process's count, on every process
                 judgements = int(-parallel.largest(-judgements))
+                mark = (step, time.monotonic())
                 progress(f"healing: {planned} steps fit the time limit ({planned * settings.batch / max(len(train_index), 1):.1f} epochs)")
             total = planned or provisional
             every = max(1, math.ceil(total / judgements))
+            if by_time and step > mark[0] and step % every == 0 and step < total:
+                # Three probe steps, slowed by warm-up, misjudge the pace: at every judgement the steps
+                # left are counted again from the pace since the probe, so that the time is used.
+                pace = (time.monotonic() - mark[1]) / (step - mark[0])
+                judged_left = math.ceil((total - step) / every) + 1
+                left = settings.deadline - time.monotonic() - judged_left * judge_seconds
+                longer = step + int(left / pace * 0.95)
+                longer = int(-parallel.largest(-longer))
+                if longer > total * 1.02:
+                    planned = total = longer
             if step % every == 0 or step == total:
                 judgement = judge(step, _mean_loss(parallel, running[-every:]))
                 curve.append(judgement)
