@@ -196,3 +196,14 @@ def with_constant_mask(source, target, seed: int = 0) -> Path:
                                 helper.make_node("Add", [scores, mask.name], [node.input[0]], name=f"test_mask_add_{i}"))
     onnx.save(model, str(target))
     return Path(target)
+
+
+# The modules holding the longest tests run first: a worker that draws a 30-second test last keeps the
+# other worker idle for as long (xdist balances the rest by stealing short tests at the end).
+LONG_FIRST = ("test_digits.py", "test_heal.py", "test_plugins.py", "test_tune_thresholds.py", "test_asvit.py",
+              "test_toast_tcs.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))   # stable: order kept within

@@ -145,7 +145,7 @@ def test_time_limit_and_ctrl_c_write_the_best_state(digits_cait, tmp_path):
 
 def test_a_slow_start_does_not_leave_the_time_limit_unused(digits_cait, tmp_path):
     """The step count fixed after three probe steps is counted again at each judgement: a probe slowed
-    (here by 0.4 s a step, as warm-up or a busy machine would) must not end training early."""
+    (here by 0.3 s a step, as warm-up or a busy machine would) must not end training early."""
     import time as clock
 
     planned = []
@@ -154,9 +154,9 @@ def test_a_slow_start_does_not_leave_the_time_limit_unused(digits_cait, tmp_path
         if message.startswith("healing ("):
             planned.append(int(message.rsplit("/", 1)[1]))
             if len(planned) <= 2:
-                clock.sleep(0.4)
+                clock.sleep(0.3)
 
-    section = heal(digits_cait / "out", HealOptions(digits_cait / "images", batch=16, time_limit=5,
+    section = heal(digits_cait / "out", HealOptions(digits_cait / "images", batch=16, time_limit=3,
                                                    out=tmp_path / "timed", device="cpu"), progress=slow_probe)
     first = planned[2]   # the count the probe fixed after its third step (before: a provisional one)
     assert section["steps"] > 1.3 * first and section["planned_steps"] == max(planned[2:]) >= section["steps"]
