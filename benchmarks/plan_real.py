@@ -102,7 +102,7 @@ def main() -> None:
                 calib=str(tmp / "calib.npy"), labels=str(tmp / "calib_labels.npy"), out_dir=str(out / f"plan_{key}"),
                 val=str(tmp / "val.npy"), val_labels=str(tmp / "val_labels.npy"), batch=args.batch,
                 time_limit=args.time_limit, build=False, overwrite=True, threads=args.threads, **healing, **settings),
-                progress=lambda m: print(m, flush=True) if not m.startswith(("healing (", "reading")) else None)
+                progress=lambda m: None if "healing (" in m or m.startswith("reading") else print(m, flush=True))
             plan_s = time.monotonic() - began
             opts = PlanOptions(calib="", out_dir="", **settings)
             single = _choose([c for c in result.candidates if c.family in SINGLE], opts)
