@@ -244,8 +244,9 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
             judged = f"{len(held_idx)} {'--val' if val is not None else 'held-out --calib'} images"
             raise Vit2TrtError(f"--max-drop {options.max_drop:g} cannot be confirmed on {judged}: even a model that "
                                f"matches the original on every one of them confirms no smaller drop than "
-                               f"{floor * 100:.2f} pt (95% upper bound). Judge on more labelled images (--val; about "
-                               f"{math.ceil(2.71 / max(options.max_drop, 1e-9))} for this budget) or raise --max-drop.")
+                               f"{floor * 100:.2f} pt (95% upper bound). Judge on more labelled images (--val: at least "
+                               f"{math.ceil(2.71 / max(options.max_drop, 1e-9))} for this budget, many more for a model "
+                               "that loses anything) or raise --max-drop.")
 
     start = clock()
     cache: dict = {}
