@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from .files import write_atomically
+from .runtime import serialized
 from ..errors import Vit2TrtError
 
 MODEL_FILE = "model.onnx"
@@ -31,7 +32,6 @@ ORIGINAL_FILE = "original.json"              # what validate knows of the origin
 REPORT_FILE = "report.json"                  # the machine-readable report; validate and bench add to it
 ENGINE_FILE = "model.engine"
 ENGINE_INFO_FILE = "model.engine.json"       # how the engine was built (module, profile, precision)
-_TWO_GB = 2**31
 
 
 def read_json(path: Path) -> dict:
@@ -186,11 +186,12 @@ class Artifact:
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".vit2trt-out-") as staging:
             tmp = Path(staging) / "out"
             tmp.mkdir()
-            big = self.model.ByteSize() >= _TWO_GB
+            data = serialized(self.model)
+            big = data is None   # beyond protobuf's 2 GB: the weights go to a data file
             if big:
                 onnx.save(self.model, str(tmp / MODEL_FILE), save_as_external_data=True, location=MODEL_DATA_FILE)
             else:
-                onnx.save(self.model, str(tmp / MODEL_FILE))
+                (tmp / MODEL_FILE).write_bytes(data)   # what onnx.save writes, without serializing twice
             if self.compensation:
                 from safetensors.numpy import save_file
 

@@ -13,7 +13,35 @@ import onnx
 
 _PROTOBUF_LIMIT = 2**31 - 1 - 64 * 2**20   # leave headroom for the graph itself
 
-Source = Union[str, os.PathLike, onnx.ModelProto]
+Source = Union[str, os.PathLike, onnx.ModelProto, bytes]
+
+
+def serialized(model: onnx.ModelProto) -> Optional[bytes]:
+    """The graph's bytes, or None when it is too large for one protobuf (it must travel as external data).
+
+    Under upb, ByteSize() costs a whole serialization; a graph whose weights are far below the limit is
+    serialized at once, and only one near it is measured first."""
+    if _weight_bytes(model) < _PROTOBUF_LIMIT // 2:
+        try:
+            return model.SerializeToString()
+        except Exception:   # weights the estimate missed (huge Constant nodes): measure below
+            pass
+    return model.SerializeToString() if model.ByteSize() < _PROTOBUF_LIMIT else None
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    """The initializers' size from their shapes and types (reads no data); a huge number where unknown."""
+    total = 0
+    for tensor in model.graph.initializer:
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            return _PROTOBUF_LIMIT
+        count = 1
+        for dim in tensor.dims:
+            count *= int(dim)
+        total += count * max(itemsize, 1)
+    return total
 
 
 def ort_session(source: Source, threads: Optional[int] = None, optimize: bool = True,
@@ -35,15 +63,23 @@ def ort_session(source: Source, threads: Optional[int] = None, optimize: bool = 
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     providers = ["CPUExecutionProvider"]
+    if isinstance(source, bytes):
+        return ort.InferenceSession(source, options, providers=providers)
     if not isinstance(source, onnx.ModelProto):
         return ort.InferenceSession(str(source), options, providers=providers)
-    if source.ByteSize() < _PROTOBUF_LIMIT:
-        return ort.InferenceSession(source.SerializeToString(), options, providers=providers)
+    data = serialized(source)
+    if data is not None:
+        return ort.InferenceSession(data, options, providers=providers)
     # Beyond protobuf's 2 GB a graph travels as a file with external data (read whole at creation).
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         onnx.save(source, path, save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(path, options, providers=providers)
+        try:
+            return ort.InferenceSession(path, options, providers=providers)
+        finally:   # saving moved the caller's weights out to the file: read them back before it goes
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(source, tmp)
 
 
 Runner = Callable[[np.ndarray], list]

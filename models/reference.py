@@ -5,11 +5,13 @@ exact PyTorch model from it. Weights are read without unpickling arbitrary objec
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -85,16 +87,35 @@ def build_model(record: ReferenceRecord) -> torch.nn.Module:
         if record.weights_sha256 and Path(record.weights).is_file() and sha256_of(record.weights) != record.weights_sha256:
             raise ExportError(f"{record.weights} changed since the reference was taken from it (sha256 differs).")
         return model_from_graph(record.weights)[0]
-    if record.family == "timm":
-        model = _build_timm(record.name, record.kwargs)
-    elif record.family == "hf":
-        model = _build_hf(record.kwargs)
-    else:
+    if record.family not in ("timm", "hf"):
         raise ExportError(f"unknown model family '{record.family}' in reference record.")
+    model = _initialized(record)
     if record.weights:
         state = load_state_dict(record.weights)
         _load_into(model, state, record)
     return model.eval()
+
+
+# Random init costs more than the forward passes of a small model, and one process rebuilds the same
+# reference many times (export, convert, validate, heal, every candidate of plan): the initialized model
+# and the random-number state after its init are kept for the last few records and handed out as copies.
+_INITIALIZED: "OrderedDict[str, tuple[torch.nn.Module, torch.Tensor]]" = OrderedDict()
+_INITIALIZED_KEPT = 4
+
+
+def _initialized(record: ReferenceRecord) -> torch.nn.Module:
+    """The model of `record` as its constructor leaves it (weights not loaded yet), a fresh copy."""
+    key = json.dumps([record.family, record.name, record.kwargs, record.seed], sort_keys=True, default=str)
+    if key not in _INITIALIZED:
+        model = _build_timm(record.name, record.kwargs) if record.family == "timm" else _build_hf(record.kwargs)
+        _INITIALIZED[key] = (model, torch.get_rng_state())
+        while len(_INITIALIZED) > _INITIALIZED_KEPT:
+            _INITIALIZED.popitem(last=False)
+    _INITIALIZED.move_to_end(key)
+    model, rng_after_init = _INITIALIZED[key]
+    if record.seed is not None:
+        torch.set_rng_state(rng_after_init)   # what a fresh seeded init leaves to the caller
+    return copy.deepcopy(model)
 
 
 def _build_timm(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:

@@ -89,3 +89,29 @@ def test_open_names_what_is_missing(compressed, tmp_path):
     with pytest.raises(Exception, match="compensation.safetensors, which is missing"):
         Artifact.open(tmp_path / "out")
     assert artifact_module.read_json(tmp_path / "nothing.json") == {}
+
+
+def test_graphs_beyond_the_protobuf_limit_travel_as_external_data(compressed, tmp_path, monkeypatch):
+    """With the 2 GB limit lowered, every in-memory path (session, observed shapes, save) takes the
+    external-data route and computes what the one-message route computes."""
+    from vit2trt.converter import runtime
+    from vit2trt.converter.graph import shapes
+    from vit2trt.converter.artifact import MODEL_DATA_FILE
+
+    _, result, x = compressed
+    model = result.model
+    assert runtime.serialized(model) == model.SerializeToString()
+    want = run_batched(session_runner(runtime.ort_session(model)), x[:2], 2)
+    names = [n.output[0] for n in model.graph.node if n.op_type == "MatMul"][:3]
+    want_shapes = shapes.observe_shapes(model, names, (1, 3, 224, 224))[0]
+    monkeypatch.setattr(runtime, "_PROTOBUF_LIMIT", 4096)
+    shapes._OBSERVED.clear()
+    assert runtime.serialized(model) is None
+    before = [(t.name, t.raw_data) for t in model.graph.initializer]
+    assert rel_error(run_batched(session_runner(runtime.ort_session(model)), x[:2], 2), want) == 0.0
+    assert [(t.name, t.raw_data) for t in model.graph.initializer] == before   # the caller's weights stay in place
+    assert shapes.observe_shapes(model, names, (1, 3, 224, 224))[0] == want_shapes
+    result.save(tmp_path / "big")
+    assert (tmp_path / "big" / MODEL_DATA_FILE).stat().st_size > 4096
+    opened = Artifact.open(tmp_path / "big")
+    assert rel_error(run_batched(session_runner(opened.session()), x[:2], 2), want) == 0.0

@@ -158,3 +158,34 @@ def test_an_original_exported_at_a_fixed_batch_is_run_image_by_image(own_export,
     assert fixed["relative_error"] == pytest.approx(dynamic["relative_error"], rel=1e-3, abs=1e-5)
     result = _validate(own_export, "--reference-onnx", str(tmp_path / "fixed2.onnx"))
     assert result.exit_code == 2 and "fixed batch of 2" in result.output
+
+
+def test_a_rebuilt_reference_is_a_fresh_copy_equal_to_a_fresh_init(tmp_path):
+    """build_model keeps initialized models for reuse: each call still returns its own model, equal to a
+    fresh seeded init, and leaves the random state as a fresh init leaves it."""
+    from safetensors.torch import save_file as save_torch
+
+    from vit2trt.models import reference as reference_module
+    from vit2trt.models.reference import ReferenceRecord, build_model
+
+    record = ReferenceRecord("timm", "vit_tiny_patch16_224", {"depth": 1, "img_size": 32, "num_classes": 3},
+                             {"input_size": [3, 32, 32]}, seed=11)
+    reference_module._INITIALIZED.clear()
+    first = build_model(record)
+    after_fresh = torch.rand(4)
+    second = build_model(record)
+    assert torch.equal(torch.rand(4), after_fresh)   # the same random state after a reused init
+    with torch.no_grad():
+        first.head.weight.add_(1.0)   # a caller's change reaches no other copy
+    third = build_model(record)
+    torch.manual_seed(11)
+    want = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=3)
+    for model in (second, third):
+        assert model is not first and not model.training
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+    # With a weights file, the weights win over the reused init.
+    weights = {k: v + 0.5 for k, v in want.state_dict().items()}
+    save_torch(weights, str(tmp_path / "w.safetensors"))
+    loaded = build_model(ReferenceRecord("timm", "vit_tiny_patch16_224", record.kwargs, record.preprocessing,
+                                         weights=str(tmp_path / "w.safetensors")))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in weights.items())

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Optional
 
 import numpy as np
 import onnx
 
-from ..runtime import _PROTOBUF_LIMIT, ort_session
+from ..runtime import ort_session, serialized
 from ...errors import NotAViTError
 
 
@@ -27,6 +26,15 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return tapped
 
 
+def _extra_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """Bytes that, appended to `model`'s serialization, make it also return `names`: protobuf parses
+    concatenated messages as one merged message, whose repeated fields (graph.output) are appended.
+    This saves copying and serializing the weights a second time."""
+    present = {o.name for o in model.graph.output}
+    outputs = [onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names) if name not in present]
+    return onnx.ModelProto(graph=onnx.GraphProto(output=outputs)).SerializeToString()
+
+
 def observe_shapes(
     model: onnx.ModelProto, tensor_names: list[str], input_shape: tuple[int, ...], keep_values: tuple[str, ...] = ()
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
@@ -35,18 +43,19 @@ def observe_shapes(
     Returns the shapes of `tensor_names` and the values of those that are small integer tensors
     (reshape targets and the like) or named in `keep_values` (attention masks).
     """
-    key = _run_key(model, tensor_names, input_shape, keep_values)
+    data = None if _external(model) else serialized(model)
+    key = None if data is None else _run_key(data, tensor_names, input_shape, keep_values)
     if key is not None and key in _OBSERVED:
         _OBSERVED.move_to_end(key)
         shapes, values = _OBSERVED[key]
         return dict(shapes), {name: value.copy() for name, value in values.items()}
-    probe = with_outputs(model, tensor_names)
+    probe = with_outputs(model, tensor_names) if data is None else data + _extra_outputs(model, tensor_names)
     elem_type = model.graph.input[0].type.tensor_type.elem_type
     dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-    data = np.random.default_rng(0).standard_normal(input_shape).astype(dtype)
+    x = np.random.default_rng(0).standard_normal(input_shape).astype(dtype)
     try:
         session = ort_session(probe, optimize=False)
-        results = session.run(list(tensor_names), {model.graph.input[0].name: data})
+        results = session.run(list(tensor_names), {model.graph.input[0].name: x})
     except Exception as exc:  # ORT raises many exception types for a graph it cannot run
         raise NotAViTError(
             f"ONNX Runtime could not run the graph at batch 1 with input shape {list(input_shape)}: "
@@ -68,11 +77,11 @@ _OBSERVED: OrderedDict = OrderedDict()
 _OBSERVED_KEPT = 32
 
 
-def _run_key(model: onnx.ModelProto, tensor_names: list[str], input_shape: tuple[int, ...],
-             keep_values: tuple[str, ...]) -> Optional[str]:
-    if model.ByteSize() >= _PROTOBUF_LIMIT or any(   # too large to hash, or weights that live elsewhere
-            t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return None
-    digest = hashlib.sha256(model.SerializeToString())
+def _external(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _run_key(data: bytes, tensor_names: list[str], input_shape: tuple[int, ...], keep_values: tuple[str, ...]) -> str:
+    digest = hashlib.sha256(data)
     digest.update(repr((list(tensor_names), tuple(input_shape), tuple(keep_values))).encode())
     return digest.hexdigest()
