@@ -83,6 +83,25 @@ MATRIX = [
 ]
 EXPORTERS = ["torchscript", "dynamo"]
 
+# The methods' equality tests share these exports: 96-pixel inputs (36 patches; dinov2 a 7x7 grid, odd) and
+# 4 blocks are enough for per-image token counts, merges and every pruning form to differ, at a fifth of the
+# work of 224 pixels; the matrix above proves that the reader finds the named sizes.
+METHOD_MODELS = {
+    "deit_small": ("timm:deit_small_patch16_224", {"depth": 4, "img_size": 96}),
+    "deit_small_distilled": ("timm:deit_small_distilled_patch16_224", {"depth": 4, "img_size": 96}),
+    "deit3_layerscale": ("timm:deit3_small_patch16_224", {"depth": 4, "img_size": 96}),
+    "gap_no_cls": ("timm:vit_small_patch16_224", {"depth": 4, "img_size": 96, "class_token": False,
+                                                  "global_pool": "avg"}),
+    "dinov2_reg4": ("timm:vit_small_patch14_reg4_dinov2", {"depth": 4, "img_size": 98, "num_classes": 10}),
+    "no_qkv_bias": ("timm:vit_small_patch16_224", {"depth": 4, "img_size": 96, "qkv_bias": False}),
+    "hf_vit": ("hf:ViTForImageClassification", dict(HF_TINY, num_hidden_layers=4, image_size=96)),
+}
+
+
+def method_cases(*names: str) -> list:
+    """(id, spec, args) of the named METHOD_MODELS, in order."""
+    return [(name, *METHOD_MODELS[name]) for name in names]
+
 
 def model_args(spec: str, args: dict) -> dict:
     return dict(args, depth=2) if spec.startswith("timm:") else dict(args)

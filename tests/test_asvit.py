@@ -19,20 +19,14 @@ from vit2trt.models.asvit_reference import ASViT
 from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.passes.asvit import apply_asvit, default_stages
 
-from conftest import HF_TINY, rel_error, run_onnx, run_onnx_each
+from conftest import METHOD_MODELS, method_cases, rel_error, run_onnx, run_onnx_each
 
 runner = CliRunner()
 
-# 96-pixel inputs (37 tokens): enough tokens for every image to keep its own count, a fifth of the work
-# of 224 pixels. The fp16 test keeps 224 (it needs more than 2048 token positions in a batch).
-DEIT_SMALL = ("timm:deit_small_patch16_224", {"depth": 4, "img_size": 96})
-CASES = [
-    ("deit_small", *DEIT_SMALL),
-    ("deit_small_distilled", "timm:deit_small_distilled_patch16_224", {"depth": 4, "img_size": 96}),
-    ("deit3_layerscale", "timm:deit3_small_patch16_224", {"depth": 4, "img_size": 96}),
-    ("dinov2_reg4", "timm:vit_small_patch14_reg4_dinov2", {"depth": 4, "img_size": 84, "num_classes": 10}),
-    ("hf_vit", "hf:ViTForImageClassification", dict(HF_TINY, num_hidden_layers=4, image_size=96)),
-]
+# The shared method models (conftest.METHOD_MODELS). The fp16 test keeps 224 pixels (it needs more than
+# 2048 token positions in a batch).
+DEIT_SMALL = METHOD_MODELS["deit_small"]
+CASES = method_cases("deit_small", "deit_small_distilled", "deit3_layerscale", "dinov2_reg4", "hf_vit")
 STAGES = [1, 2, 3]
 
 

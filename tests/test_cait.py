@@ -22,16 +22,13 @@ from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.passes.atme import RESTORED_OUTPUT, apply_atme, plan_atme
 from vit2trt.passes.cdcp import cdcp, cdcp_keep
 
-from conftest import HF_TINY, rel_error, with_constant_mask
+from conftest import METHOD_MODELS, rel_error, with_constant_mask
 
-CASES = [
-    # id, spec, args, stages, channel ratio
-    ("deit_small", "timm:deit_small_patch16_224", {"depth": 3}, [1, 2], 0.25),
-    ("distilled", "timm:deit_small_distilled_patch16_224", {"depth": 3}, [1, 2], 0.5),
-    ("registers_odd_grid", "timm:vit_small_patch14_reg4_dinov2", {"depth": 3, "img_size": 126, "num_classes": 10},
-     [1, 2], 0.25),
-    ("gap_no_cls", "timm:vit_small_patch16_224", {"depth": 4, "class_token": False, "global_pool": "avg",
-                                                   "img_size": 112}, [1, 2, 3], 0.0),
+CASES = [   # id, spec, args, stages, channel ratio (the shared method models; dinov2's grid is 7x7, odd)
+    ("deit_small", *METHOD_MODELS["deit_small"], [1, 2], 0.25),
+    ("distilled", *METHOD_MODELS["deit_small_distilled"], [1, 2], 0.5),
+    ("registers_odd_grid", *METHOD_MODELS["dinov2_reg4"], [1, 2], 0.25),
+    ("gap_no_cls", *METHOD_MODELS["gap_no_cls"], [1, 2, 3], 0.0),
 ]
 
 
@@ -54,7 +51,7 @@ def _cait(model, ratio, stages, restore=True):
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("case_id,spec,args,stages,ratio", CASES + [
-    ("hf_vit", "hf:ViTForImageClassification", dict(HF_TINY, num_hidden_layers=3), [1, 2], 0.25)],
+    ("hf_vit", *METHOD_MODELS["hf_vit"], [1, 2], 0.25)],
     ids=[c[0] for c in CASES] + ["hf_vit"])
 def test_cait_matches_the_pytorch_reference(tmp_path, export_cache, case_id, spec, args, stages, ratio, exporter):
     exported = export_cache(spec, args, exporter)

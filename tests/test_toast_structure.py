@@ -17,7 +17,7 @@ from vit2trt.converter.graph import read_vit
 from vit2trt.models.pruned_reference import apply_decisions
 from vit2trt.models.reference import ReferenceRecord, build_model
 
-from conftest import HF_TINY, rel_error, run_onnx, run_onnx_each
+from conftest import method_cases, rel_error, run_onnx, run_onnx_each
 
 runner = CliRunner()
 
@@ -85,15 +85,8 @@ def test_stripping_zeroed_structure_changes_only_rounding(tmp_path, exporter):
         assert rel_error(reference(torch.from_numpy(x)).numpy(), want) <= 1e-5
 
 
-SCWP_CASES = [
-    ("deit_small", "timm:deit_small_patch16_224", {"depth": 3}),
-    ("deit_small_distilled", "timm:deit_small_distilled_patch16_224", {"depth": 2}),
-    ("deit3_layerscale", "timm:deit3_small_patch16_224", {"depth": 2}),
-    ("gap_no_cls", "timm:vit_small_patch16_224", {"depth": 2, "class_token": False, "global_pool": "avg"}),
-    ("dinov2_reg4", "timm:vit_small_patch14_reg4_dinov2", {"depth": 2, "img_size": 126, "num_classes": 10}),
-    ("no_qkv_bias", "timm:vit_small_patch16_224", {"depth": 2, "qkv_bias": False}),
-    ("hf_vit", "hf:ViTForImageClassification", HF_TINY),
-]
+SCWP_CASES = method_cases("deit_small", "deit_small_distilled", "deit3_layerscale", "gap_no_cls", "dinov2_reg4",
+                          "no_qkv_bias", "hf_vit")
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])

@@ -18,7 +18,7 @@ from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.passes.tcs import kept_channels, token_sample
 from vit2trt.passes.toast_schedules import SCHEDULES
 
-from conftest import HF_TINY, rel_error, run_onnx, run_onnx_each
+from conftest import method_cases, rel_error, run_onnx, run_onnx_each
 
 runner = CliRunner()
 
@@ -33,21 +33,16 @@ def _reference_outputs(exported, out_dir, x):
         return reference(torch.from_numpy(x)).numpy(), decisions
 
 
-TCS_CASES = [
-    ("deit_small", "timm:deit_small_patch16_224", {"depth": 3}),
-    ("deit_small_distilled", "timm:deit_small_distilled_patch16_224", {"depth": 3}),
-    ("deit3_layerscale", "timm:deit3_small_patch16_224", {"depth": 3}),
-    ("gap_no_cls", "timm:vit_small_patch16_224", {"depth": 3, "class_token": False, "global_pool": "avg"}),
-    ("dinov2_reg4", "timm:vit_small_patch14_reg4_dinov2", {"depth": 3, "img_size": 126, "num_classes": 10}),
-    ("hf_vit", "hf:ViTForImageClassification", dict(HF_TINY, num_hidden_layers=3)),
-]
+TCS_CASES = method_cases("deit_small", "deit_small_distilled", "deit3_layerscale", "gap_no_cls", "dinov2_reg4",
+                         "hf_vit")
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("case_id,spec,args", TCS_CASES, ids=[c[0] for c in TCS_CASES])
 def test_scwp_and_tcs_match_the_pytorch_reference(tmp_path, export_cache, case_id, spec, args, exporter):
     exported = export_cache(spec, args, exporter)
-    options = ConvertOptions(head_sparsity=0.9, fc1_ratios=[0.0, 0.3, 0.5], fc2_ratios=[0.0, 0.7, 0.9], build=False)
+    options = ConvertOptions(head_sparsity=0.9, fc1_ratios=[0.0, 0.3, 0.5, 0.4], fc2_ratios=[0.0, 0.7, 0.9, 0.8],
+                             build=False)
     out = convert(exported.onnx_path, tmp_path / "out", options)
     record = ReferenceRecord.load(exported.record_path)
     c, h, w = record.preprocessing["input_size"]
@@ -63,7 +58,7 @@ def test_scwp_and_tcs_match_the_pytorch_reference(tmp_path, export_cache, case_i
     assert g.blocks[1].ffn.fc1.selected_in == kept_channels(dim, 0.3)
     assert g.blocks[2].ffn.fc2.selected_in == kept_channels(hidden, 0.9)
     assert g.blocks[0].ffn.fc1.selected_in is None
-    assert [b["index"] for b in decisions["tcs"]["blocks"]] == [1, 2]
+    assert [b["index"] for b in decisions["tcs"]["blocks"]] == [1, 2, 3]
     # TCS is real: without it the reference gives other outputs.
     no_tcs = dict(decisions, tcs=None)
     with torch.no_grad():

@@ -14,19 +14,16 @@ from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.models.tome_reference import ToMeViT
 from vit2trt.passes.tome import apply_tome
 
-from conftest import HF_TINY, rel_error, run_onnx, run_onnx_each, with_constant_mask
+from conftest import HF_TINY, METHOD_MODELS, rel_error, run_onnx, run_onnx_each, with_constant_mask
 
-CASES = [
-    ("deit_small", "timm:deit_small_patch16_224", {"depth": 3}, 13),
-    ("deit3_layerscale", "timm:deit3_small_patch16_224", {"depth": 3}, 20),
-    ("gap_no_cls", "timm:vit_small_patch16_224", {"depth": 3, "class_token": False, "global_pool": "avg"}, 13),
-    ("no_qkv_bias", "timm:vit_small_patch16_224", {"depth": 2, "qkv_bias": False}, 40),
-]
+# r per block for the shared method models' 37 tokens (36 on gap_no_cls), four blocks each.
+CASES = [(name, *METHOD_MODELS[name], r) for name, r in
+         [("deit_small", 5), ("deit3_layerscale", 7), ("gap_no_cls", 5), ("no_qkv_bias", 9)]]
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("case_id,spec,args,r", CASES + [
-    ("hf_vit", "hf:ViTForImageClassification", dict(HF_TINY, num_hidden_layers=3), 13)],
+    ("hf_vit", *METHOD_MODELS["hf_vit"], 5)],
     ids=[c[0] for c in CASES] + ["hf_vit"])
 def test_tome_matches_the_pytorch_reference(tmp_path, export_cache, case_id, spec, args, r, exporter):
     exported = export_cache(spec, args, exporter)
