@@ -110,10 +110,10 @@ def test_plan_alternates_axes_and_tracks_every_patch(export_cache):
 
 
 def test_channels_are_the_same_in_every_head(export_cache):
-    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "torchscript")
+    exported = export_cache(*METHOD_MODELS["deit_small"], "torchscript")
     model = load_onnx(exported.onnx_path)
     keeps = cdcp_keep(model, describe_vit(model), 0.25)
-    assert len(keeps) == 3
+    assert len(keeps) == 4
     for keep in keeps:
         assert len(keep.qk_keep) == 6 and all(k == keep.qk_keep[0] for k in keep.qk_keep)
         assert all(k == keep.v_keep[0] for k in keep.v_keep) and len(keep.v_keep[0]) == 48
@@ -122,7 +122,7 @@ def test_channels_are_the_same_in_every_head(export_cache):
 def test_channels_zeroed_in_training_are_stripped_first(tmp_path):
     """A checkpoint with consistent zeroed channels (CAIT's learned masks) loses them physically."""
     torch.manual_seed(0)
-    model = timm.create_model("deit_small_patch16_224", depth=3, num_classes=10).eval()
+    model = timm.create_model("deit_small_patch16_224", depth=3, num_classes=10, img_size=96).eval()
     heads, hd = 6, 64
     dead_qk, dead_v = list(range(0, 64, 4)), list(range(1, 64, 8))
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_channels_zeroed_in_training_are_stripped_first(tmp_path):
     weights = tmp_path / "masked.pth"
     torch.save(model.state_dict(), weights)
     exported = export_model("timm:deit_small_patch16_224", tmp_path / "masked.onnx", weights=str(weights),
-                            model_args={"depth": 3, "num_classes": 10})
+                            model_args={"depth": 3, "num_classes": 10, "img_size": 96})
     result = CliRunner().invoke(app, ["convert", str(exported.onnx_path), "--method", "cait", "--channel-ratio", "0",
                                       "--stages", "1,2", "--out", str(tmp_path / "out"), "--no-build"])
     assert result.exit_code == 0, result.output
@@ -144,7 +144,7 @@ def test_channels_zeroed_in_training_are_stripped_first(tmp_path):
     for block in decisions["blocks"]:
         assert all(set(k).isdisjoint(dead_qk) and len(k) == 48 for k in block["qk_keep"])
         assert all(set(k).isdisjoint(dead_v) and len(k) == 56 for k in block["v_keep"])
-    x = np.random.default_rng(1).standard_normal((4, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((4, 3, 96, 96)).astype(np.float32)
     reference = CAITViT(model, [1, 2], ["width", "height"])
     with torch.no_grad():
         want = reference(torch.from_numpy(x)).numpy()
@@ -154,7 +154,7 @@ def test_channels_zeroed_in_training_are_stripped_first(tmp_path):
 @pytest.mark.skipif(tensorrt_backend()[1] is None, reason="no tensorrt or tensorrt_rtx module")
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_cait_graphs_build_with_tensorrt(tmp_path, export_cache, exporter):
-    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, exporter)
+    exported = export_cache(*METHOD_MODELS["deit_small"], exporter)
     result, _ = _cait(load_onnx(exported.onnx_path), 0.25, [1, 2], restore=True)
     path = tmp_path / "cait.onnx"
     onnx.save(result.model, str(path))
@@ -163,7 +163,7 @@ def test_cait_graphs_build_with_tensorrt(tmp_path, export_cache, exporter):
 
 
 def test_convert_with_cait_is_reproducible_and_restores_the_grid(tmp_path, export_cache):
-    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "torchscript")
+    exported = export_cache(*METHOD_MODELS["deit_small"], "torchscript")
     outs = []
     for name in ("a", "b"):
         result = CliRunner().invoke(app, ["convert", str(exported.onnx_path), "--method", "cait", "--stages", "1,2",
@@ -174,7 +174,7 @@ def test_convert_with_cait_is_reproducible_and_restores_the_grid(tmp_path, expor
     graph = onnx.load(str(tmp_path / "a" / "model.onnx"))
     assert [o.name for o in graph.graph.output][1] == RESTORED_OUTPUT
     decisions = json.loads((tmp_path / "a" / "decisions.json").read_text())
-    assert decisions["atme"]["tokens"] == [197, 99, 50] and decisions["settings"]["channel_ratio"] == 0.25
+    assert decisions["atme"]["tokens"] == [37, 19, 10, 10] and decisions["settings"]["channel_ratio"] == 0.25
 
 
 def test_fixed_size_attention_masks_are_refused(export_cache, tmp_path):
@@ -193,7 +193,7 @@ def test_fixed_size_attention_masks_are_refused(export_cache, tmp_path):
     (["--method", "toast", "--stages", "1"], "belongs to --method asvit or cait"),
 ])
 def test_bad_cait_requests_write_nothing(tmp_path, export_cache, argv, needle):
-    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "torchscript")
+    exported = export_cache(*METHOD_MODELS["deit_small"], "torchscript")
     result = CliRunner().invoke(app, ["convert", str(exported.onnx_path), "--out", str(tmp_path / "out"),
                                       "--no-build", *argv])
     assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output

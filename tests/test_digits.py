@@ -61,7 +61,7 @@ def test_bundled_checkpoint_reaches_its_recorded_accuracy():
 @needs_checkpoint
 def test_demo_prints_every_method_with_real_accuracy(tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--repeats", "2", "--time-cap", "0.5", "--no-build",
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--repeats", "2", "--time-cap", "0.2", "--no-build",
                                         "--heal-epochs", "1"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo.json").read_text())

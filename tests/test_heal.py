@@ -91,7 +91,7 @@ def test_heal_with_only_the_onnx_graph(digits_cait, tmp_path):
 def test_same_seed_gives_the_same_bytes_and_torchrun_the_same_weights(digits_cait, tmp_path):
     outs = [tmp_path / name for name in ("a", "b")]
     for out in outs:
-        heal(digits_cait / "out", HealOptions(digits_cait / "images", epochs=2, batch=32, lr=3e-4, out=out,
+        heal(digits_cait / "out", HealOptions(digits_cait / "images", epochs=1, batch=32, lr=3e-4, out=out,
                                               device="cpu", seed=3))
     for name in ("model.onnx", "healed.safetensors"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
@@ -100,7 +100,7 @@ def test_same_seed_gives_the_same_bytes_and_torchrun_the_same_weights(digits_cai
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "--module", "vit2trt.cli", "heal", str(digits_cait / "out"), "--images",
-                           str(digits_cait / "images"), "--epochs", "2", "--batch", "32", "--lr", "3e-4", "--seed", "3",
+                           str(digits_cait / "images"), "--epochs", "1", "--batch", "32", "--lr", "3e-4", "--seed", "3",
                            "--device", "cpu", "--out", str(tmp_path / "ddp")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -17,7 +17,7 @@ from vit2trt.converter.graph import read_vit
 from vit2trt.models.pruned_reference import apply_decisions
 from vit2trt.models.reference import ReferenceRecord, build_model
 
-from conftest import method_cases, rel_error, run_onnx, run_onnx_each
+from conftest import METHOD_MODELS, method_cases, rel_error, run_onnx, run_onnx_each
 
 runner = CliRunner()
 
@@ -30,9 +30,9 @@ def _inputs(record: ReferenceRecord, batch: int, seed: int = 3) -> np.ndarray:
 
 
 def _masked_deit(tmp_path, exporter):
-    """A DeiT-S with structure zeroed as a masked fine-tune leaves it, uneven across heads."""
+    """A DeiT-S (96 pixels) with structure zeroed as a masked fine-tune leaves it, uneven across heads."""
     torch.manual_seed(0)
-    model = timm.create_model("deit_small_patch16_224", depth=3, num_classes=10).eval()
+    model = timm.create_model("deit_small_patch16_224", depth=3, num_classes=10, img_size=96).eval()
     heads, hd, d = 6, 64, 384
     with torch.no_grad():
         for i, blk in enumerate(model.blocks[1:], start=1):
@@ -54,7 +54,7 @@ def _masked_deit(tmp_path, exporter):
     weights = tmp_path / "masked.pth"
     torch.save(model.state_dict(), weights)
     result = export_model("timm:deit_small_patch16_224", tmp_path / "masked.onnx", weights=str(weights),
-                          exporter=exporter, model_args={"depth": 3, "num_classes": 10})
+                          exporter=exporter, model_args={"depth": 3, "num_classes": 10, "img_size": 96})
     return model, result
 
 
@@ -62,7 +62,7 @@ def _masked_deit(tmp_path, exporter):
 def test_stripping_zeroed_structure_changes_only_rounding(tmp_path, exporter):
     model, exported = _masked_deit(tmp_path, exporter)
     out = convert(exported.onnx_path, tmp_path / "out", ConvertOptions(build=False))
-    x = np.random.default_rng(1).standard_normal((4, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((4, 3, 96, 96)).astype(np.float32)
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     assert rel_error(run_onnx(out.onnx_path, x), want) <= 1e-5
@@ -124,8 +124,8 @@ def test_scwp_keeps_the_dims_farthest_from_the_median():
 
 
 def test_same_input_and_settings_give_identical_bytes(tmp_path, export_cache):
-    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "dynamo")
-    options = ConvertOptions(head_sparsity=0.9, fc1_ratios=[0, 0, 0.3], fc2_ratios=[0, 0.5, 0.9], build=False)
+    exported = export_cache(*METHOD_MODELS["deit_small"], "dynamo")
+    options = ConvertOptions(head_sparsity=0.9, fc1_ratios=[0, 0, 0.3, 0.4], fc2_ratios=[0, 0.5, 0.9, 0.3], build=False)
     a = convert(exported.onnx_path, tmp_path / "a", options)
     b = convert(exported.onnx_path, tmp_path / "b", options)
     assert a.onnx_path.read_bytes() == b.onnx_path.read_bytes()
@@ -187,10 +187,10 @@ def test_scwp_keeps_the_same_dims_as_the_official_rule():
 
 
 def _official_masked_deit(tmp_path, zero_biases: bool):
-    """DeiT-S masked as the official code masks: Q/K/V weight rows and proj columns of 58 of 64 dims
+    """DeiT-S (96 pixels) masked as the official code masks: Q/K/V weight rows and proj columns of 58 of 64 dims
     per head zeroed in blocks 1-2, biases left live (unless `zero_biases`)."""
     torch.manual_seed(0)
-    model = timm.create_model("deit_small_patch16_224", depth=3, num_classes=10).eval()
+    model = timm.create_model("deit_small_patch16_224", depth=3, num_classes=10, img_size=96).eval()
     d, hd = 384, 64
     with torch.no_grad():
         for blk in model.blocks[1:]:
@@ -205,12 +205,12 @@ def _official_masked_deit(tmp_path, zero_biases: bool):
     weights = tmp_path / f"masked_{zero_biases}.pth"
     torch.save(model.state_dict(), weights)
     result = export_model("timm:deit_small_patch16_224", tmp_path / f"masked_{zero_biases}.onnx", weights=str(weights),
-                          model_args={"depth": 3, "num_classes": 10})
+                          model_args={"depth": 3, "num_classes": 10, "img_size": 96})
     return model, result
 
 
 def test_live_qk_biases_strip_to_the_same_size_as_zero_biases(tmp_path):
-    x = np.random.default_rng(2).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((2, 3, 96, 96)).astype(np.float32)
     flops = []
     for zero_biases in (False, True):
         model, exported = _official_masked_deit(tmp_path, zero_biases)

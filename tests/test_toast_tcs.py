@@ -18,7 +18,7 @@ from vit2trt.models.reference import ReferenceRecord, build_model
 from vit2trt.passes.tcs import kept_channels, token_sample
 from vit2trt.passes.toast_schedules import SCHEDULES
 
-from conftest import method_cases, rel_error, run_onnx, run_onnx_each
+from conftest import METHOD_MODELS, method_cases, rel_error, run_onnx, run_onnx_each
 
 runner = CliRunner()
 
@@ -67,10 +67,11 @@ def test_scwp_and_tcs_match_the_pytorch_reference(tmp_path, export_cache, case_i
 
 
 def test_batch_shared_selection_reproduces_the_official_behaviour(tmp_path, export_cache):
-    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "dynamo")
-    options = ConvertOptions(fc1_ratios=[0.0, 0.3, 0.5], fc2_ratios=[0.0, 0.7, 0.9], tcs_shared=True, build=False)
+    exported = export_cache(*METHOD_MODELS["deit_small"], "dynamo")
+    options = ConvertOptions(fc1_ratios=[0.0, 0.3, 0.5, 0.4], fc2_ratios=[0.0, 0.7, 0.9, 0.8], tcs_shared=True,
+                             build=False)
     out = convert(exported.onnx_path, tmp_path / "out", options)
-    x = np.random.default_rng(8).standard_normal((8, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(8).standard_normal((8, 3, 96, 96)).astype(np.float32)
     want, decisions = _reference_outputs(exported, tmp_path / "out", x)
     assert decisions["tcs"]["settings"]["shared"] is True
     got = run_onnx(out.onnx_path, x)
@@ -130,9 +131,9 @@ def test_unreachable_budget_is_refused(tmp_path, export_cache):
 @pytest.mark.skipif(tensorrt_backend()[1] is None, reason="no tensorrt or tensorrt_rtx module")
 @pytest.mark.parametrize("shared", [False, True])
 def test_tcs_graphs_build_with_tensorrt(tmp_path, export_cache, shared):
-    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "dynamo")
+    exported = export_cache(*METHOD_MODELS["deit_small"], "dynamo")
     argv = ["convert", str(exported.onnx_path), "--out", str(tmp_path / "out"), "--head-sparsity", "0.9",
-            "--fc1", "0,0.3,0.5", "--fc2", "0,0.7,0.9"] + (["--tcs-shared"] if shared else [])
+            "--fc1", "0,0.3,0.5,0.4", "--fc2", "0,0.7,0.9,0.8"] + (["--tcs-shared"] if shared else [])
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "model.engine").stat().st_size > 100_000

@@ -88,10 +88,10 @@ def test_a_fixed_size_attention_mask_is_refused_and_an_empty_one_ignored(export_
 @pytest.mark.skipif(tensorrt_backend()[1] is None, reason="no tensorrt or tensorrt_rtx module")
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_tome_graphs_build_with_tensorrt(tmp_path, export_cache, exporter):
-    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, exporter)
+    exported = export_cache(*METHOD_MODELS["deit_small"], exporter)
     model = load_onnx(exported.onnx_path)
     path = tmp_path / "tome.onnx"
-    onnx.save(apply_tome(model, describe_vit(model), 13).model, str(path))
+    onnx.save(apply_tome(model, describe_vit(model), 5).model, str(path))
     report = build_engine(path)
     assert report.status == "built", report.message
 
@@ -101,10 +101,10 @@ def test_convert_with_tome_writes_a_reproducible_result(tmp_path, export_cache):
 
     from vit2trt.cli import app
 
-    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "torchscript")
+    exported = export_cache(*METHOD_MODELS["deit_small"], "torchscript")
     outs = []
     for name in ("a", "b"):
-        result = CliRunner().invoke(app, ["convert", str(exported.onnx_path), "--method", "tome", "--r", "13",
+        result = CliRunner().invoke(app, ["convert", str(exported.onnx_path), "--method", "tome", "--r", "5",
                                           "--out", str(tmp_path / name), "--no-build"])
         assert result.exit_code == 0, result.output
         outs.append((tmp_path / name / "model.onnx").read_bytes())
@@ -112,8 +112,8 @@ def test_convert_with_tome_writes_a_reproducible_result(tmp_path, export_cache):
     import json
 
     decisions = json.loads((tmp_path / "a" / "decisions.json").read_text())
-    assert decisions["tome"]["tokens"] == [197, 184, 171, 158]
-    x = np.random.default_rng(2).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    assert decisions["tome"]["tokens"] == [37, 32, 27, 22, 17]
+    x = np.random.default_rng(2).standard_normal((2, 3, 96, 96)).astype(np.float32)
     reference = ToMeViT(build_model(ReferenceRecord.load(exported.record_path)), decisions["tome"]["r"])
     with torch.no_grad():
         assert rel_error(run_onnx(tmp_path / "a" / "model.onnx", x), reference(torch.from_numpy(x)).numpy()) <= 1e-4
@@ -128,7 +128,7 @@ def test_bad_tome_requests_write_nothing(tmp_path, export_cache, argv, needle):
 
     from vit2trt.cli import app
 
-    exported = export_cache("timm:deit_small_patch16_224", {"depth": 3}, "torchscript")
+    exported = export_cache(*METHOD_MODELS["deit_small"], "torchscript")
     result = CliRunner().invoke(app, ["convert", str(exported.onnx_path), "--out", str(tmp_path / "out"),
                                       "--no-build", *argv])
     assert result.exit_code == 2 and needle in " ".join(result.output.split())
