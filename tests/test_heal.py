@@ -20,6 +20,7 @@ from vit2trt.converter.artifact import Artifact
 from vit2trt.converter.convert import ConvertOptions, Original, compress, convert
 from vit2trt.converter.deploy.export import export_model
 from vit2trt.converter.graph import describe_vit
+from vit2trt.converter.healing.distill import _Taps
 from vit2trt.converter.healing.heal import HealOptions, heal
 from vit2trt.converter.healing.weights import match_weights, write_weights
 from vit2trt.models import digits
@@ -162,6 +163,19 @@ def test_a_slow_start_does_not_leave_the_time_limit_unused(digits_cait, tmp_path
     assert section["steps"] > 1.3 * first and section["planned_steps"] == max(planned[2:]) >= section["steps"]
 
 
+def test_with_labels_the_best_state_is_chosen_by_kl_plus_cross_entropy(digits_cait, tmp_path):
+    """With labels the training pulls towards them too; a judge of the KL alone could reject every step."""
+    labels = digits.load_split()[1][:300]   # the canvases are the first 300 training digits, in order
+    (tmp_path / "labels.txt").write_text("".join(f"{i:03d}.png {label}\n" for i, label in enumerate(labels)))
+    section = heal(digits_cait / "out", HealOptions(digits_cait / "images", tmp_path / "labels.txt", epochs=2,
+                                                   batch=32, lr=3e-4, out=tmp_path / "healed", device="cpu",
+                                                   label_weight=0.5))
+    curve = section["loss_curve"]
+    assert len(curve) > 2 and all(j["score"] == pytest.approx(j["kl"] + 0.5 * j["ce"], abs=1e-5) for j in curve)
+    assert section["holdout_after"]["score"] == min(j["score"] for j in curve)
+    assert section["holdout_after"]["ce"] < section["holdout_before"]["ce"]
+
+
 def test_cli_heals_in_place_and_validates_on_val(digits_cait, tmp_path):
     import shutil
 
@@ -261,6 +275,15 @@ def test_trained_weights_written_into_the_graph_equal_the_model(export_cache, sp
         want = student(torch.from_numpy(x)).numpy()
     assert rel_error(run_onnx(healed, x), want) < 1e-5
     assert rel_error(run_onnx(artifact.model, x), want) > 1e-4   # the weights did change the graph
+    # The feature loss's taps hold the whole batch, also where the model runs image by image (AS-ViT).
+    taps = _Taps(student, blocks=False)
+    with torch.no_grad():
+        student(torch.from_numpy(x))
+        batch = taps.feature
+        taps.reset()
+        student(torch.from_numpy(x[2:3]))
+    assert batch.shape[0] == 4 and torch.allclose(batch[2:3], taps.feature, atol=1e-6)
+    taps.remove()
 
 
 def _folder_bytes(folder) -> dict:

@@ -617,6 +617,8 @@ def heal_table(section: dict, folder: Path) -> Table:
     table.add_row("top-1 agreement", f"{before['agreement'] * 100:.1f}%", f"{after['agreement'] * 100:.1f}%")
     if "top1" in before:
         table.add_row("top-1 accuracy", f"{before['top1'] * 100:.1f}%", f"{after['top1'] * 100:.1f}%")
+    if "ce" in before:   # with labels the best state is chosen by KL + cross-entropy
+        table.add_row("cross-entropy with the labels", f"{before['ce']:.4f}", f"{after['ce']:.4f}")
     accuracy = (section.get("validation") or {}).get("accuracy")
     if accuracy:
         table.add_row("--val top-1: original / healed", f"{accuracy['reference_top1'] * 100:.1f}%",

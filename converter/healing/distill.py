@@ -9,7 +9,10 @@ Recipes (docs/methods/heal.md has the evidence for the default):
   blocks for structured pruning, the blocks before the first merge for token reduction).
 With labels, the cross-entropy of the student's logits is added.
 
-The judge is the KL divergence on the held-out images, unaugmented; the best state by it is kept.
+The judge runs on the held-out images, unaugmented, and the best state by it is kept: the KL divergence,
+plus the weighted cross-entropy with labels. With labels the training pulls towards them as well as
+towards the teacher, so a judge of the KL alone can reject every step of a run that does what it was
+asked (seen on candidates already close to the original: the start was kept).
 Under torchrun every process takes its share of each batch and of the judged images (parallel.py).
 """
 from __future__ import annotations
@@ -53,6 +56,8 @@ class Judgement:
     agreement: float                 # held-out top-1 agreement with the teacher
     top1: Optional[float] = None     # held-out top-1 accuracy, with labels
     train_loss: Optional[float] = None
+    ce: Optional[float] = None       # held-out cross-entropy, with labels
+    score: Optional[float] = None    # what the best state is chosen by: kl, plus label_weight * ce with labels
 
 
 @dataclass
@@ -72,7 +77,7 @@ class _Taps:
     """The pooled feature (the classifier's input) and block outputs of one model, by forward hooks."""
 
     def __init__(self, model: nn.Module, blocks: bool):
-        self.feature: Optional[torch.Tensor] = None
+        self.features: list[torch.Tensor] = []
         self.blocks: list[torch.Tensor] = []
         base = base_model(model)
         self.handles = [head_module(model).register_forward_pre_hook(self._head)]
@@ -81,13 +86,21 @@ class _Taps:
             self.handles += [layer.register_forward_hook(self._block) for layer in layers]
 
     def _head(self, module, inputs) -> None:
-        self.feature = inputs[0]
+        # A model that runs image by image (AS-ViT's per-image reference) calls its head once per image.
+        self.features.append(inputs[0])
+
+    @property
+    def feature(self) -> Optional[torch.Tensor]:
+        """The classifier's input for the whole batch of the last forward pass."""
+        if not self.features:
+            return None
+        return self.features[0] if len(self.features) == 1 else torch.cat(self.features)
 
     def _block(self, module, inputs, output) -> None:
         self.blocks.append(output[0] if isinstance(output, tuple) else output)
 
     def reset(self) -> None:
-        self.feature, self.blocks = None, []
+        self.features, self.blocks = [], []
 
     def remove(self) -> None:
         for h in self.handles:
@@ -157,13 +170,19 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
                 out.append(student(augment.plain(held[i:i + settings.batch])))
         out = torch.cat(out) if out else torch.empty(0, 1)
         hits = 0.0 if held_labels is None else float((out.argmax(-1).cpu() == held_labels).sum())
-        sums = parallel.sum(torch.stack([kl_per_image(out, t_held).sum().cpu().double() if len(out) else
-                                         torch.tensor(0.0, dtype=torch.float64),
+        ce = 0.0 if held_labels is None or not len(out) else float(
+            F.cross_entropy(out.float().cpu(), held_labels, reduction="sum"))
+        zero = torch.tensor(0.0, dtype=torch.float64)
+        sums = parallel.sum(torch.stack([kl_per_image(out, t_held).sum().cpu().double() if len(out) else zero,
                                          (out.argmax(-1) == t_held.argmax(-1)).sum().cpu().double() if len(out) else
-                                         torch.tensor(0.0, dtype=torch.float64),
-                                         torch.tensor(hits, dtype=torch.float64)])) / n_judged
-        return Judgement(step, float(sums[0]), float(sums[1]), None if held_labels is None else float(sums[2]),
-                         train_loss)
+                                         zero,
+                                         torch.tensor(hits, dtype=torch.float64),
+                                         torch.tensor(ce, dtype=torch.float64)])) / n_judged
+        kl = float(sums[0])
+        if held_labels is None:
+            return Judgement(step, kl, float(sums[1]), None, train_loss, score=kl)
+        return Judgement(step, kl, float(sums[1]), float(sums[2]), train_loss, ce=float(sums[3]),
+                         score=kl + settings.label_weight * float(sums[3]))
 
     judge_start = time.monotonic()
     before = judge(0, None)
@@ -234,7 +253,7 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
             if step % every == 0 or step == total:
                 judgement = judge(step, _mean_loss(parallel, running[-every:]))
                 curve.append(judgement)
-                if judgement.kl < best.kl:
+                if judgement.score < best.score:
                     best, best_state = judgement, _state(trainable)
             eta = (total - step) * per_step
             progress(f"healing ({seen / elapsed:.0f} img/s, held-out KL {curve[-1].kl:.4f}, "
@@ -246,7 +265,7 @@ def _train(teacher, student, trainable, data, settings, device, augment, generat
                 stopped_by = "interrupt" if stop > 1 else "time limit"
                 judgement = judge(step, _mean_loss(parallel, running[-every:]))
                 curve.append(judgement)
-                if judgement.kl < best.kl:
+                if judgement.score < best.score:
                     best, best_state = judgement, _state(trainable)
                 break
     except KeyboardInterrupt:

@@ -332,6 +332,7 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
             h.healed_from, h.drop_before_heal = target.label, target.drop
             h.heal = {k: section[k] for k in ("seconds", "steps", "epochs", "labels", "stopped_by", "images")}
             h.heal["holdout_kl"] = [section["holdout_before"]["kl"], section["holdout_after"]["kl"]]
+            h.heal["holdout_curve"] = section["loss_curve"]   # what the judge saw: why a heal kept its start
             judge.score_accuracy(h, healed.session(options.threads))
         except Exception as exc:   # out of memory, a failed check, ...: the other candidates still count
             notes.append(f"healing {target.label} failed: "
@@ -496,7 +497,8 @@ def _unconfirmed(candidates: list[Candidate], options: PlanOptions, judged: int,
     scored = [c for c in candidates if not c.error and credible_speedup(c) > 1.0]
     if scored:
         tightest = min(scored, key=lambda c: c.drop_bound)
-        text = (f"the smallest drop confirmed was {tightest.drop_bound * 100:.2f} pt ({tightest.label}: "
+        text = (f"among candidates faster than the original, the smallest drop confirmed was "
+                f"{tightest.drop_bound * 100:.2f} pt ({tightest.label}: "
                 f"{tightest.drop * 100:+.2f} pt measured, 95% upper bound {tightest.drop_bound * 100:.2f} pt); "
                 + text)
     if floor > options.max_drop:

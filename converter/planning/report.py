@@ -197,6 +197,8 @@ def _heal_lines(heal: Optional[dict]) -> list[str]:
              f"| top-1 agreement with the original | {before['agreement'] * 100:.1f}% | {after['agreement'] * 100:.1f}% |"]
     if "top1" in before:
         lines.append(f"| top-1 accuracy | {before['top1'] * 100:.1f}% | {after['top1'] * 100:.1f}% |")
+    if "ce" in before:   # with labels the best state is chosen by KL + cross-entropy
+        lines.append(f"| cross-entropy with the labels | {before['ce']:.4f} | {after['ce']:.4f} |")
     if heal.get("stopped_by", "schedule") != "schedule":
         lines += ["", f"Training stopped early ({heal['stopped_by']}); the best state by the held-out judge was written."]
     return lines + [""]
