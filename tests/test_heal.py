@@ -93,7 +93,7 @@ def test_same_seed_gives_the_same_bytes_and_torchrun_the_same_weights(digits_cai
     outs = [tmp_path / name for name in ("a", "b")]
     for out in outs:
         heal(digits_cait / "out", HealOptions(digits_cait / "images", epochs=1, batch=32, lr=3e-4, out=out,
-                                              device="cpu", seed=3))
+                                              device="cpu", seed=3, limit=160))
     for name in ("model.onnx", "healed.safetensors"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
     # Two gloo processes under torchrun, each training on half of every batch of 32, reach the weights
@@ -101,7 +101,7 @@ def test_same_seed_gives_the_same_bytes_and_torchrun_the_same_weights(digits_cai
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "--module", "vit2trt.cli", "heal", str(digits_cait / "out"), "--images",
-                           str(digits_cait / "images"), "--epochs", "1", "--batch", "32", "--lr", "3e-4", "--seed", "3",
+                           str(digits_cait / "images"), "--limit", "160", "--epochs", "1", "--batch", "32", "--lr", "3e-4", "--seed", "3",
                            "--device", "cpu", "--out", str(tmp_path / "ddp")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -167,7 +167,7 @@ def test_with_labels_the_best_state_is_chosen_by_kl_plus_cross_entropy(digits_ca
     """With labels the training pulls towards them too; a judge of the KL alone could reject every step."""
     labels = digits.load_split()[1][:300]   # the canvases are the first 300 training digits, in order
     (tmp_path / "labels.txt").write_text("".join(f"{i:03d}.png {label}\n" for i, label in enumerate(labels)))
-    section = heal(digits_cait / "out", HealOptions(digits_cait / "images", tmp_path / "labels.txt", epochs=2,
+    section = heal(digits_cait / "out", HealOptions(digits_cait / "images", tmp_path / "labels.txt", epochs=1,
                                                    batch=32, lr=3e-4, out=tmp_path / "healed", device="cpu",
                                                    label_weight=0.5))
     curve = section["loss_curve"]

@@ -206,6 +206,7 @@ def test_a_speedup_beyond_the_flops_ratio_is_credited_at_the_flops_ratio():
     (["--max-drop", "0.2", "--heal-labels", "CLASS_99"], "give --heal too"),
     (["--max-drop", "0.2", "--heal", "CALIB"], "--heal"),
     (["--max-drop", "0.2", "--heal", "CALIB", "--heal-epochs", "0"], "--heal-epochs"),
+    (["--max-drop", "0.2", "--heal", "CALIB", "--heal-lr", "0"], "--heal-lr"),
 ])
 def test_bad_plan_requests_exit_2_and_write_nothing(tmp_path, data, argv, needle):
     exported, calib, _, _, _ = data

@@ -81,7 +81,7 @@ def test_healed_candidates_are_judged_healed_on_val(photos, tmp_path, fast_candi
     result = CliRunner().invoke(app, [
         "plan", str(exported.onnx_path), "--calib", str(root / "calib.npy"), "--val", str(root / "val"),
         "--val-labels", str(root / "val.txt"), "--target-speedup", "1.05", "--methods", "tome", "--no-build",
-        "--rounds", "3", "--heal", str(root / "heal"), "--heal-epochs", "1", "--heal-batch", "8",
+        "--rounds", "3", "--heal", str(root / "heal"), "--heal-epochs", "1", "--heal-batch", "8", "--heal-lr", "2e-4",
         "--out", str(tmp_path / "plan")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
@@ -97,6 +97,7 @@ def test_healed_candidates_are_judged_healed_on_val(photos, tmp_path, fast_candi
         assert [h[k] for k in ("flops_ratio", "speedup", "speedup_low", "speedup_high")] == \
             [twin[k] for k in ("flops_ratio", "speedup", "speedup_low", "speedup_high")]
         assert h["drop_before_heal"] == twin["drop"] and h["heal"]["steps"] == 5   # 36 images, batches of 8
+        assert h["heal"]["lr"] == 2e-4 and h["heal"]["holdout_curve"][0]["step"] == 0
         # Judged healed: the healed graph, run independently on all of --val, scores what the planner says.
         logits = run_batched(session_runner(model.session()), val_x, 8)
         assert h["accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == val_y)), abs=1e-12)

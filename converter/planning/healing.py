@@ -32,7 +32,8 @@ class CandidateHealer:
         self.options = HealOptions(Path(options.heal), options.heal_labels and Path(options.heal_labels),
                                    options.heal_class_map and Path(options.heal_class_map),
                                    time_limit=options.heal_time, epochs=options.heal_epochs,
-                                   device=options.heal_device, batch=options.heal_batch, seed=options.seed,
+                                   device=options.heal_device, batch=options.heal_batch, lr=options.heal_lr,
+                                   seed=options.seed,
                                    limit=options.heal_limit)
         from ..healing.parallel import launched_world
 

@@ -58,6 +58,7 @@ class PlanOptions:
     heal_time: float = 300.0           # seconds of healing per candidate, within --time-limit
     heal_epochs: Optional[int] = None  # passes over the heal images instead (reproducible)
     heal_batch: int = 32
+    heal_lr: float = 2e-5             # candidates near the goal are close to the original: 1e-4 undid them (docs/results.md)
     heal_limit: Optional[int] = None   # heal images read at most
     heal_device: str = "auto"
     threads: int = 2
@@ -187,6 +188,8 @@ def check_plan_options(o: PlanOptions) -> None:
         raise Vit2TrtError(f"--heal-epochs must be at least 1, got {o.heal_epochs}.")
     if o.heal_batch < 1:
         raise Vit2TrtError(f"--heal-batch must be at least 1, got {o.heal_batch}.")
+    if not o.heal_lr > 0:
+        raise Vit2TrtError(f"--heal-lr is the healing learning rate and must be positive, got {o.heal_lr}.")
     if o.calib_limit is not None and o.calib_limit < 1:
         raise Vit2TrtError(f"--calib-limit must be at least 1, got {o.calib_limit}.")
     if (o.val_labels or o.val_class_map) and o.val is None:
@@ -330,7 +333,7 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
             h.convert_options = dict(target.convert_options,
                                      heal={k: section[k] for k in ("seconds", "steps", "epochs")})
             h.healed_from, h.drop_before_heal = target.label, target.drop
-            h.heal = {k: section[k] for k in ("seconds", "steps", "epochs", "labels", "stopped_by", "images")}
+            h.heal = {k: section[k] for k in ("seconds", "steps", "epochs", "lr", "labels", "stopped_by", "images")}
             h.heal["holdout_kl"] = [section["holdout_before"]["kl"], section["holdout_after"]["kl"]]
             h.heal["holdout_curve"] = section["loss_curve"]   # what the judge saw: why a heal kept its start
             judge.score_accuracy(h, healed.session(options.threads))
