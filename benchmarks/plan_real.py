@@ -10,7 +10,7 @@ back-to-back pairs in alternating order (converter/measure/speedup.py: median of
 ratios with its 95% bootstrap interval, marked unstable or beyond the FLOPs ratio where it is).
 
     python benchmarks/plan_real.py [--out plan-real] [--goals max-drop=0.01,target-speedup=2.0]
-                                   [--time-limit 3600] [--heal-time 900] [--heal-lr 2e-5] [--no-heal] [--val-count 2000]
+                                   [--time-limit 3600] [--heal-time 900] [--heal-lr LR] [--no-heal] [--val-count 2000]
                                    [--arrays X.npy Y.npy]
 """
 from __future__ import annotations
@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--no-heal", action="store_true", help="plan without healing")
     parser.add_argument("--heal-time", type=float, default=900, help="seconds of healing per candidate")
     parser.add_argument("--heal-limit", type=int, default=None, help="train photos read at most")
-    parser.add_argument("--heal-lr", type=float, default=2e-5, help="healing learning rate")
+    parser.add_argument("--heal-lr", type=float, default=None,
+                        help="healing learning rate (default: plan's, by each candidate's distance from the original)")
     parser.add_argument("--batch", type=int, default=1, help="batch the planner times at")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)

@@ -11,7 +11,7 @@ from PIL import Image
 
 import vit2trt.converter.planning.planner as planner
 from vit2trt.converter.measure.calibration import load_calibration
-from vit2trt.converter.planning.healing import HEAL_REACH, CandidateHealer, next_to_heal
+from vit2trt.converter.planning.healing import FAR_KL, HEAL_REACH, CandidateHealer, heal_lr, next_to_heal
 from vit2trt.converter.planning.planner import Candidate, Family, PlanOptions, _choose, _midpoint, _walk, plan
 from vit2trt.converter.measure.speedup import PairedTiming, speedup_of
 
@@ -72,8 +72,8 @@ def test_healed_candidates_are_judged_healed_on_val(photos, tmp_path, fast_candi
     healed_models = []
     heal = CandidateHealer.heal
 
-    def keep(self, artifact, seconds, progress):
-        out = heal(self, artifact, seconds, progress)
+    def keep(self, artifact, seconds, lr, progress):
+        out = heal(self, artifact, seconds, lr, progress)
         healed_models.append(out[0])
         return out
 
@@ -128,7 +128,7 @@ def test_time_limit_counts_healing(photos, tmp_path, fast_candidates, monkeypatc
     now = [0.0]
     given = []
     heal = CandidateHealer.heal
-    monkeypatch.setattr(CandidateHealer, "heal", lambda self, a, seconds, p: given.append(seconds) or heal(self, a, seconds, p))
+    monkeypatch.setattr(CandidateHealer, "heal", lambda self, a, seconds, lr, p: given.append(seconds) or heal(self, a, seconds, lr, p))
     choose_next = planner.next_to_heal
 
     def late(*args):   # the search took all but 2 s of the limit: the heal gets those 2 s, not --heal-time
@@ -157,18 +157,37 @@ def _candidate(label, speed, drop, meets, pareto=True):
                      meets=meets, pareto=pareto)
 
 
+def _healed(twin, drop, meets):
+    h = _candidate(f"{twin.label}, healed", twin.speedup, drop, meets)
+    h.healed_from, h.drop_before_heal = twin.label, twin.drop
+    return h
+
+
 def test_which_candidates_are_healed_and_in_what_order():
     options = PlanOptions(calib="", out_dir="", max_drop=0.01, heal="photos")
-    cands = [_candidate("mild", 1.2, 0.0, True), _candidate("near", 1.5, 0.03, False),
-             _candidate("far", 1.8, 0.06, False), _candidate("beyond reach", 2.5, 0.01 + HEAL_REACH + 0.01, False)]
-    # The misses within reach that are faster than the choice, nearest to the budget first; then the choice.
-    assert next_to_heal(cands, options, set(), _choose, lambda c: c.meets).label == "near"
-    assert next_to_heal(cands, options, {"near"}, _choose, lambda c: c.meets).label == "far"
-    assert next_to_heal(cands, options, {"near", "far"}, _choose, lambda c: c.meets).label == "mild"
-    # A healed "far" that fits the budget raises the bar: "near" (slower) is no longer worth healing.
-    healed_far = _candidate("far, healed", 1.8, 0.002, True)
-    healed_far.healed_from = "far"
-    assert next_to_heal(cands + [healed_far], options, {"far"}, _choose, lambda c: c.meets) is None
+    mild, a, b, c, d = (_candidate("mild", 1.2, 0.0, True), _candidate("a", 1.4, 0.02, False),
+                        _candidate("b", 1.6, 0.04, False), _candidate("c", 1.8, 0.06, False),
+                        _candidate("d", 2.0, 0.08, False))
+    cands = [mild, a, b, c, d, _candidate("beyond reach", 2.5, 0.01 + HEAL_REACH + 0.01, False),
+             _candidate("slower than the choice", 1.1, 0.02, False)]
+    meets = lambda x: x.meets   # noqa: E731
+
+    def walk(outcomes: dict) -> list[str]:
+        """The order healed when each candidate's heal succeeds (True) or still misses the budget (False)."""
+        order, pool = [], list(cands)
+        while (target := next_to_heal(pool, options, set(order), _choose, meets)) is not None:
+            order.append(target.label)
+            pool.append(_healed(target, 0.0 if outcomes[target.label] else target.drop, outcomes[target.label]))
+        return order
+
+    # Bisection on the drop among the misses within reach that are faster than the choice: the middle first.
+    assert next_to_heal(cands, options, set(), _choose, meets).label == "c"
+    # c fails: nothing that lost as much is tried; b (the middle of a, b) heals, and it beats all that is left.
+    assert walk({"c": False, "b": True}) == ["c", "b"]
+    # c heals: only the faster d is left worth it; d fails too, and c (healed) stays the choice.
+    assert walk({"c": True, "d": False}) == ["c", "d"]
+    # All fail: down to a, then the choice itself.
+    assert walk({"c": False, "b": False, "a": False, "mild": False}) == ["c", "b", "a", "mild"]
     options = PlanOptions(calib="", out_dir="", target_speedup=1.4, heal="photos")
     fast = [_candidate("slow", 1.2, 0.0, False), _candidate("a", 1.5, 0.04, True),
             _candidate("b", 1.9, 0.02, True), _candidate("off the front", 2.0, 0.05, True, pareto=False)]
@@ -176,6 +195,21 @@ def test_which_candidates_are_healed_and_in_what_order():
     while (c := next_to_heal(fast, options, set(order), _choose, lambda c: c.meets)) is not None:
         order.append(c.label)
     assert order == ["b", "a"]   # fast enough and on the front, the most accurate first
+
+
+def test_the_learning_rate_follows_the_distance_from_the_original(photos, tmp_path, fast_candidates):
+    """1e-4 heals a candidate far from the original and undoes a near one: without --heal-lr each heal's rate
+    follows the candidate's KL on the judging images; --heal-lr sets them all."""
+    options = PlanOptions(calib="", out_dir="", max_drop=0.01, heal="photos")
+    near, far = _candidate("near", 1.3, 0.015, False), _candidate("far", 2.0, 0.07, False)
+    near.kl, far.kl = FAR_KL / 3, FAR_KL * 1.5
+    assert (heal_lr(near, options), heal_lr(far, options)) == (2e-5, 1e-4)
+    assert heal_lr(far, PlanOptions(calib="", out_dir="", heal="photos", heal_lr=3e-5)) == 3e-5
+    exported, root, _, _ = photos   # and the rate chosen is the rate healed with
+    result = plan(exported.onnx_path, _options(root, tmp_path))
+    twins = {c.label: c for c in result.candidates}
+    healed = [c for c in result.candidates if c.healed_from]
+    assert healed and all(h.heal["lr"] == heal_lr(twins[h.healed_from], options) for h in healed)
 
 
 def test_with_heal_the_walk_goes_on_past_the_budget_within_reach():

@@ -323,7 +323,7 @@ def plan(
     heal_time: float = typer.Option(300, "--heal-time", help="Seconds of healing per candidate; all of it counts in --time-limit.", rich_help_panel="Healing"),
     heal_epochs: Optional[int] = typer.Option(None, "--heal-epochs", help="Passes over the --heal images per candidate instead of --heal-time (reproducible; --heal-time still caps it).", rich_help_panel="Healing"),
     heal_batch: int = typer.Option(32, "--heal-batch", help="Healing batch size.", rich_help_panel="Healing"),
-    heal_lr: float = typer.Option(2e-5, "--heal-lr", help="Healing learning rate (AdamW, warm-up then cosine); lower than heal's default, since the candidates near the goal are close to the original.", rich_help_panel="Healing"),
+    heal_lr: Optional[float] = typer.Option(None, "--heal-lr", help="Healing learning rate (AdamW, warm-up then cosine). Default: 1e-4 for a candidate far from the original (KL >= 0.3 on the judging images), 2e-5 for a nearer one, which 1e-4 would undo.", rich_help_panel="Healing"),
     heal_limit: Optional[int] = typer.Option(None, "--heal-limit", help="--heal images read at most (spread over the classes of an ImageFolder).", rich_help_panel="Healing"),
     heal_device: str = typer.Option("auto", "--heal-device", help="auto (CUDA where present), cpu or cuda.", rich_help_panel="Healing"),
     methods: Optional[str] = typer.Option(None, "--methods", help="Families to search, comma-separated (default: tome, cait, toast, toast+tome, cait+tome, asvit where it applies)."),

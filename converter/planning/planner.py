@@ -30,7 +30,7 @@ from ..files import write_atomically
 from ..runtime import ort_runner, run_batched, session_runner
 from ..measure.confidence import paired_drop_bound, proportion_bound
 from ..measure.speedup import Speedup, describe_method, format_speedup, measure_speedup
-from .healing import HEAL_REACH, CandidateHealer, next_to_heal, shared_files
+from .healing import HEAL_REACH, CandidateHealer, heal_lr, next_to_heal, shared_files
 from ...errors import Vit2TrtError
 
 RUNTIMES = ("ort", "tensorrt")
@@ -58,7 +58,7 @@ class PlanOptions:
     heal_time: float = 300.0           # seconds of healing per candidate, within --time-limit
     heal_epochs: Optional[int] = None  # passes over the heal images instead (reproducible)
     heal_batch: int = 32
-    heal_lr: float = 2e-5             # candidates near the goal are close to the original: 1e-4 undid them (docs/results.md)
+    heal_lr: Optional[float] = None    # None: by each candidate's distance from the original (healing.heal_lr)
     heal_limit: Optional[int] = None   # heal images read at most
     heal_device: str = "auto"
     threads: int = 2
@@ -188,7 +188,7 @@ def check_plan_options(o: PlanOptions) -> None:
         raise Vit2TrtError(f"--heal-epochs must be at least 1, got {o.heal_epochs}.")
     if o.heal_batch < 1:
         raise Vit2TrtError(f"--heal-batch must be at least 1, got {o.heal_batch}.")
-    if not o.heal_lr > 0:
+    if o.heal_lr is not None and not o.heal_lr > 0:
         raise Vit2TrtError(f"--heal-lr is the healing learning rate and must be positive, got {o.heal_lr}.")
     if o.calib_limit is not None and o.calib_limit < 1:
         raise Vit2TrtError(f"--calib-limit must be at least 1, got {o.calib_limit}.")
@@ -326,7 +326,7 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
             artifact = (best["artifact"] if best.get("candidate") is target
                         else compress(source, convert_options(family, level)))
             left = options.time_limit - (clock() - start)   # re-compressing counted
-            healed, section = healer.heal(artifact, min(options.heal_time, max(left, 0.0)),
+            healed, section = healer.heal(artifact, min(options.heal_time, max(left, 0.0)), heal_lr(target, options),
                                           lambda m: progress(f"healing {target.label}: {m}"))
             h = Candidate(target.family, name, dict(target.settings),
                           **{k: getattr(target, k) for k in _SPEED_FIELDS})
