@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--heal-limit", type=int, default=None, help="train photos read at most")
     parser.add_argument("--heal-lr", type=float, default=None,
                         help="healing learning rate (default: plan's, by each candidate's distance from the original)")
+    parser.add_argument("--methods", default=None, help="families to search, comma-separated (default: plan's)")
     parser.add_argument("--batch", type=int, default=1, help="batch the planner times at")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
@@ -103,7 +104,8 @@ def main() -> None:
             result = plan(exported.onnx_path, PlanOptions(
                 calib=str(tmp / "calib.npy"), labels=str(tmp / "calib_labels.npy"), out_dir=str(out / f"plan_{key}"),
                 val=str(tmp / "val.npy"), val_labels=str(tmp / "val_labels.npy"), batch=args.batch,
-                time_limit=args.time_limit, build=False, overwrite=True, threads=args.threads, **healing, **settings),
+                time_limit=args.time_limit, build=False, overwrite=True, threads=args.threads,
+                methods=args.methods and args.methods.split(","), **healing, **settings),
                 progress=lambda m: None if "healing (" in m or m.startswith("reading") else print(m, flush=True))
             plan_s = time.monotonic() - began
             opts = PlanOptions(calib="", out_dir="", **settings)

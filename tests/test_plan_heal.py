@@ -131,6 +131,8 @@ def test_time_limit_counts_healing(photos, tmp_path, fast_candidates, monkeypatc
     monkeypatch.setattr(CandidateHealer, "heal", lambda self, a, seconds, lr, p: given.append(seconds) or heal(self, a, seconds, lr, p))
     choose_next = planner.next_to_heal
 
+    monkeypatch.setattr(planner, "MIN_HEAL_S", 1.5)   # (60 s: seconds of real training in a test)
+
     def late(*args):   # the search took all but 2 s of the limit: the heal gets those 2 s, not --heal-time
         now[0] = 898.0
         return choose_next(*args)
@@ -140,8 +142,8 @@ def test_time_limit_counts_healing(photos, tmp_path, fast_candidates, monkeypatc
     healed = [c for c in result.candidates if c.healed_from]
     assert given == [2.0] and len(healed) == 1 and healed[0].heal["seconds"] < 4   # not --heal-time's 120
 
-    def spent(*args):   # nothing left once the search is done: no heal, the best unhealed model is kept
-        now[0] = 901.0
+    def spent(*args):   # less than MIN_HEAL_S left once the search is done (a heal of a few steps changes
+        now[0] = 899.0  # nothing): no heal, the best unhealed model is kept
         return choose_next(*args)
 
     given.clear()

@@ -367,7 +367,8 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
         done: set[str] = set()
         try:
             while (target := next_to_heal(candidates, options, done, _choose, lambda c: c.meets)) is not None:
-                if clock() - start >= options.time_limit:
+                # A heal of a few steps changes nothing and still costs a conversion and a judging pass.
+                if options.time_limit - (clock() - start) < min(MIN_HEAL_S, options.heal_time):
                     reasons.append(f"the time limit ({options.time_limit:g} s) ended healing")
                     break
                 done.add(target.label)
@@ -406,6 +407,9 @@ def plan(model_path: str | os.PathLike, options: PlanOptions, progress: Callable
                 shutil.rmtree(out_dir)
             os.replace(final, out_dir)
     return result
+
+
+MIN_HEAL_S = 60.0   # less time than this left: no further candidate is healed
 
 
 class _OutOfTime(Exception):
